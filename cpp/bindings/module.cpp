@@ -1,0 +1,166 @@
+// pushy._core: the engine's Python bindings. No logic lives here: each
+// binding converts arguments, releases the GIL around blocking C++ and maps
+// C++ exceptions to pushy's Python ones through one table (see
+// translate_exceptions below).
+#include <pybind11/functional.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "core/logging.hpp"
+#include "pushy/config.hpp"
+#include "pushy/node.hpp"
+
+namespace py = pybind11;
+
+namespace {
+
+// C++ exception            -> Python exception
+// pushy::config_error      -> pushy.errors.ConfigError
+// std::invalid_argument    -> pushy.errors.ConfigError
+// anything else            -> pybind11's defaults (RuntimeError, ...)
+void translate_exceptions() {
+    py::register_exception_translator([](std::exception_ptr p) {
+        try {
+            if (p) std::rethrow_exception(p);
+        } catch (const pushy::config_error& e) {
+            auto errors = py::module_::import("pushy.errors");
+            PyErr_SetString(errors.attr("ConfigError").ptr(), e.what());
+        } catch (const std::invalid_argument& e) {
+            auto errors = py::module_::import("pushy.errors");
+            PyErr_SetString(errors.attr("ConfigError").ptr(), e.what());
+        }
+    });
+}
+
+[[noreturn]] void bad_key(const std::string& key, const char* expected) {
+    throw pushy::config_error("config key '" + key + "' must be " + expected);
+}
+
+template <class T>
+T as(const std::string& key, py::handle v, const char* expected) {
+    try {
+        return v.cast<T>();
+    } catch (const py::cast_error&) {
+        bad_key(key, expected);
+    }
+}
+
+// Builds a node_config from a dict of NodeConfig field names.
+pushy::node_config config_from(const py::dict& d) {
+    pushy::node_config c;
+    for (auto [k, v] : d) {
+        auto key = as<std::string>("?", k, "a string");
+        if (v.is_none()) continue;
+        auto str = [&](std::string& f) { f = as<std::string>(key, v, "a string"); };
+        auto num = [&](double& f) { f = as<double>(key, v, "a number"); };
+        auto size = [&](std::size_t& f) {
+            auto n = as<long long>(key, v, "an integer");
+            if (n < 0) bad_key(key, "a non-negative integer");
+            f = static_cast<std::size_t>(n);
+        };
+        auto port = [&](std::uint16_t& f) {
+            auto n = as<long long>(key, v, "an integer");
+            if (n < 0 || n > 65535) bad_key(key, "a port number (0-65535)");
+            f = static_cast<std::uint16_t>(n);
+        };
+        if (key == "host") str(c.host);
+        else if (key == "port") port(c.port);
+        else if (key == "push_host") str(c.push_host);
+        else if (key == "push_port") port(c.push_port);
+        else if (key == "secret") str(c.secret);
+        else if (key == "public_key") str(c.public_key);
+        else if (key == "algorithm") str(c.algorithm);
+        else if (key == "audience") str(c.audience);
+        else if (key == "node_id") str(c.node_id);
+        else if (key == "redis") str(c.redis);
+        else if (key == "threads") {
+            std::size_t n;
+            size(n);
+            c.threads = static_cast<unsigned>(n);
+        } else if (key == "heartbeat_s") num(c.heartbeat_s);
+        else if (key == "pong_timeout_s") num(c.pong_timeout_s);
+        else if (key == "lifetime_s") num(c.lifetime_s);
+        else if (key == "upgrade_timeout_s") num(c.upgrade_timeout_s);
+        else if (key == "close_timeout_s") num(c.close_timeout_s);
+        else if (key == "push_timeout_s") num(c.push_timeout_s);
+        else if (key == "max_message_bytes") size(c.max_message_bytes);
+        else if (key == "max_push_bytes") size(c.max_push_bytes);
+        else if (key == "max_header_bytes") size(c.max_header_bytes);
+        else if (key == "max_headers") size(c.max_headers);
+        else if (key == "max_connections") size(c.max_connections);
+        else if (key == "allowed_origins") {
+            c.allowed_origins = as<std::vector<std::string>>(
+                key, v, "a list of strings");
+        } else if (key == "deflate") {
+            c.deflate = as<bool>(key, v, "a boolean");
+        } else {
+            throw pushy::config_error("unknown config key '" + key + "'");
+        }
+    }
+    return c;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+    m.doc() = "Pushy's C++ engine (private; use the pushy package).";
+    translate_exceptions();
+
+    py::class_<pushy::node>(m, "Node", "A node: device WebSocket server "
+                                       "and internal push API.")
+        .def(py::init([](const py::dict& cfg) {
+                 return std::make_unique<pushy::node>(config_from(cfg));
+             }),
+             py::arg("config"),
+             "Makes a node from a dict of NodeConfig fields (not started).")
+        .def("start", &pushy::node::start,
+             py::call_guard<py::gil_scoped_release>(),
+             "Binds the ports and starts the io threads. Raises ConfigError.")
+        .def("stop", &pushy::node::stop,
+             py::call_guard<py::gil_scoped_release>(),
+             "Closes every device with 1001 and stops. Idempotent.")
+        .def("stats_json", &pushy::node::stats_json,
+             py::call_guard<py::gil_scoped_release>(),
+             "The GET /v1/stats document as a JSON string.")
+        .def_property_readonly("running", &pushy::node::running)
+        .def_property_readonly("port", &pushy::node::port)
+        .def_property_readonly("push_port", &pushy::node::push_port)
+        .def_property_readonly("node_id", &pushy::node::node_id)
+        .def_property_readonly("connections", &pushy::node::connections);
+
+    m.def(
+        "set_log_handler",
+        [](py::object handler) {
+            if (handler.is_none()) {
+                pushy::log::set_handler(nullptr);
+                return;
+            }
+            // The handler is called from io threads: take the GIL for each
+            // record. It is kept alive for as long as it is installed.
+            // At interpreter exit the handler is leaked rather than
+            // released without a live interpreter.
+            std::shared_ptr<py::object> keep(
+                new py::object(std::move(handler)), [](py::object* o) {
+                    if (!Py_IsInitialized()) return;
+                    py::gil_scoped_acquire gil;
+                    delete o;
+                });
+            pushy::log::set_handler(
+                [keep](int level, std::string_view name,
+                       std::string_view text) {
+                    if (!Py_IsInitialized()) return;
+                    py::gil_scoped_acquire gil;
+                    try {
+                        (*keep)(level, py::str(name.data(), name.size()),
+                                py::str(text.data(), text.size()));
+                    } catch (py::error_already_set& e) {
+                        e.discard_as_unraisable("pushy log handler");
+                    }
+                });
+        },
+        py::arg("handler"),
+        "Sends engine log records to handler(level, logger, message); "
+        "None restores stderr. Set before starting nodes.");
+    m.def("set_log_level", &pushy::log::set_level, py::arg("level"),
+          "Sets the engine's minimum log level (a Python logging level).");
+}

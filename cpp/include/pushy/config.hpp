@@ -1,0 +1,72 @@
+// Node configuration: every limit and timing of a node, with safe defaults.
+//
+// A NodeConfig is a plain value. It is read by Node::start() on the calling
+// thread and copied; changing it afterwards has no effect on a running node.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace pushy {
+
+// Thrown for a configuration that cannot run (bad value, unsupported
+// option, port in use). The bindings map it to pushy.ConfigError.
+class config_error : public std::runtime_error {
+public:
+    using std::runtime_error::runtime_error;
+};
+
+struct node_config {
+    // Device port (WebSocket). Port 0 picks a free port.
+    std::string host = "0.0.0.0";
+    std::uint16_t port = 8080;
+
+    // Internal push API (HTTP). Never the device port.
+    std::string push_host = "127.0.0.1";
+    std::uint16_t push_port = 8081;
+
+    // Token verification. HS256 with `secret` by default; RS256 or ES256
+    // with a PEM `public_key`. `audience`, when set, must match `aud`.
+    std::string secret;
+    std::string public_key;
+    std::string algorithm = "HS256";
+    std::string audience;
+
+    // Empty: a random id is chosen at start.
+    std::string node_id;
+
+    // Empty: the embedded (in-process) registry.
+    std::string redis;
+
+    // Number of io threads; 0 picks the number of cores.
+    unsigned threads = 1;
+
+    double heartbeat_s = 60;
+    double pong_timeout_s = 15;
+    double lifetime_s = 1800;
+    double upgrade_timeout_s = 10;
+    double close_timeout_s = 5;
+
+    std::size_t max_message_bytes = 64 * 1024;
+    std::size_t max_push_bytes = 64 * 1024;
+    std::size_t max_header_bytes = 8 * 1024;
+    std::size_t max_headers = 64;
+    std::size_t max_connections = 0;  // 0: limited only by open files
+
+    // Allowed Origin values for browsers; empty allows any.
+    std::vector<std::string> allowed_origins;
+
+    // permessage-deflate costs tens of KiB per connection; off by default.
+    bool deflate = false;
+
+    // Default timeout of a push that waits for the device's ack.
+    double push_timeout_s = 5;
+
+    // Throws config_error naming the first invalid field.
+    void validate() const;
+};
+
+}  // namespace pushy

@@ -1,0 +1,53 @@
+#include "pushy/config.hpp"
+
+#include <string>
+
+namespace pushy {
+
+namespace {
+
+void require(bool ok, const std::string& message) {
+    if (!ok) throw config_error(message);
+}
+
+}  // namespace
+
+// Checks every field a node depends on; the message names the field and
+// what it expects.
+void node_config::validate() const {
+    bool hs = algorithm.starts_with("HS");
+    require(algorithm == "HS256" || algorithm == "HS384" ||
+                algorithm == "HS512" || algorithm == "RS256" ||
+                algorithm == "ES256",
+            "algorithm must be one of HS256, HS384, HS512, RS256, ES256");
+    require(!hs || !secret.empty(),
+            "secret is required to verify " + algorithm + " device tokens");
+    require(hs || !public_key.empty(),
+            "public_key (PEM) is required to verify " + algorithm +
+                " device tokens");
+    require(redis.empty(),
+            "redis is not supported by this version; leave it empty to use "
+            "the embedded registry");
+    require(!deflate,
+            "deflate (permessage-deflate) is not supported by this version");
+    require(threads <= 256, "threads must be between 0 and 256");
+    require(heartbeat_s > 0, "heartbeat_s must be positive");
+    require(pong_timeout_s > 0, "pong_timeout_s must be positive");
+    require(lifetime_s > 0, "lifetime_s must be positive");
+    require(upgrade_timeout_s > 0, "upgrade_timeout_s must be positive");
+    require(close_timeout_s > 0, "close_timeout_s must be positive");
+    require(push_timeout_s > 0, "push_timeout_s must be positive");
+    require(max_message_bytes >= 16 && max_message_bytes <= (64u << 20),
+            "max_message_bytes must be between 16 and 64 MiB");
+    require(max_push_bytes >= 1 && max_push_bytes <= (8u << 20),
+            "max_push_bytes must be between 1 byte and 8 MiB");
+    require(max_header_bytes >= 256 && max_header_bytes <= (1u << 20),
+            "max_header_bytes must be between 256 and 1 MiB");
+    require(max_headers >= 8 && max_headers <= 10000,
+            "max_headers must be between 8 and 10000");
+    require(port == 0 || port != push_port || host != push_host,
+            "port and push_port must differ");
+    require(node_id.size() <= 128, "node_id must be at most 128 bytes");
+}
+
+}  // namespace pushy

@@ -1,0 +1,182 @@
+#include "pushy/node.hpp"
+
+#include <boost/asio/post.hpp>
+
+#include <openssl/rand.h>
+
+#include <future>
+
+#include "core/logging.hpp"
+#include "core/node_impl.hpp"
+#include "http/push_server.hpp"
+#include "net/acceptor.hpp"
+#include "net/session.hpp"
+#include "net/upgrade.hpp"
+
+namespace pushy {
+
+namespace net = boost::asio;
+
+class device_server : public acceptor {
+    using acceptor::acceptor;
+};
+class push_server : public acceptor {
+    using acceptor::acceptor;
+};
+
+namespace {
+
+// A node id for a node configured without one: "node-" and 8 hex digits.
+std::string random_node_id() {
+    unsigned char b[4];
+    RAND_bytes(b, sizeof b);
+    static constexpr char hex[] = "0123456789abcdef";
+    std::string id = "node-";
+    for (auto c : b) {
+        id += hex[c >> 4];
+        id += hex[c & 0xF];
+    }
+    return id;
+}
+
+}  // namespace
+
+node_impl::node_impl(node_config cfg) : cfg_(std::move(cfg)) {}
+
+node_impl::~node_impl() {
+    stop();
+    // Sessions left (only if stop timed out) die with their io_contexts.
+    table_.clear();
+    devices_.reset();
+    pushes_.reset();
+    threads_.clear();
+}
+
+io_thread& node_impl::next_thread() noexcept {
+    auto i = rr_.fetch_add(1, std::memory_order_relaxed);
+    return *threads_[i % threads_.size()];
+}
+
+io_thread& node_impl::thread_of(net::io_context& ioc) noexcept {
+    for (auto& t : threads_) {
+        if (&t->ioc == &ioc) return *t;
+    }
+    return *threads_[0];
+}
+
+void node_impl::start() {
+    if (running_) return;
+    cfg_.validate();
+    bool hs = cfg_.algorithm.starts_with("HS");
+    verifier_ = std::make_unique<auth::jwt_verifier>(
+        cfg_.algorithm, hs ? cfg_.secret : cfg_.public_key, cfg_.audience);
+    node_id_ = cfg_.node_id.empty() ? random_node_id() : cfg_.node_id;
+
+    unsigned n = cfg_.threads;
+    if (n == 0) n = std::max(1u, std::thread::hardware_concurrency());
+    threads_.clear();
+    for (unsigned i = 0; i < n; ++i) {
+        threads_.push_back(std::make_unique<io_thread>());
+        threads_.back()->index = i;
+    }
+    auto& io0 = threads_[0]->ioc;
+    devices_ = std::make_unique<device_server>(io0, cfg_.host, cfg_.port,
+                                               "device port");
+    pushes_ = std::make_unique<push_server>(io0, cfg_.push_host,
+                                            cfg_.push_port, "push port");
+    port_ = devices_->port();
+    push_port_ = pushes_->port();
+
+    auto pick = [this]() -> net::io_context& { return next_thread().ioc; };
+    devices_->start(pick, [this](net::ip::tcp::socket s) {
+        auto& t = thread_of(static_cast<net::io_context&>(
+            s.get_executor().context()));
+        start_upgrade(*this, t, std::move(s));
+    });
+    pushes_->start(pick, [this](net::ip::tcp::socket s) {
+        auto& t = thread_of(static_cast<net::io_context&>(
+            s.get_executor().context()));
+        start_http_session(*this, t, std::move(s));
+    });
+
+    started_at_ = std::chrono::steady_clock::now();
+    stopping_ = false;
+    for (auto& t : threads_) {
+        t->start_ticker();
+        t->thread = std::thread([io = t.get()] {
+            try {
+                io->ioc.run();
+            } catch (const std::exception& e) {
+                PUSHY_ERROR("io thread {} failed: {}", io->index, e.what());
+            }
+        });
+    }
+    running_ = true;
+    PUSHY_INFO("node {} listening: devices ws://{}:{}/v1/connect, push "
+               "http://{}:{} ({} io thread{})",
+               node_id_, cfg_.host, port_, cfg_.push_host, push_port_, n,
+               n == 1 ? "" : "s");
+}
+
+void node_impl::stop() {
+    if (!running_) return;
+    stopping_ = true;
+
+    // Stop accepting, then ask every device to go away (1001).
+    std::promise<void> stopped;
+    net::post(threads_[0]->ioc, [this, &stopped] {
+        devices_->stop();
+        pushes_->stop();
+        stopped.set_value();
+    });
+    stopped.get_future().wait();
+    for (auto& s : table_.snapshot()) {
+        net::post(s->context(), [s] {
+            s->close(ws::close_going_away, "node shutting down");
+        });
+    }
+
+    // Wait for the closing handshakes, bounded by the close timeout.
+    auto deadline = std::chrono::steady_clock::now() +
+                    std::chrono::duration_cast<std::chrono::nanoseconds>(
+                        std::chrono::duration<double>(cfg_.close_timeout_s)) +
+                    std::chrono::milliseconds(50);
+    while ((live_sessions.load() != 0 || pending_upgrades.load() != 0) &&
+           std::chrono::steady_clock::now() < deadline) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    for (auto& t : threads_) t->ioc.stop();
+    for (auto& t : threads_) {
+        if (t->thread.joinable()) t->thread.join();
+    }
+    running_ = false;
+    PUSHY_INFO("node {} stopped", node_id_);
+}
+
+std::string node_impl::stats_json() const {
+    std::vector<const counters*> blocks;
+    for (auto& t : threads_) blocks.push_back(&t->stats);
+    double up = running_ ? std::chrono::duration<double>(
+                               std::chrono::steady_clock::now() - started_at_)
+                               .count()
+                         : 0;
+    return pushy::stats_json(node_id_, table_.size(), blocks, up);
+}
+
+// ------------------------------------------------------------ public face
+
+node::node(node_config cfg)
+    : impl_(std::make_unique<node_impl>(std::move(cfg))) {}
+node::~node() = default;
+void node::start() { impl_->start(); }
+void node::stop() { impl_->stop(); }
+bool node::running() const noexcept { return impl_->running(); }
+std::uint16_t node::port() const noexcept { return impl_->port(); }
+std::uint16_t node::push_port() const noexcept { return impl_->push_port(); }
+const std::string& node::node_id() const noexcept { return impl_->node_id(); }
+std::size_t node::connections() const noexcept {
+    return impl_->table().size();
+}
+std::string node::stats_json() const { return impl_->stats_json(); }
+
+}  // namespace pushy

@@ -1,0 +1,88 @@
+// The running node: io threads, the connection table, the two servers.
+// Internal; the public face is pushy::node (include/pushy/node.hpp).
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "auth/jwt_verifier.hpp"
+#include "core/connection_table.hpp"
+#include "core/io_thread.hpp"
+#include "pushy/config.hpp"
+
+namespace pushy {
+
+class device_server;
+class push_server;
+
+class node_impl {
+public:
+    explicit node_impl(node_config cfg);
+    ~node_impl();
+
+    // Binds both ports and starts the io threads. Throws config_error.
+    void start();
+
+    // Closes every device with 1001, waits for the closes up to the close
+    // timeout, then stops the threads. Idempotent. Not from an io thread.
+    void stop();
+
+    const node_config& config() const noexcept { return cfg_; }
+    const std::string& node_id() const noexcept { return node_id_; }
+    const auth::jwt_verifier& verifier() const noexcept { return *verifier_; }
+    connection_table& table() noexcept { return table_; }
+    std::uint16_t port() const noexcept { return port_; }
+    std::uint16_t push_port() const noexcept { return push_port_; }
+    bool running() const noexcept { return running_; }
+
+    // The io thread for the next accepted socket (round robin).
+    io_thread& next_thread() noexcept;
+    io_thread& thread(std::size_t i) noexcept { return *threads_[i]; }
+    std::size_t thread_count() const noexcept { return threads_.size(); }
+
+    std::uint64_t next_push_id() noexcept {
+        return push_ids_.fetch_add(1, std::memory_order_relaxed);
+    }
+    std::uint64_t next_connection_id() noexcept {
+        return conn_ids_.fetch_add(1, std::memory_order_relaxed);
+    }
+
+    // Upgrades in progress, and sessions not yet closed (stop() waits for
+    // the closing handshakes to end).
+    std::atomic<std::size_t> pending_upgrades{0};
+    std::atomic<std::size_t> live_sessions{0};
+
+    // The io thread whose io_context is `ioc`.
+    io_thread& thread_of(boost::asio::io_context& ioc) noexcept;
+
+    // The /v1/stats document.
+    std::string stats_json() const;
+
+    // True once stop() began: new upgrades are refused with 503.
+    bool stopping() const noexcept {
+        return stopping_.load(std::memory_order_relaxed);
+    }
+
+private:
+    node_config cfg_;
+    std::string node_id_;
+    std::unique_ptr<auth::jwt_verifier> verifier_;
+    connection_table table_;
+    std::vector<std::unique_ptr<io_thread>> threads_;
+    std::unique_ptr<device_server> devices_;
+    std::unique_ptr<push_server> pushes_;
+    std::atomic<std::size_t> rr_{0};
+    std::atomic<std::uint64_t> push_ids_{1};
+    std::atomic<std::uint64_t> conn_ids_{1};
+    std::uint16_t port_ = 0;
+    std::uint16_t push_port_ = 0;
+    bool running_ = false;
+    std::atomic<bool> stopping_{false};
+    std::chrono::steady_clock::time_point started_at_;
+};
+
+}  // namespace pushy

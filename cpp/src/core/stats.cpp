@@ -1,0 +1,112 @@
+#include "core/stats.hpp"
+
+#include "detail/json_out.hpp"
+
+namespace pushy {
+
+namespace {
+
+constexpr std::string_view outcome_names[] = {
+    "delivered", "not_connected", "bad_request", "too_large",
+    "disconnected", "unavailable", "timeout",
+};
+constexpr int outcome_codes[] = {200, 404, 400, 413, 503, 503, 504};
+static_assert(std::size(outcome_names) ==
+              static_cast<std::size_t>(push_outcome::count_));
+
+constexpr std::string_view reject_names[] = {
+    "bad_request",        "bad_method",
+    "bad_path",           "bad_http_version",
+    "not_upgrade",        "bad_ws_version",
+    "bad_ws_key",         "bad_subprotocol",
+    "bad_origin",         "headers_too_large",
+    "too_many_headers",   "upgrade_timeout",
+    "too_many_connections", "token_missing",
+    "token_malformed",    "token_bad_signature",
+    "token_wrong_algorithm", "token_expired",
+    "token_no_device",    "token_bad_audience",
+    "protocol_error",     "invalid_utf8",
+    "message_too_big",    "bad_message",
+    "pong_timeout",       "token_expired_live",
+    "superseded",         "slow_consumer",
+    "bad_push",
+};
+static_assert(std::size(reject_names) ==
+              static_cast<std::size_t>(reject::count_));
+
+}  // namespace
+
+int status_code(push_outcome o) noexcept {
+    return outcome_codes[static_cast<std::size_t>(o)];
+}
+
+std::string_view status_name(push_outcome o) noexcept {
+    return outcome_names[static_cast<std::size_t>(o)];
+}
+
+std::string_view reject_name(reject r) noexcept {
+    return reject_names[static_cast<std::size_t>(r)];
+}
+
+// Sums a counter over all blocks.
+template <class F>
+static std::uint64_t sum(const std::vector<const counters*>& blocks, F f) {
+    std::uint64_t n = 0;
+    for (auto* b : blocks) n += f(*b).load(std::memory_order_relaxed);
+    return n;
+}
+
+// Builds the /v1/stats document. Every push outcome and reject reason is
+// present, zero or not, so dashboards see a stable shape.
+std::string stats_json(std::string_view node_id, std::size_t connections,
+                       const std::vector<const counters*>& blocks,
+                       double uptime_s) {
+    std::string s;
+    s.reserve(1024);
+    s += "{\"node\":";
+    json::append_string(s, node_id);
+    s += ",\"uptime_s\":";
+    json::append_number(s, uptime_s);
+    s += ",\"connections\":" + std::to_string(connections);
+    auto field = [&](std::string_view name, std::uint64_t v) {
+        s += ",\"";
+        s += name;
+        s += "\":";
+        s += std::to_string(v);
+    };
+    field("connections_opened",
+          sum(blocks, [](auto& b) -> auto& { return b.connections_opened; }));
+    field("connections_closed",
+          sum(blocks, [](auto& b) -> auto& { return b.connections_closed; }));
+    field("bytes_in", sum(blocks, [](auto& b) -> auto& { return b.bytes_in; }));
+    field("bytes_out",
+          sum(blocks, [](auto& b) -> auto& { return b.bytes_out; }));
+    field("messages_in",
+          sum(blocks, [](auto& b) -> auto& { return b.messages_in; }));
+    field("messages_out",
+          sum(blocks, [](auto& b) -> auto& { return b.messages_out; }));
+    field("pings_sent",
+          sum(blocks, [](auto& b) -> auto& { return b.pings_sent; }));
+    s += ",\"pushes\":{";
+    for (std::size_t i = 0; i < std::size(outcome_names); ++i) {
+        if (i) s += ',';
+        s += '"';
+        s += outcome_names[i];
+        s += "\":";
+        s += std::to_string(
+            sum(blocks, [i](auto& b) -> auto& { return b.pushes[i]; }));
+    }
+    s += "},\"rejects\":{";
+    for (std::size_t i = 0; i < std::size(reject_names); ++i) {
+        if (i) s += ',';
+        s += '"';
+        s += reject_names[i];
+        s += "\":";
+        s += std::to_string(
+            sum(blocks, [i](auto& b) -> auto& { return b.rejects[i]; }));
+    }
+    s += "}}";
+    return s;
+}
+
+}  // namespace pushy

@@ -1,0 +1,106 @@
+// Node counters: connections, pushes by outcome, bytes, rejects by reason.
+//
+// Each io thread owns one `counters` block and is its only writer (relaxed
+// atomics, no sharing of cache lines between threads on the hot path);
+// readers sum every block when stats are asked for.
+#pragma once
+
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace pushy {
+
+// What happened to a push; each has its HTTP-like status code.
+enum class push_outcome : std::uint8_t {
+    delivered,      // 200
+    not_connected,  // 404
+    bad_request,    // 400
+    too_large,      // 413
+    disconnected,   // 503: the connection closed before the frame went out
+                    //      or before the device acked
+    unavailable,    // 503
+    timeout,        // 504
+    count_
+};
+
+// Status code and JSON status name of an outcome.
+int status_code(push_outcome o) noexcept;
+std::string_view status_name(push_outcome o) noexcept;
+
+// Why a connection, upgrade or message was refused. Each name is a metric
+// label and appears under "rejects" in /v1/stats.
+enum class reject : std::uint8_t {
+    bad_request,          // malformed HTTP upgrade request
+    bad_method,
+    bad_path,
+    bad_http_version,
+    not_upgrade,
+    bad_ws_version,
+    bad_ws_key,
+    bad_subprotocol,
+    bad_origin,
+    headers_too_large,
+    too_many_headers,
+    upgrade_timeout,
+    too_many_connections,
+    token_missing,
+    token_malformed,
+    token_bad_signature,
+    token_wrong_algorithm,
+    token_expired,
+    token_no_device,
+    token_bad_audience,
+    protocol_error,       // close 1002
+    invalid_utf8,         // close 1007
+    message_too_big,      // close 1009
+    bad_message,          // status 400 to a device message
+    pong_timeout,
+    token_expired_live,   // close 4002
+    superseded,           // close 4001
+    slow_consumer,        // close 4003
+    bad_push,             // HTTP 400 on the push API
+    count_
+};
+
+std::string_view reject_name(reject r) noexcept;
+
+struct alignas(64) counters {
+    std::atomic<std::uint64_t> connections_opened{0};
+    std::atomic<std::uint64_t> connections_closed{0};
+    std::atomic<std::uint64_t> bytes_in{0};
+    std::atomic<std::uint64_t> bytes_out{0};
+    std::atomic<std::uint64_t> messages_in{0};
+    std::atomic<std::uint64_t> messages_out{0};
+    std::atomic<std::uint64_t> pings_sent{0};
+    std::array<std::atomic<std::uint64_t>,
+               static_cast<std::size_t>(push_outcome::count_)>
+        pushes{};
+    std::array<std::atomic<std::uint64_t>,
+               static_cast<std::size_t>(reject::count_)>
+        rejects{};
+
+    // Single-writer increment: a relaxed load and store, no locked add.
+    static void bump(std::atomic<std::uint64_t>& c,
+                     std::uint64_t n = 1) noexcept {
+        c.store(c.load(std::memory_order_relaxed) + n,
+                std::memory_order_relaxed);
+    }
+    void count(push_outcome o) noexcept {
+        bump(pushes[static_cast<std::size_t>(o)]);
+    }
+    void count(reject r) noexcept {
+        bump(rejects[static_cast<std::size_t>(r)]);
+    }
+};
+
+// Renders the stats JSON served at GET /v1/stats from every thread's
+// counters. `connections` is the live count from the connection table.
+std::string stats_json(std::string_view node_id, std::size_t connections,
+                       const std::vector<const counters*>& blocks,
+                       double uptime_s);
+
+}  // namespace pushy

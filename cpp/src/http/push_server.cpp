@@ -1,0 +1,483 @@
+#include "http/push_server.hpp"
+
+#include <boost/asio/post.hpp>
+#include <boost/beast/core/flat_buffer.hpp>
+#include <boost/beast/core/tcp_stream.hpp>
+#include <boost/beast/http/parser.hpp>
+#include <boost/beast/http/read.hpp>
+#include <boost/beast/http/string_body.hpp>
+#include <boost/beast/http/write.hpp>
+
+#include <optional>
+
+#include "core/logging.hpp"
+#include "core/node_impl.hpp"
+#include "detail/json_out.hpp"
+#include "net/session.hpp"
+
+namespace pushy {
+
+namespace net = boost::asio;
+namespace beast = boost::beast;
+namespace http = beast::http;
+namespace od = simdjson::ondemand;
+using boost::system::error_code;
+
+namespace {
+
+// A batch body may carry this many bytes; a single push is held to
+// max_push_bytes of data on top.
+constexpr std::size_t max_body_bytes = 16 << 20;
+constexpr std::size_t max_device_id_bytes = 256;
+constexpr double max_timeout_ms = 3'600'000;
+
+// The exact text of a value. simdjson 3.0 gives raw_json() to objects and
+// arrays only; a scalar's token is its text (trailing blanks trimmed by the
+// caller).
+simdjson::error_code raw_text(od::value v, std::string_view& out) {
+    od::json_type type;
+    if (auto e = v.type().get(type)) return e;
+    if (type == od::json_type::object) {
+        od::object o;
+        if (auto e = v.get_object().get(o)) return e;
+        return o.raw_json().get(out);
+    }
+    if (type == od::json_type::array) {
+        od::array a;
+        if (auto e = v.get_array().get(a)) return e;
+        return a.raw_json().get(out);
+    }
+    out = v.raw_json_token();
+    return simdjson::SUCCESS;
+}
+
+// One push as a service asked for it.
+struct push_spec {
+    std::string device;
+    std::string_view data;  // raw JSON, into the parsed body
+    std::string_view from = "api";
+    bool want_ack = false;
+    double timeout_ms = 0;
+};
+
+// Reads one push object. Returns an empty string when it is valid, else
+// the reason; `too_large` says the reason is the data size (413).
+std::string read_push(od::object obj, push_spec& p, std::size_t max_data,
+                      bool& too_large) {
+    bool has_device = false, has_data = false;
+    for (auto field : obj) {
+        std::string_view key;
+        if (field.unescaped_key().get(key)) return "malformed field name";
+        od::value v = field.value();
+        if (key == "device") {
+            std::string_view d;
+            if (v.get_string().get(d)) {
+                return "'device' must be a string";
+            }
+            p.device = std::string(d);
+            has_device = true;
+        } else if (key == "data") {
+            if (raw_text(v, p.data)) return "malformed 'data'";
+            has_data = true;
+        } else if (key == "ack") {
+            std::string_view a;
+            if (v.get_string().get(a) || (a != "written" && a != "client")) {
+                return "'ack' must be \"written\" or \"client\"";
+            }
+            p.want_ack = a == "client";
+        } else if (key == "timeout_ms") {
+            double t;
+            if (v.get_double().get(t) || !(t > 0) || t > max_timeout_ms) {
+                return "'timeout_ms' must be a number of milliseconds "
+                       "between 0 and 3600000";
+            }
+            p.timeout_ms = t;
+        } else if (key == "from") {
+            std::string_view f;
+            if (v.get_string().get(f) || f.empty() || f.size() > 64) {
+                return "'from' must be a service name of 1 to 64 bytes";
+            }
+            p.from = f;
+        }
+    }
+    if (!has_device) return "missing 'device'";
+    if (p.device.empty()) return "'device' must not be empty";
+    if (p.device.size() > max_device_id_bytes) {
+        return "'device' is longer than 256 bytes";
+    }
+    if (!has_data) return "missing 'data'";
+    // raw_json() keeps trailing blanks; they are not part of the value.
+    while (!p.data.empty() &&
+           (p.data.back() == ' ' || p.data.back() == '\n' ||
+            p.data.back() == '\r' || p.data.back() == '\t')) {
+        p.data.remove_suffix(1);
+    }
+    if (p.data.size() > max_data) {
+        too_large = true;
+        return "'data' is larger than " + std::to_string(max_data) + " bytes";
+    }
+    return {};
+}
+
+// The frame a device receives for a push (DESIGN section 3).
+std::string push_frame(std::uint64_t id, const push_spec& p) {
+    std::string f;
+    f.reserve(64 + p.data.size() + p.from.size());
+    f += R"({"t":"push","id":)";
+    f += std::to_string(id);
+    f += R"(,"from":)";
+    std::string from = p.from.starts_with("service:")
+                           ? std::string(p.from)
+                           : "service:" + std::string(p.from);
+    json::append_string(f, from);
+    f += R"(,"data":)";
+    f += p.data;
+    f += p.want_ack ? R"(,"ack":true})" : R"(,"ack":false})";
+    return f;
+}
+
+// The JSON result of one push.
+std::string result_json(const node_impl& node, push_outcome o,
+                        std::string_view device, std::uint64_t id,
+                        std::string_view reason) {
+    std::string s;
+    s.reserve(96 + device.size() + reason.size());
+    s += R"({"status":")";
+    s += status_name(o);
+    s += R"(","code":)";
+    s += std::to_string(status_code(o));
+    s += R"(,"node":)";
+    json::append_string(s, node.node_id());
+    s += R"(,"device":)";
+    json::append_string(s, device);
+    s += R"(,"id":)";
+    s += id ? std::to_string(id) : "null";
+    if (!reason.empty()) {
+        s += R"(,"reason":)";
+        json::append_string(s, reason);
+    }
+    s += '}';
+    return s;
+}
+
+class http_session : public std::enable_shared_from_this<http_session> {
+public:
+    http_session(node_impl& node, io_thread& thread, net::ip::tcp::socket s)
+        : node_(node), thread_(thread), stream_(std::move(s)) {}
+
+    void run() { do_read(); }
+
+private:
+    // Reads the next request; idle keep-alive connections time out.
+    void do_read() {
+        parser_.emplace();
+        parser_->body_limit(max_body_bytes);
+        parser_->header_limit(
+            static_cast<std::uint32_t>(node_.config().max_header_bytes));
+        stream_.expires_after(std::chrono::seconds(120));
+        http::async_read(stream_, buffer_, *parser_,
+                         [self = shared_from_this()](error_code ec,
+                                                     std::size_t) {
+                             self->on_read(ec);
+                         });
+    }
+
+    void on_read(error_code ec) {
+        if (ec == http::error::end_of_stream || ec == beast::error::timeout ||
+            ec == net::error::connection_reset || ec == net::error::eof) {
+            return close();
+        }
+        if (ec == http::error::body_limit) {
+            keep_alive_ = false;
+            return respond(http::status::payload_too_large,
+                           R"({"status":"too_large","code":413,)"
+                           R"("reason":"request body exceeds 16 MiB"})");
+        }
+        if (ec == http::error::header_limit) {
+            keep_alive_ = false;
+            return respond(http::status::request_header_fields_too_large,
+                           R"({"error":"request headers too large"})");
+        }
+        if (ec) {
+            keep_alive_ = false;
+            return respond(http::status::bad_request,
+                           R"({"error":"malformed HTTP request"})");
+        }
+        keep_alive_ = parser_->get().keep_alive();
+        handle(parser_->get());
+    }
+
+    void handle(http::request<http::string_body>& req) {
+        std::string_view target = req.target();
+        target = target.substr(0, target.find('?'));
+        auto method = req.method();
+        if (target == "/v1/push") {
+            if (method != http::verb::post) return not_allowed("POST");
+            return push_one(req.body());
+        }
+        if (target == "/v1/push/batch") {
+            if (method != http::verb::post) return not_allowed("POST");
+            return push_batch(req.body());
+        }
+        if (target == "/healthz") {
+            if (method != http::verb::get) return not_allowed("GET");
+            std::string b = R"({"status":"ok","node":)";
+            json::append_string(b, node_.node_id());
+            b += ",\"connections\":" + std::to_string(node_.table().size());
+            b += '}';
+            return respond(http::status::ok, b);
+        }
+        if (target == "/v1/stats") {
+            if (method != http::verb::get) return not_allowed("GET");
+            return respond(http::status::ok, node_.stats_json());
+        }
+        constexpr std::string_view devices = "/v1/devices/";
+        if (target.starts_with(devices) && target.size() > devices.size()) {
+            if (method != http::verb::get) return not_allowed("GET");
+            return device_info(percent_decode(target.substr(devices.size())));
+        }
+        respond(http::status::not_found, R"({"error":"not found"})");
+    }
+
+    void not_allowed(std::string_view allow) {
+        res_extra_allow_ = allow;
+        respond(http::status::method_not_allowed,
+                R"({"error":"method not allowed"})");
+    }
+
+    // Parses and validates `body` (a whole JSON document). Returns the
+    // reason it is not valid JSON, or empty.
+    std::string_view validate_json(const std::string& body) {
+        auto padded = thread_.padded(body);
+        simdjson::dom::element ignored;
+        if (thread_.dom.parse(padded.data(), padded.size(), false)
+                .get(ignored)) {
+            return "body is not valid JSON";
+        }
+        return {};
+    }
+
+    void bad_push(std::string_view reason, bool too_large = false) {
+        thread_.stats.count(too_large ? push_outcome::too_large
+                                      : push_outcome::bad_request);
+        thread_.stats.count(reject::bad_push);
+        auto o = too_large ? push_outcome::too_large : push_outcome::bad_request;
+        respond(static_cast<http::status>(status_code(o)),
+                result_json(node_, o, {}, 0, reason));
+    }
+
+    void push_one(const std::string& body) {
+        if (auto why = validate_json(body); !why.empty()) return bad_push(why);
+        od::document doc;
+        od::object obj;
+        auto& json = thread_.json_buffer;
+        if (thread_.ondemand.iterate(json.data(), json.size(), json.capacity())
+                .get(doc) ||
+            doc.get_object().get(obj)) {
+            return bad_push("body must be a JSON object");
+        }
+        push_spec p;
+        bool too_large = false;
+        auto why = read_push(obj, p, node_.config().max_push_bytes, too_large);
+        if (!why.empty()) return bad_push(why, too_large);
+        dispatch(p, [self = shared_from_this()](std::string result, int code) {
+            self->respond(static_cast<http::status>(code), result);
+        });
+    }
+
+    // Sends one push to the device's session; `reply` runs on this HTTP
+    // connection's thread with the result JSON and status code.
+    template <class Reply>
+    void dispatch(const push_spec& p, Reply reply) {
+        auto s = node_.table().find(p.device);
+        if (!s) {
+            thread_.stats.count(push_outcome::not_connected);
+            return reply(result_json(node_, push_outcome::not_connected,
+                                     p.device, 0, "device is not connected"),
+                         404);
+        }
+        push_request req;
+        req.id = node_.next_push_id();
+        req.frame = push_frame(req.id, p);
+        req.want_ack = p.want_ack;
+        double t = p.timeout_ms > 0 ? p.timeout_ms
+                                    : node_.config().push_timeout_s * 1000;
+        req.timeout = std::chrono::milliseconds(static_cast<long>(t));
+        req.done = [node = &node_, home = &thread_, id = req.id,
+                    device = p.device, reply = std::move(reply)](
+                       push_outcome o, std::string_view reason) mutable {
+            std::string r = result_json(*node, o, device, id, reason);
+            net::post(home->ioc, [home, o, r = std::move(r),
+                                  reply = std::move(reply)]() mutable {
+                home->stats.count(o);
+                reply(std::move(r), status_code(o));
+            });
+        };
+        net::post(s->context(), [s, req = std::move(req)]() mutable {
+            s->deliver(std::move(req));
+        });
+    }
+
+    // POST /v1/push/batch: {"pushes":[push, ...]} (or a bare array); one
+    // result per push, in order. Invalid items get their own 400 result.
+    void push_batch(const std::string& body) {
+        if (auto why = validate_json(body); !why.empty()) return bad_push(why);
+        od::document doc;
+        auto& json = thread_.json_buffer;
+        if (thread_.ondemand.iterate(json.data(), json.size(), json.capacity())
+                .get(doc)) {
+            return bad_push("body is not valid JSON");
+        }
+        od::array items;
+        od::json_type type;
+        if (doc.type().get(type)) return bad_push("body is not valid JSON");
+        if (type == od::json_type::array) {
+            if (doc.get_array().get(items)) return bad_push("bad array");
+        } else if (type == od::json_type::object) {
+            if (doc["pushes"].get_array().get(items)) {
+                return bad_push("body needs an array 'pushes'");
+            }
+        } else {
+            return bad_push("body must be {\"pushes\": [...]}");
+        }
+
+        struct batch {
+            std::vector<std::string> results;
+            std::size_t remaining = 1;  // released after dispatching all
+        };
+        auto b = std::make_shared<batch>();
+        auto finish_one = [self = shared_from_this(), b](std::size_t i,
+                                                         std::string r) {
+            b->results[i] = std::move(r);
+            if (--b->remaining == 0) self->respond_batch(*b);
+        };
+        std::size_t i = 0;
+        for (auto item : items) {
+            b->results.emplace_back();
+            ++b->remaining;
+            od::object obj;
+            push_spec p;
+            bool too_large = false;
+            std::string why;
+            if (item.get_object().get(obj)) {
+                why = "each push must be a JSON object";
+            } else {
+                why = read_push(obj, p, node_.config().max_push_bytes,
+                                too_large);
+            }
+            if (!why.empty()) {
+                auto o = too_large ? push_outcome::too_large
+                                   : push_outcome::bad_request;
+                thread_.stats.count(o);
+                thread_.stats.count(reject::bad_push);
+                finish_one(i++, result_json(node_, o, p.device, 0, why));
+                continue;
+            }
+            dispatch(p, [finish_one, i](std::string r, int) {
+                finish_one(i, std::move(r));
+            });
+            ++i;
+        }
+        if (--b->remaining == 0) respond_batch(*b);
+    }
+
+    template <class Batch>
+    void respond_batch(Batch& b) {
+        std::string s = R"({"node":)";
+        json::append_string(s, node_.node_id());
+        s += R"(,"results":[)";
+        for (std::size_t i = 0; i < b.results.size(); ++i) {
+            if (i) s += ',';
+            s += b.results[i];
+        }
+        s += "]}";
+        respond(http::status::ok, s);
+    }
+
+    void device_info(const std::string& device) {
+        auto s = node_.table().find(device);
+        std::string b = R"({"device":)";
+        json::append_string(b, device);
+        b += R"(,"node":)";
+        json::append_string(b, node_.node_id());
+        if (!s) {
+            b += R"(,"connected":false})";
+            return respond(http::status::not_found, b);
+        }
+        // Identity fields never change after a session is made.
+        b += R"(,"connected":true,"account":)";
+        json::append_string(b, s->account());
+        b += ",\"connection\":" + std::to_string(s->id());
+        b += ",\"connected_at\":" + std::to_string(s->connected_at());
+        b += '}';
+        respond(http::status::ok, b);
+    }
+
+    static std::string percent_decode(std::string_view s) {
+        std::string out;
+        auto hex = [](char c) -> int {
+            if (c >= '0' && c <= '9') return c - '0';
+            if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+            if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+            return -1;
+        };
+        for (std::size_t i = 0; i < s.size(); ++i) {
+            if (s[i] == '%' && i + 2 < s.size() && hex(s[i + 1]) >= 0 &&
+                hex(s[i + 2]) >= 0) {
+                out += static_cast<char>(hex(s[i + 1]) * 16 + hex(s[i + 2]));
+                i += 2;
+            } else {
+                out += s[i];
+            }
+        }
+        return out;
+    }
+
+    // Writes a JSON response, then reads the next request (or closes).
+    void respond(http::status status, std::string body) {
+        res_.emplace();
+        res_->result(status);
+        res_->version(11);
+        res_->set(http::field::content_type, "application/json");
+        if (!res_extra_allow_.empty()) {
+            res_->set(http::field::allow, res_extra_allow_);
+            res_extra_allow_ = {};
+        }
+        res_->keep_alive(keep_alive_);
+        res_->body() = std::move(body);
+        res_->body() += '\n';
+        res_->prepare_payload();
+        http::async_write(stream_, *res_,
+                          [self = shared_from_this()](error_code ec,
+                                                      std::size_t) {
+                              self->res_.reset();
+                              if (ec || !self->keep_alive_) {
+                                  return self->close();
+                              }
+                              self->do_read();
+                          });
+    }
+
+    void close() {
+        error_code ec;
+        stream_.socket().shutdown(net::ip::tcp::socket::shutdown_send, ec);
+    }
+
+    node_impl& node_;
+    io_thread& thread_;
+    beast::tcp_stream stream_;
+    beast::flat_buffer buffer_;
+    std::optional<http::request_parser<http::string_body>> parser_;
+    std::optional<http::response<http::string_body>> res_;
+    std::string_view res_extra_allow_;
+    bool keep_alive_ = true;
+};
+
+}  // namespace
+
+void start_http_session(node_impl& node, io_thread& thread,
+                        net::ip::tcp::socket socket) {
+    std::make_shared<http_session>(node, thread, std::move(socket))->run();
+}
+
+}  // namespace pushy

@@ -1,0 +1,84 @@
+#include "net/acceptor.hpp"
+
+#include <boost/asio/post.hpp>
+
+#include <sys/socket.h>
+
+#include "core/logging.hpp"
+#include "pushy/config.hpp"
+
+namespace pushy {
+
+namespace net = boost::asio;
+using boost::system::error_code;
+
+acceptor::acceptor(net::io_context& ioc, const std::string& host,
+                   std::uint16_t port, std::string what)
+    : acceptor_(ioc), backoff_(ioc), what_(std::move(what)) {
+    error_code ec;
+    auto addr = net::ip::make_address(host, ec);
+    if (ec) {
+        throw config_error(what_ + " host '" + host +
+                           "' is not an IP address");
+    }
+    tcp::endpoint ep(addr, port);
+    acceptor_.open(ep.protocol(), ec);
+    if (!ec) acceptor_.set_option(tcp::acceptor::reuse_address(true), ec);
+    if (!ec) {
+        // Several node processes on one host share the device port.
+        int one = 1;
+        if (::setsockopt(acceptor_.native_handle(), SOL_SOCKET, SO_REUSEPORT,
+                         &one, sizeof one) != 0) {
+            ec.assign(errno, boost::system::system_category());
+        }
+    }
+    if (!ec) acceptor_.bind(ep, ec);
+    if (!ec) acceptor_.listen(net::socket_base::max_listen_connections, ec);
+    if (ec) {
+        throw config_error("cannot listen on " + what_ + " " + host + ":" +
+                           std::to_string(port) + ": " + ec.message());
+    }
+}
+
+std::uint16_t acceptor::port() const {
+    error_code ec;
+    return acceptor_.local_endpoint(ec).port();
+}
+
+void acceptor::start(std::function<net::io_context&()> pick, on_socket fn) {
+    pick_ = std::move(pick);
+    fn_ = std::move(fn);
+    do_accept();
+}
+
+void acceptor::stop() {
+    error_code ec;
+    acceptor_.close(ec);
+    backoff_.cancel();
+}
+
+void acceptor::do_accept() {
+    auto& target = pick_();
+    acceptor_.async_accept(target, [this, &target](error_code ec,
+                                                   tcp::socket s) {
+        if (ec == net::error::operation_aborted || !acceptor_.is_open()) {
+            return;
+        }
+        if (ec) {
+            // Out of descriptors (EMFILE/ENFILE) or a transient error: wait
+            // a little rather than spin on a listen queue we cannot drain.
+            PUSHY_WARN("{}: accept failed: {}", what_, ec.message());
+            backoff_.expires_after(std::chrono::milliseconds(50));
+            backoff_.async_wait([this](error_code e) {
+                if (!e) do_accept();
+            });
+            return;
+        }
+        net::post(target, [this, s = std::move(s)]() mutable {
+            fn_(std::move(s));
+        });
+        do_accept();
+    });
+}
+
+}  // namespace pushy

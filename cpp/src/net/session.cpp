@@ -1,0 +1,530 @@
+#include "net/session.hpp"
+
+#include <boost/asio/post.hpp>
+
+#include <algorithm>
+#include <random>
+
+#include "core/logging.hpp"
+#include "core/node_impl.hpp"
+#include "detail/json_out.hpp"
+
+namespace pushy {
+
+namespace net = boost::asio;
+using boost::system::error_code;
+
+// Outbound bytes a device may leave unread before it counts as a slow
+// consumer and is dropped.
+constexpr std::size_t max_outbound_bytes = 1 << 20;
+
+// A push written to the device and waiting for its ack.
+struct session::pending_ack : timer_entry {
+    session* owner = nullptr;
+    std::uint64_t id = 0;
+    push_done done;
+
+    ~pending_ack() { timer_wheel::cancel(*this); }
+
+    static void on_timer(timer_entry* e) {
+        auto* a = static_cast<pending_ack*>(e);
+        a->owner->settle_ack(a->id, push_outcome::timeout,
+                             "device did not ack in time");
+    }
+};
+
+namespace {
+
+// A factor in [lo, 1) that spreads heartbeats and lifetimes so connections
+// made together do not act together.
+double jitter(double lo) {
+    thread_local std::minstd_rand rng{std::random_device{}()};
+    std::uniform_real_distribution<double> d(lo, 1.0);
+    return d(rng);
+}
+
+session::clock::duration seconds(double s) {
+    return std::chrono::duration_cast<session::clock::duration>(
+        std::chrono::duration<double>(s));
+}
+
+}  // namespace
+
+session::session(node_impl& node, io_thread& thread, tcp::socket socket,
+                 auth::claims claims)
+    : node_(node),
+      thread_(thread),
+      socket_(std::move(socket)),
+      reader_(node.config().max_message_bytes),
+      device_(std::move(claims.device)),
+      account_(std::move(claims.account)),
+      id_(node.next_connection_id()),
+      connected_at_(std::chrono::duration_cast<std::chrono::seconds>(
+                        std::chrono::system_clock::now().time_since_epoch())
+                        .count()) {
+    fire = &session::on_timer;
+    if (claims.expires_at > 0) {
+        has_expiry_ = true;
+        auto left = std::chrono::seconds(claims.expires_at - connected_at_);
+        token_expiry_ = clock::now() + left;
+    }
+}
+
+// The wheel entry and any pending acks are unlinked on the io thread by
+// finish(); this only covers a session that never started.
+session::~session() { timer_wheel::cancel(*this); }
+
+net::io_context& session::context() noexcept { return thread_.ioc; }
+
+void session::start(std::string_view leftover) {
+    error_code ec;
+    socket_.non_blocking(true, ec);
+    socket_.set_option(tcp::no_delay(true), ec);
+
+    // Register, superseding any older connection of the device (RFC-free
+    // rule of the product: exactly one live connection per device).
+    auto old = node_.table().insert(device_, shared_from_this());
+    registered_ = true;
+    started_ = true;
+    node_.live_sessions.fetch_add(1, std::memory_order_relaxed);
+    counters::bump(thread_.stats.connections_opened);
+    if (old) {
+        net::post(old->context(), [old] {
+            old->close(ws::close_superseded,
+                       "superseded by a newer connection");
+        });
+    }
+
+    const auto& cfg = node_.config();
+    auto now = clock::now();
+    next_ping_ = now + seconds(cfg.heartbeat_s * jitter(0.8));
+    auto lifetime = cfg.lifetime_s * jitter(0.9);
+    lifetime_end_ = now + seconds(lifetime);
+
+    std::string hello;
+    hello.reserve(128);
+    hello += R"({"t":"hello","device":)";
+    json::append_string(hello, device_);
+    hello += R"(,"node":)";
+    json::append_string(hello, node_.node_id());
+    hello += R"(,"heartbeat_s":)";
+    json::append_number(hello, cfg.heartbeat_s);
+    hello += R"(,"reconnect_in_s":)";
+    json::append_number(hello, static_cast<double>(
+                                   static_cast<std::int64_t>(lifetime)));
+    hello += '}';
+    PUSHY_DEBUG("device {} connected (connection {})", device_, id_);
+    send_frame(ws::opcode::text, hello);
+    schedule_timer();
+
+    if (!leftover.empty()) {
+        counters::bump(thread_.stats.bytes_in, leftover.size());
+        auto code = reader_.feed(leftover.data(), leftover.size(), *this);
+        if (code && state_ == state::open) {
+            close(code, "bad frame");
+        }
+    }
+    do_wait_read();
+}
+
+// ---------------------------------------------------------------- reading
+
+// Waits for readability without a buffer: an idle connection holds none.
+void session::do_wait_read() {
+    if (reading_ || state_ == state::closed) return;
+    reading_ = true;
+    socket_.async_wait(tcp::socket::wait_read,
+                       [self = shared_from_this()](error_code ec) {
+                           self->reading_ = false;
+                           self->on_readable(ec);
+                       });
+}
+
+// Drains the socket into the thread's buffer and feeds the frame parser.
+// At most a few buffers per wake-up, so one busy device cannot starve the
+// others on the thread.
+void session::on_readable(error_code ec) {
+    if (state_ == state::closed) return;
+    if (ec) {
+        finish();
+        return;
+    }
+    auto& buf = thread_.read_buffer;
+    for (int round = 0; round < 4; ++round) {
+        std::size_t n = socket_.read_some(net::buffer(buf), ec);
+        if (ec == net::error::would_block || ec == net::error::try_again) {
+            break;
+        }
+        if (ec) {
+            // EOF or reset: a device that vanishes is normal (debug only).
+            if (state_ == state::open) {
+                PUSHY_DEBUG("device {} disconnected: {}", device_,
+                            ec.message());
+            }
+            finish();
+            return;
+        }
+        counters::bump(thread_.stats.bytes_in, n);
+        auto code = reader_.feed(buf.data(), n, *this);
+        if (state_ == state::closed) return;
+        if (code && state_ == state::open) {
+            reject r = code == ws::close_invalid_payload ? reject::invalid_utf8
+                       : code == ws::close_too_big       ? reject::message_too_big
+                                                         : reject::protocol_error;
+            thread_.stats.count(r);
+            PUSHY_WARN("device {}: closing with {} ({})", device_, code,
+                       reject_name(r));
+            close(code, reject_name(r));
+        }
+        if (n < buf.size()) break;
+    }
+    do_wait_read();
+}
+
+// ----------------------------------------------------------- frame events
+
+void session::on_message(std::string_view payload, bool is_text) {
+    counters::bump(thread_.stats.messages_in);
+    if (state_ != state::open) return;
+    if (!is_text) {
+        thread_.stats.count(reject::bad_message);
+        send_status("null", 400, "binary messages are not supported");
+        return;
+    }
+    handle_text(payload);
+}
+
+void session::on_ping(std::string_view payload) {
+    if (state_ == state::open) send_frame(ws::opcode::pong, payload);
+}
+
+void session::on_pong(std::string_view) { awaiting_pong_ = false; }
+
+// The device started the closing handshake: echo its code (RFC 6455
+// section 5.5.1), then close the TCP connection once the reply is out.
+void session::on_close(std::uint16_t code, std::string_view) {
+    if (state_ == state::closing) {
+        // The answer to our own close frame.
+        finish();
+        return;
+    }
+    if (state_ != state::open) return;
+    PUSHY_DEBUG("device {} closed with {}", device_, code);
+    std::string frame;
+    if (code == 1005) {
+        ws::encode_frame(frame, ws::opcode::close, {});
+    } else {
+        ws::encode_close(frame, code);
+    }
+    out_ += frame;
+    queued_ += frame.size();
+    state_ = state::closing;
+    forget(push_outcome::disconnected, "device closed the connection");
+    close_deadline_ = clock::now() + seconds(node_.config().close_timeout_s);
+    schedule_timer();
+    flush();
+}
+
+// Handles one device message. Unknown fields are ignored; an unknown or
+// missing `t`, or text that is not a JSON object, is answered with a 400
+// status and the connection stays open.
+void session::handle_text(std::string_view text) {
+    simdjson::dom::element doc;
+    auto padded = thread_.padded(text);
+    if (thread_.dom.parse(padded.data(), padded.size(), false).get(doc)) {
+        thread_.stats.count(reject::bad_message);
+        send_status("null", 400, "message is not valid JSON");
+        return;
+    }
+    simdjson::dom::object obj;
+    if (doc.get_object().get(obj)) {
+        thread_.stats.count(reject::bad_message);
+        send_status("null", 400, "message must be a JSON object");
+        return;
+    }
+    // The id is echoed as the device sent it (number or string).
+    std::string id_json = "null";
+    simdjson::dom::element id;
+    if (!obj["id"].get(id) && (id.is_string() || id.is_number())) {
+        id_json = simdjson::minify(id);
+    }
+    std::string_view t;
+    if (obj["t"].get_string().get(t)) {
+        thread_.stats.count(reject::bad_message);
+        send_status(id_json, 400, "message needs a string field 't'");
+        return;
+    }
+    if (t == "ping") {
+        send_frame(ws::opcode::text, R"({"t":"pong"})");
+    } else if (t == "ack") {
+        std::uint64_t ack_id;
+        if (obj["id"].get_uint64().get(ack_id)) {
+            thread_.stats.count(reject::bad_message);
+            send_status(id_json, 400, "ack needs a numeric 'id'");
+            return;
+        }
+        settle_ack(ack_id, push_outcome::delivered, {});
+    } else if (t == "d2d" || t == "send" || t == "subscribe" ||
+               t == "unsubscribe") {
+        send_status(id_json, 503, "not available on this node yet");
+    } else {
+        thread_.stats.count(reject::bad_message);
+        std::string reason = "unknown message type '";
+        reason.append(t.substr(0, 64));
+        reason += '\'';
+        send_status(id_json, 400, reason);
+    }
+}
+
+void session::send_status(std::string_view id_json, int code,
+                          std::string_view reason) {
+    std::string s;
+    s.reserve(64 + reason.size());
+    s += R"({"t":"status","id":)";
+    s += id_json;
+    s += R"(,"code":)";
+    s += std::to_string(code);
+    s += R"(,"reason":)";
+    json::append_string(s, reason);
+    s += '}';
+    send_frame(ws::opcode::text, s);
+}
+
+// ---------------------------------------------------------------- writing
+
+void session::deliver(push_request req) {
+    if (state_ != state::open) {
+        req.done(push_outcome::disconnected, "connection is closing");
+        return;
+    }
+    std::size_t before = out_.size();
+    char header[10];
+    std::size_t hn = ws::write_frame_header(header, ws::opcode::text,
+                                            req.frame.size());
+    out_.append(header, hn);
+    out_ += req.frame;
+    queued_ += out_.size() - before;
+    counters::bump(thread_.stats.messages_out);
+    waiters_.push_back({queued_, std::move(req)});
+    if (out_.size() - out_offset_ > max_outbound_bytes) {
+        thread_.stats.count(reject::slow_consumer);
+        PUSHY_WARN("device {}: slow consumer, {} bytes unsent; dropping",
+                   device_, out_.size() - out_offset_);
+        finish();
+        return;
+    }
+    flush();
+}
+
+void session::send_frame(ws::opcode op, std::string_view payload) {
+    // Nothing may follow our close frame (RFC 6455 section 5.5.1).
+    if (state_ != state::open) return;
+    std::size_t before = out_.size();
+    ws::encode_frame(out_, op, payload);
+    queued_ += out_.size() - before;
+    flush();
+}
+
+// Writes what the kernel takes now; waits for writability for the rest.
+// Most pushes go out here with one send() and no Asio operation at all.
+void session::flush() {
+    if (writing_ || state_ == state::closed) return;
+    error_code ec;
+    while (out_offset_ < out_.size()) {
+        std::size_t n = socket_.write_some(
+            net::buffer(out_.data() + out_offset_, out_.size() - out_offset_),
+            ec);
+        if (ec == net::error::would_block || ec == net::error::try_again) {
+            complete_writes();
+            do_wait_write();
+            return;
+        }
+        if (ec) {
+            finish();
+            return;
+        }
+        out_offset_ += n;
+        written_ += n;
+        counters::bump(thread_.stats.bytes_out, n);
+    }
+    // Give back a large buffer: idle connections keep none.
+    out_.clear();
+    out_offset_ = 0;
+    if (out_.capacity() > 4096) std::string().swap(out_);
+    complete_writes();
+    if (state_ == state::closing) {
+        // Our close frame is out; half-close so the device sees the end
+        // and answers, while we read its close frame (RFC 6455 7.1.1).
+        socket_.shutdown(tcp::socket::shutdown_send, ec);
+    }
+}
+
+void session::do_wait_write() {
+    writing_ = true;
+    socket_.async_wait(tcp::socket::wait_write,
+                       [self = shared_from_this()](error_code ec) {
+                           self->on_writable(ec);
+                       });
+}
+
+void session::on_writable(error_code ec) {
+    writing_ = false;
+    if (state_ == state::closed) return;
+    if (ec) {
+        finish();
+        return;
+    }
+    flush();
+}
+
+// Reports every push whose frame the kernel has fully taken. One that asked
+// for the device's ack now waits for it, on the wheel.
+void session::complete_writes() {
+    std::size_t done = 0;
+    for (; done < waiters_.size() && waiters_[done].end <= written_; ++done) {
+        auto& req = waiters_[done].req;
+        if (!req.want_ack) {
+            req.done(push_outcome::delivered, {});
+            continue;
+        }
+        auto a = std::make_unique<pending_ack>();
+        a->owner = this;
+        a->id = req.id;
+        a->done = std::move(req.done);
+        a->fire = &pending_ack::on_timer;
+        thread_.wheel.schedule(*a, clock::now() + req.timeout);
+        acks_.push_back(std::move(a));
+    }
+    waiters_.erase(waiters_.begin(), waiters_.begin() + done);
+    if (waiters_.empty() && waiters_.capacity() > 8) {
+        std::vector<write_waiter>().swap(waiters_);
+    }
+}
+
+// Reports the outcome of a push waiting for its ack. An unknown id (late
+// ack after a timeout, or a device bug) is ignored.
+void session::settle_ack(std::uint64_t id, push_outcome o,
+                         std::string_view why) {
+    auto it = std::find_if(acks_.begin(), acks_.end(),
+                           [id](auto& a) { return a->id == id; });
+    if (it == acks_.end()) return;
+    auto a = std::move(*it);
+    *it = std::move(acks_.back());
+    acks_.pop_back();
+    timer_wheel::cancel(*a);
+    a->done(o, why);
+    if (acks_.empty()) std::vector<std::unique_ptr<pending_ack>>().swap(acks_);
+}
+
+// ---------------------------------------------------------------- closing
+
+void session::close(std::uint16_t code, std::string_view reason) {
+    if (state_ != state::open) return;
+    if (code == ws::close_superseded) {
+        thread_.stats.count(reject::superseded);
+        PUSHY_DEBUG("device {}: connection {} superseded", device_, id_);
+    }
+    std::size_t before = out_.size();
+    ws::encode_close(out_, code, reason);
+    queued_ += out_.size() - before;
+    state_ = state::closing;
+    forget(push_outcome::disconnected, "connection closed");
+    close_deadline_ = clock::now() + seconds(node_.config().close_timeout_s);
+    schedule_timer();
+    flush();
+}
+
+// Removes the device from the table (only if this connection still owns
+// the entry) and fails the pushes waiting for an ack.
+void session::forget(push_outcome o, std::string_view why) {
+    if (registered_) {
+        registered_ = false;
+        node_.table().remove(device_, this);
+        counters::bump(thread_.stats.connections_closed);
+    }
+    auto acks = std::move(acks_);
+    for (auto& a : acks) {
+        timer_wheel::cancel(*a);
+        a->done(o, why);
+    }
+}
+
+void session::finish() {
+    if (state_ == state::closed) return;
+    forget(push_outcome::disconnected, "connection closed");
+    state_ = state::closed;
+    timer_wheel::cancel(*this);
+    auto waiters = std::move(waiters_);
+    for (auto& w : waiters) {
+        w.req.done(push_outcome::disconnected,
+                   "connection closed before the push was written");
+    }
+    error_code ec;
+    socket_.close(ec);
+    std::string().swap(out_);
+    if (started_) {
+        node_.live_sessions.fetch_sub(1, std::memory_order_relaxed);
+    }
+}
+
+// ----------------------------------------------------------------- timers
+
+void session::schedule_timer() {
+    clock::time_point next;
+    if (state_ == state::closing) {
+        next = close_deadline_;
+    } else {
+        next = awaiting_pong_ ? pong_deadline_ : next_ping_;
+        if (has_expiry_) next = std::min(next, token_expiry_);
+        if (!reconnect_sent_) next = std::min(next, lifetime_end_);
+    }
+    thread_.wheel.schedule(*this, next);
+}
+
+void session::on_timer(timer_entry* e) {
+    static_cast<session*>(e)->on_deadline();
+}
+
+// Runs every deadline that has passed: close timeout, pong timeout, token
+// expiry, lifetime, and the next heartbeat ping.
+void session::on_deadline() {
+    auto now = clock::now();
+    if (state_ == state::closed) return;
+    if (state_ == state::closing) {
+        if (now >= close_deadline_) {
+            finish();
+        } else {
+            schedule_timer();
+        }
+        return;
+    }
+    const auto& cfg = node_.config();
+    if (awaiting_pong_ && now >= pong_deadline_) {
+        thread_.stats.count(reject::pong_timeout);
+        PUSHY_WARN("device {}: no pong within {}s; dropping", device_,
+                   cfg.pong_timeout_s);
+        finish();
+        return;
+    }
+    if (has_expiry_ && now >= token_expiry_) {
+        thread_.stats.count(reject::token_expired_live);
+        PUSHY_DEBUG("device {}: token expired", device_);
+        close(ws::close_token_expired, "token expired");
+        return;
+    }
+    if (!reconnect_sent_ && now >= lifetime_end_) {
+        reconnect_sent_ = true;
+        send_frame(ws::opcode::text,
+                   R"({"t":"reconnect","in_ms":0,"reason":"lifetime"})");
+    }
+    if (!awaiting_pong_ && now >= next_ping_) {
+        awaiting_pong_ = true;
+        pong_deadline_ = now + seconds(cfg.pong_timeout_s);
+        next_ping_ = now + seconds(cfg.heartbeat_s * jitter(0.9));
+        counters::bump(thread_.stats.pings_sent);
+        send_frame(ws::opcode::ping, {});
+    }
+    if (state_ == state::open) schedule_timer();
+}
+
+}  // namespace pushy

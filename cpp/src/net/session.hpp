@@ -1,0 +1,131 @@
+// One device's WebSocket connection, after the upgrade.
+//
+// Memory is the design constraint: an idle session holds its socket, the
+// device identity, a 32-byte timer-wheel entry and a few flags; no read
+// buffer (it waits for readability and reads into the thread's buffer), no
+// write buffer (one is kept only while bytes wait for the kernel) and no
+// Asio timer (the thread's wheel drives heartbeats and deadlines).
+//
+// Threading: every member function runs on the session's io thread, except
+// executor(), which any thread may use to post work to it.
+#pragma once
+
+#include <boost/asio/ip/tcp.hpp>
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "auth/jwt_verifier.hpp"
+#include "core/timer_wheel.hpp"
+#include "net/push_request.hpp"
+#include "net/ws_codec.hpp"
+
+namespace pushy {
+
+class node_impl;
+struct io_thread;
+
+class session : public std::enable_shared_from_this<session>,
+                public timer_entry,
+                private ws::reader_events {
+public:
+    using tcp = boost::asio::ip::tcp;
+    using clock = std::chrono::steady_clock;
+
+    session(node_impl& node, io_thread& thread, tcp::socket socket,
+            auth::claims claims);
+    ~session() override;
+
+    // Registers the device (superseding an older connection), sends hello
+    // and starts reading. `leftover` holds bytes read past the upgrade
+    // request: the first frames, if the client was quick.
+    void start(std::string_view leftover);
+
+    // Sends a push and reports its outcome through req.done.
+    void deliver(push_request req);
+
+    // Starts the closing handshake with `code`; the device is forgotten at
+    // once. No-op if already closing.
+    void close(std::uint16_t code, std::string_view reason);
+
+    boost::asio::io_context& context() noexcept;
+    const std::string& device() const noexcept { return device_; }
+    const std::string& account() const noexcept { return account_; }
+    std::uint64_t id() const noexcept { return id_; }
+    std::int64_t connected_at() const noexcept { return connected_at_; }
+
+private:
+    struct pending_ack;
+    struct write_waiter {
+        std::uint64_t end;  // byte count at which the frame is written
+        push_request req;
+    };
+    enum class state : std::uint8_t { open, closing, closed };
+
+    // reader_events
+    void on_message(std::string_view payload, bool is_text) override;
+    void on_ping(std::string_view payload) override;
+    void on_pong(std::string_view payload) override;
+    void on_close(std::uint16_t code, std::string_view reason) override;
+
+    void do_wait_read();
+    void on_readable(boost::system::error_code ec);
+    void do_wait_write();
+    void on_writable(boost::system::error_code ec);
+
+    void handle_text(std::string_view text);
+    void send_status(std::string_view id_json, int code,
+                     std::string_view reason);
+    void send_frame(ws::opcode op, std::string_view payload);
+    void flush();
+    void complete_writes();
+    void settle_ack(std::uint64_t id, push_outcome o, std::string_view why);
+
+    void schedule_timer();
+    static void on_timer(timer_entry* e);
+    void on_deadline();
+
+    // Unregisters and fails everything pending with `o`.
+    void forget(push_outcome o, std::string_view why);
+    // Closes the socket now; the session ends when its handlers return.
+    void finish();
+
+    node_impl& node_;
+    io_thread& thread_;
+    tcp::socket socket_;
+    ws::ws_reader reader_;
+    std::string device_;
+    std::string account_;
+    std::uint64_t id_;
+    std::int64_t connected_at_;  // seconds since the epoch
+
+    // Deadlines (the earliest is on the wheel).
+    clock::time_point next_ping_;
+    clock::time_point pong_deadline_;
+    clock::time_point token_expiry_;
+    clock::time_point lifetime_end_;
+    clock::time_point close_deadline_;
+
+    // Outbound bytes not yet taken by the kernel, from out_offset_.
+    std::string out_;
+    std::size_t out_offset_ = 0;
+    std::uint64_t written_ = 0;
+    std::uint64_t queued_ = 0;
+    std::vector<write_waiter> waiters_;
+    std::vector<std::unique_ptr<pending_ack>> acks_;
+
+    state state_ = state::open;
+    bool reading_ = false;
+    bool writing_ = false;
+    bool awaiting_pong_ = false;
+    bool has_expiry_ = false;
+    bool reconnect_sent_ = false;
+    bool registered_ = false;
+    bool started_ = false;
+};
+
+}  // namespace pushy

@@ -1,0 +1,340 @@
+#include "net/upgrade.hpp"
+
+#include <boost/asio/write.hpp>
+#include <boost/beast/core/flat_buffer.hpp>
+#include <boost/beast/core/tcp_stream.hpp>
+#include <boost/beast/http/empty_body.hpp>
+#include <boost/beast/http/parser.hpp>
+#include <boost/beast/http/read.hpp>
+#include <boost/beast/http/rfc7230.hpp>
+
+#include <optional>
+
+#include "core/logging.hpp"
+#include "core/node_impl.hpp"
+#include "detail/json_out.hpp"
+#include "net/session.hpp"
+#include "net/ws_codec.hpp"
+
+namespace pushy {
+
+namespace net = boost::asio;
+namespace beast = boost::beast;
+namespace http = beast::http;
+using boost::system::error_code;
+
+namespace {
+
+constexpr std::string_view subprotocol = "pushy.v1";
+
+// Maps a token error to the reject counter of the same name.
+reject reject_for(auth::token_error e) {
+    using auth::token_error;
+    switch (e) {
+        case token_error::missing: return reject::token_missing;
+        case token_error::malformed: return reject::token_malformed;
+        case token_error::bad_signature: return reject::token_bad_signature;
+        case token_error::wrong_algorithm:
+            return reject::token_wrong_algorithm;
+        case token_error::expired: return reject::token_expired;
+        case token_error::no_device: return reject::token_no_device;
+        default: return reject::token_bad_audience;
+    }
+}
+
+// True when the comma-separated header value holds `token`, compared
+// without case (RFC 7230 section 3.2.6 tokens).
+bool has_token(std::string_view value, std::string_view token) {
+    for (auto item : http::token_list(value)) {
+        if (beast::iequals(item, token)) return true;
+    }
+    return false;
+}
+
+// Decodes %XX escapes of a query value; '+' stays as it is (JWTs use none).
+std::string percent_decode(std::string_view s) {
+    std::string out;
+    out.reserve(s.size());
+    auto hex = [](char c) -> int {
+        if (c >= '0' && c <= '9') return c - '0';
+        if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+        if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+        return -1;
+    };
+    for (std::size_t i = 0; i < s.size(); ++i) {
+        if (s[i] == '%' && i + 2 < s.size() && hex(s[i + 1]) >= 0 &&
+            hex(s[i + 2]) >= 0) {
+            out += static_cast<char>(hex(s[i + 1]) * 16 + hex(s[i + 2]));
+            i += 2;
+        } else {
+            out += s[i];
+        }
+    }
+    return out;
+}
+
+// The value of query parameter `name` in a request target, or empty.
+std::string query_param(std::string_view target, std::string_view name) {
+    auto q = target.find('?');
+    if (q == std::string_view::npos) return {};
+    std::string_view rest = target.substr(q + 1);
+    while (!rest.empty()) {
+        auto amp = rest.find('&');
+        auto pair = rest.substr(0, amp);
+        auto eq = pair.find('=');
+        if (pair.substr(0, eq) == name && eq != std::string_view::npos) {
+            return percent_decode(pair.substr(eq + 1));
+        }
+        if (amp == std::string_view::npos) break;
+        rest.remove_prefix(amp + 1);
+    }
+    return {};
+}
+
+class upgrade : public std::enable_shared_from_this<upgrade> {
+public:
+    upgrade(node_impl& node, io_thread& thread, net::ip::tcp::socket s)
+        : node_(node),
+          thread_(thread),
+          stream_(std::move(s)),
+          buffer_(node.config().max_header_bytes + 4096) {
+        node_.pending_upgrades.fetch_add(1, std::memory_order_relaxed);
+    }
+
+    ~upgrade() {
+        node_.pending_upgrades.fetch_sub(1, std::memory_order_relaxed);
+    }
+
+    void run() {
+        parser_.emplace();
+        parser_->header_limit(
+            static_cast<std::uint32_t>(node_.config().max_header_bytes));
+        stream_.expires_after(std::chrono::duration_cast<
+                              std::chrono::steady_clock::duration>(
+            std::chrono::duration<double>(node_.config().upgrade_timeout_s)));
+        http::async_read_header(
+            stream_, buffer_, *parser_,
+            [self = shared_from_this()](error_code ec, std::size_t) {
+                self->on_read(ec);
+            });
+    }
+
+private:
+    void on_read(error_code ec) {
+        if (ec == beast::error::timeout) {
+            thread_.stats.count(reject::upgrade_timeout);
+            PUSHY_DEBUG("upgrade timed out");
+            return;
+        }
+        if (ec == http::error::header_limit ||
+            ec == http::error::buffer_overflow) {
+            return refuse(http::status::request_header_fields_too_large,
+                          reject::headers_too_large,
+                          "request headers exceed the limit of " +
+                              std::to_string(
+                                  node_.config().max_header_bytes) +
+                              " bytes");
+        }
+        if (ec == http::error::end_of_stream || ec == net::error::eof ||
+            ec == net::error::connection_reset) {
+            return;
+        }
+        if (ec) {
+            return refuse(http::status::bad_request, reject::bad_request,
+                          "malformed HTTP request: " + ec.message());
+        }
+        check(parser_->get());
+    }
+
+    // Checks the request in the order that gives the most useful answer.
+    void check(const http::request<http::empty_body>& req) {
+        const auto& cfg = node_.config();
+        std::size_t fields = std::distance(req.begin(), req.end());
+        if (fields > cfg.max_headers) {
+            return refuse(http::status::request_header_fields_too_large,
+                          reject::too_many_headers,
+                          "more than " + std::to_string(cfg.max_headers) +
+                              " header fields");
+        }
+        if (req.version() != 11) {
+            return refuse(http::status::bad_request,
+                          reject::bad_http_version,
+                          "a websocket upgrade needs HTTP/1.1");
+        }
+        if (req.method() != http::verb::get) {
+            return refuse(http::status::bad_request, reject::bad_method,
+                          "a websocket upgrade must be a GET request");
+        }
+        std::string_view target = req.target();
+        if (target.substr(0, target.find('?')) != "/v1/connect") {
+            return refuse(http::status::not_found, reject::bad_path,
+                          "devices connect at /v1/connect");
+        }
+        if (!has_token(req[http::field::upgrade], "websocket") ||
+            !has_token(req[http::field::connection], "upgrade")) {
+            return refuse(http::status::bad_request, reject::not_upgrade,
+                          "expected 'Upgrade: websocket' and "
+                          "'Connection: Upgrade'");
+        }
+        if (req[http::field::sec_websocket_version] != "13") {
+            // RFC 6455 section 4.4: name the version we speak.
+            return refuse(http::status::upgrade_required,
+                          reject::bad_ws_version,
+                          "websocket version 13 required");
+        }
+        if (!ws::valid_client_key(req[http::field::sec_websocket_key])) {
+            return refuse(http::status::bad_request, reject::bad_ws_key,
+                          "Sec-WebSocket-Key must be base64 of 16 bytes");
+        }
+        if (!cfg.allowed_origins.empty() &&
+            req.count(http::field::origin) != 0) {
+            auto origin = req[http::field::origin];
+            bool ok = false;
+            for (auto& o : cfg.allowed_origins) ok = ok || o == origin;
+            if (!ok) {
+                return refuse(http::status::forbidden, reject::bad_origin,
+                              "origin not allowed");
+            }
+        }
+        bool offered = req.count(http::field::sec_websocket_protocol) != 0;
+        if (offered &&
+            !has_token(req[http::field::sec_websocket_protocol],
+                       subprotocol)) {
+            return refuse(http::status::bad_request, reject::bad_subprotocol,
+                          "the only subprotocol is pushy.v1");
+        }
+        if (node_.stopping()) {
+            return refuse(http::status::service_unavailable,
+                          reject::too_many_connections,
+                          "node is shutting down");
+        }
+        if (cfg.max_connections != 0 &&
+            node_.table().size() >= cfg.max_connections) {
+            return refuse(http::status::service_unavailable,
+                          reject::too_many_connections,
+                          "node is at its connection limit");
+        }
+
+        // Authenticate: header first, then ?token= for browsers.
+        std::string token;
+        auto auth = req[http::field::authorization];
+        if (auth.size() > 7 && beast::iequals(auth.substr(0, 7), "bearer ")) {
+            token = std::string(auth.substr(7));
+        } else {
+            token = query_param(target, "token");
+        }
+        auto now = std::chrono::duration_cast<std::chrono::seconds>(
+                       std::chrono::system_clock::now().time_since_epoch())
+                       .count();
+        auto result = node_.verifier().verify(token, now);
+        if (result.error != auth::token_error::none) {
+            return refuse(http::status::unauthorized,
+                          reject_for(result.error),
+                          std::string(auth::describe(result.error)));
+        }
+        accept(req[http::field::sec_websocket_key], offered,
+               std::move(result.claims));
+    }
+
+    // Writes the 101 response, then hands the socket to a session.
+    void accept(std::string_view key, bool with_protocol,
+                auth::claims claims) {
+        response_ =
+            "HTTP/1.1 101 Switching Protocols\r\n"
+            "Upgrade: websocket\r\n"
+            "Connection: Upgrade\r\n"
+            "Sec-WebSocket-Accept: ";
+        response_ += ws::accept_key(key);
+        response_ += "\r\n";
+        if (with_protocol) {
+            response_ += "Sec-WebSocket-Protocol: pushy.v1\r\n";
+        }
+        response_ += "\r\n";
+        claims_ = std::move(claims);
+        net::async_write(
+            stream_, net::buffer(response_),
+            [self = shared_from_this()](error_code ec, std::size_t n) {
+                self->on_accepted(ec, n);
+            });
+    }
+
+    void on_accepted(error_code ec, std::size_t n) {
+        if (ec) return;
+        counters::bump(thread_.stats.bytes_out, n);
+        stream_.expires_never();
+        auto data = buffer_.data();
+        std::string_view leftover(static_cast<const char*>(data.data()),
+                                  data.size());
+        auto s = std::make_shared<session>(
+            node_, thread_, stream_.release_socket(), std::move(claims_));
+        s->start(leftover);
+    }
+
+    // Answers an error and closes. Each refusal is counted by reason; a
+    // broken limit is a warning, the rest are debug (clients retry often).
+    void refuse(http::status status, reject why, std::string reason) {
+        thread_.stats.count(why);
+        if (status == http::status::request_header_fields_too_large) {
+            PUSHY_WARN("upgrade refused ({}): {}", reject_name(why), reason);
+        } else {
+            PUSHY_DEBUG("upgrade refused ({}): {}", reject_name(why), reason);
+        }
+        std::string body = R"({"error":)";
+        json::append_string(body, reason);
+        body += "}\n";
+        response_ = "HTTP/1.1 ";
+        response_ += std::to_string(static_cast<unsigned>(status));
+        response_ += ' ';
+        response_ += http::obsolete_reason(status);
+        response_ += "\r\nContent-Type: application/json\r\n";
+        if (status == http::status::upgrade_required) {
+            response_ += "Sec-WebSocket-Version: 13\r\nUpgrade: websocket\r\n";
+        }
+        if (status == http::status::unauthorized) {
+            response_ += "WWW-Authenticate: Bearer error=\"invalid_token\"\r\n";
+        }
+        if (status == http::status::service_unavailable) {
+            response_ += "Retry-After: 5\r\n";
+        }
+        response_ += "Connection: close\r\nContent-Length: ";
+        response_ += std::to_string(body.size());
+        response_ += "\r\n\r\n";
+        response_ += body;
+        net::async_write(stream_, net::buffer(response_),
+                         [self = shared_from_this()](error_code, std::size_t) {
+                             error_code ec;
+                             self->stream_.socket().shutdown(
+                                 net::ip::tcp::socket::shutdown_send, ec);
+                             self->drain();
+                         });
+    }
+
+    // Reads and discards what the client still sends until it closes, so
+    // closing never resets a connection whose answer is still unread.
+    void drain() {
+        stream_.expires_after(std::chrono::seconds(2));
+        buffer_.clear();
+        stream_.async_read_some(
+            buffer_.prepare(4096),
+            [self = shared_from_this()](error_code ec, std::size_t) {
+                if (!ec) self->drain();
+            });
+    }
+
+    node_impl& node_;
+    io_thread& thread_;
+    beast::tcp_stream stream_;
+    beast::flat_buffer buffer_;
+    std::optional<http::request_parser<http::empty_body>> parser_;
+    std::string response_;
+    auth::claims claims_;
+};
+
+}  // namespace
+
+void start_upgrade(node_impl& node, io_thread& thread,
+                   net::ip::tcp::socket socket) {
+    std::make_shared<upgrade>(node, thread, std::move(socket))->run();
+}
+
+}  // namespace pushy
