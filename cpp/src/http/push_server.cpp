@@ -250,10 +250,12 @@ private:
     std::string_view validate_json(const std::string& body) {
         auto padded = thread_.padded(body);
         simdjson::dom::element ignored;
-        if (thread_.dom.parse(padded.data(), padded.size(), false)
-                .get(ignored)) {
-            return "body is not valid JSON";
+        auto err = thread_.dom.parse(padded.data(), padded.size(), false)
+                       .get(ignored);
+        if (err == simdjson::DEPTH_ERROR) {
+            return "body nests deeper than 1024 levels";
         }
+        if (err) return "body is not valid JSON";
         return {};
     }
 

@@ -198,7 +198,13 @@ void session::on_ping(std::string_view payload) {
     if (state_ == state::open) send_frame(ws::opcode::pong, payload);
 }
 
-void session::on_pong(std::string_view) { awaiting_pong_ = false; }
+// A pong ends the wait: the wheel entry moves from the pong deadline to
+// the next ping.
+void session::on_pong(std::string_view) {
+    if (!awaiting_pong_ || state_ != state::open) return;
+    awaiting_pong_ = false;
+    schedule_timer();
+}
 
 // The device started the closing handshake: echo its code (RFC 6455
 // section 5.5.1), then close the TCP connection once the reply is out.

@@ -1,0 +1,1099 @@
+// pushy-loadgen: a lean idle-connection load generator for Pushy nodes.
+//
+// One thread, one edge-triggered epoll set. Each connection is a small
+// struct and owns no buffer: reads peek into one shared scratch buffer and
+// consume only whole frames (or whole response heads), so an idle
+// connection costs the generator a few dozen bytes plus its socket.
+//
+// Per connection: connect (paced, from a source address picked round
+// robin, bound with IP_BIND_ADDRESS_NO_PORT so the port is chosen per
+// destination), send the upgrade request of DESIGN.md section 3 with a
+// random Sec-WebSocket-Key, check the 101 (RFC 6455 section 4.2.2), read
+// the hello text frame, then stay idle answering pings with masked pongs
+// (RFC 6455 sections 5.3 and 5.5.3). After --hold-s seconds, or on
+// SIGTERM/SIGINT, every connection sends a close frame and is closed, and
+// a report goes to stdout.
+//
+// Limitations: targets loopback (127.0.0.0/8) only; at most 19,000
+// connections per process (the host allows 20,000 open files); a pong that
+// cannot be written at once counts as a dropped connection.
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/epoll.h>
+#include <sys/mman.h>
+#include <sys/random.h>
+#include <sys/resource.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <bit>
+#include <cctype>
+#include <cerrno>
+#include <charconv>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#ifndef IP_BIND_ADDRESS_NO_PORT
+#define IP_BIND_ADDRESS_NO_PORT 24
+#endif
+
+namespace {
+
+constexpr std::size_t max_connections = 19000;
+constexpr std::size_t scratch_size = 64 * 1024;
+constexpr std::uint64_t signal_tag = ~std::uint64_t{0};
+constexpr std::string_view ws_guid = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+
+// ------------------------------------------------------------ utilities
+
+// Returns CLOCK_MONOTONIC in nanoseconds.
+std::uint64_t now_ns() {
+    timespec ts{};
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return std::uint64_t(ts.tv_sec) * 1'000'000'000u + ts.tv_nsec;
+}
+
+// Returns the symbolic name of an errno value ("ECONNREFUSED"), or its
+// number when it has none.
+std::string errno_name(int e) {
+    const char* n = strerrorname_np(e);
+    return n ? n : std::to_string(e);
+}
+
+// Compares two ASCII strings without case.
+bool iequals(std::string_view a, std::string_view b) {
+    if (a.size() != b.size()) return false;
+    for (std::size_t i = 0; i < a.size(); ++i) {
+        if (std::tolower(static_cast<unsigned char>(a[i])) !=
+            std::tolower(static_cast<unsigned char>(b[i]))) {
+            return false;
+        }
+    }
+    return true;
+}
+
+// True when the comma-separated header value holds `token`, without case.
+bool has_token(std::string_view value, std::string_view token) {
+    while (!value.empty()) {
+        auto comma = value.find(',');
+        auto item = value.substr(0, comma);
+        while (!item.empty() && (item.front() == ' ' || item.front() == '\t'))
+            item.remove_prefix(1);
+        while (!item.empty() && (item.back() == ' ' || item.back() == '\t'))
+            item.remove_suffix(1);
+        if (iequals(item, token)) return true;
+        if (comma == std::string_view::npos) break;
+        value.remove_prefix(comma + 1);
+    }
+    return false;
+}
+
+// Computes the SHA-1 digest of `data` (FIPS 180-4); used only for the
+// Sec-WebSocket-Accept check.
+std::array<std::uint8_t, 20> sha1(std::string_view data) {
+    std::uint32_t h[5] = {0x67452301, 0xEFCDAB89, 0x98BADCFE, 0x10325476,
+                          0xC3D2E1F0};
+    std::string msg(data);
+    std::uint64_t bits = std::uint64_t(data.size()) * 8;
+    msg += char(0x80);
+    while (msg.size() % 64 != 56) msg += char(0);
+    for (int i = 7; i >= 0; --i) msg += char(bits >> (i * 8));
+
+    for (std::size_t off = 0; off < msg.size(); off += 64) {
+        std::uint32_t w[80];
+        for (int i = 0; i < 16; ++i) {
+            auto b = [&](int k) {
+                return std::uint32_t(std::uint8_t(msg[off + 4 * i + k]));
+            };
+            w[i] = b(0) << 24 | b(1) << 16 | b(2) << 8 | b(3);
+        }
+        for (int i = 16; i < 80; ++i) {
+            w[i] = std::rotl(w[i - 3] ^ w[i - 8] ^ w[i - 14] ^ w[i - 16], 1);
+        }
+        std::uint32_t a = h[0], b = h[1], c = h[2], d = h[3], e = h[4];
+        for (int i = 0; i < 80; ++i) {
+            std::uint32_t f, k;
+            if (i < 20) {
+                f = (b & c) | (~b & d);
+                k = 0x5A827999;
+            } else if (i < 40) {
+                f = b ^ c ^ d;
+                k = 0x6ED9EBA1;
+            } else if (i < 60) {
+                f = (b & c) | (b & d) | (c & d);
+                k = 0x8F1BBCDC;
+            } else {
+                f = b ^ c ^ d;
+                k = 0xCA62C1D6;
+            }
+            std::uint32_t t = std::rotl(a, 5) + f + e + k + w[i];
+            e = d;
+            d = c;
+            c = std::rotl(b, 30);
+            b = a;
+            a = t;
+        }
+        h[0] += a;
+        h[1] += b;
+        h[2] += c;
+        h[3] += d;
+        h[4] += e;
+    }
+    std::array<std::uint8_t, 20> out{};
+    for (int i = 0; i < 20; ++i)
+        out[i] = std::uint8_t(h[i / 4] >> (24 - 8 * (i % 4)));
+    return out;
+}
+
+// Encodes bytes as padded base64 (RFC 4648 section 4).
+std::string base64(const std::uint8_t* p, std::size_t n) {
+    static constexpr char alphabet[] =
+        "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    std::string out;
+    out.reserve((n + 2) / 3 * 4);
+    for (std::size_t i = 0; i < n; i += 3) {
+        std::uint32_t v = std::uint32_t(p[i]) << 16;
+        if (i + 1 < n) v |= std::uint32_t(p[i + 1]) << 8;
+        if (i + 2 < n) v |= p[i + 2];
+        out += alphabet[(v >> 18) & 63];
+        out += alphabet[(v >> 12) & 63];
+        out += i + 1 < n ? alphabet[(v >> 6) & 63] : '=';
+        out += i + 2 < n ? alphabet[v & 63] : '=';
+    }
+    return out;
+}
+
+// Fills `n` bytes with random bytes from the kernel; exits on failure
+// since keys must not be predictable.
+void random_bytes(void* p, std::size_t n) {
+    auto* out = static_cast<std::uint8_t*>(p);
+    while (n > 0) {
+        ssize_t got = getrandom(out, n, 0);
+        if (got < 0) {
+            if (errno == EINTR) continue;
+            std::perror("pushy-loadgen: getrandom");
+            std::exit(1);
+        }
+        out += got;
+        n -= std::size_t(got);
+    }
+}
+
+// A fast generator for frame masking keys (xorshift64*), seeded from the
+// kernel. Masks only need to be unpredictable to intermediaries.
+class mask_source {
+  public:
+    // Seeds the generator from getrandom(); the state is never zero.
+    mask_source() {
+        random_bytes(&s_, sizeof s_);
+        s_ |= 1;
+    }
+
+    // Returns the next 32-bit masking key.
+    std::uint32_t next() {
+        s_ ^= s_ >> 12;
+        s_ ^= s_ << 25;
+        s_ ^= s_ >> 27;
+        return std::uint32_t((s_ * 0x2545F4914F6CDD1Dull) >> 32);
+    }
+
+  private:
+    std::uint64_t s_ = 1;
+};
+
+// Returns the nearest-rank percentile `q` (0..1) of sorted `v`, or 0.
+std::uint32_t percentile(const std::vector<std::uint32_t>& v, double q) {
+    if (v.empty()) return 0;
+    std::size_t rank = std::size_t(q * double(v.size()) + 0.999999);
+    rank = std::clamp<std::size_t>(rank, 1, v.size());
+    return v[rank - 1];
+}
+
+// ------------------------------------------------------------ options
+
+struct options {
+    std::string host = "127.0.0.1";
+    int port = 0;
+    std::size_t connections = 0;
+    std::vector<std::string> source_addrs;
+    std::string tokens;
+    double rate = 1000;
+    double hold_s = 60;
+    double handshake_timeout_s = 10;
+    double close_wait_s = 2;
+    bool json = false;
+};
+
+// Prints the usage text to `f`.
+void usage(std::FILE* f) {
+    std::fputs(
+        "usage: pushy-loadgen --port P --connections N --tokens FILE\n"
+        "                     [--host 127.0.0.1] [--source-addrs A,B,...]\n"
+        "                     [--rate R] [--hold-s S] [--json]\n"
+        "                     [--handshake-timeout-s S] [--close-wait-s S]\n"
+        "\n"
+        "Opens N idle WebSocket connections to a Pushy node (GET /v1/connect,\n"
+        "subprotocol pushy.v1, line i of FILE as the bearer token of\n"
+        "connection i), paced at R connects/s, holds them S seconds after\n"
+        "the last handshake (answering pings), closes them and reports.\n"
+        "Loopback (127.0.0.0/8) only; N <= 19000. SIGTERM ends the hold.\n",
+        f);
+}
+
+// True when `addr` parses as an IPv4 address inside 127.0.0.0/8.
+bool is_loopback(const std::string& addr, in_addr& out) {
+    if (inet_pton(AF_INET, addr.c_str(), &out) != 1) return false;
+    return (ntohl(out.s_addr) >> 24) == 127;
+}
+
+// Parses a number option; exits with a usage error when it is not one.
+double parse_number(const char* flag, const char* text) {
+    char* end = nullptr;
+    double v = std::strtod(text, &end);
+    if (end == text || *end != '\0' || !(v >= 0)) {
+        std::fprintf(stderr, "pushy-loadgen: %s expects a number >= 0\n", flag);
+        std::exit(2);
+    }
+    return v;
+}
+
+// Parses the command line into options; exits 2 on a usage error.
+options parse_options(int argc, char** argv) {
+    options o;
+    for (int i = 1; i < argc; ++i) {
+        std::string_view a = argv[i];
+        if (a == "--json") {
+            o.json = true;
+            continue;
+        }
+        if (a == "-h" || a == "--help") {
+            usage(stdout);
+            std::exit(0);
+        }
+        if (i + 1 >= argc) {
+            std::fprintf(stderr, "pushy-loadgen: %s needs a value\n", argv[i]);
+            usage(stderr);
+            std::exit(2);
+        }
+        const char* v = argv[++i];
+        if (a == "--host") {
+            o.host = v;
+        } else if (a == "--port") {
+            o.port = int(parse_number(argv[i - 1], v));
+        } else if (a == "--connections") {
+            o.connections = std::size_t(parse_number(argv[i - 1], v));
+        } else if (a == "--source-addrs") {
+            std::string_view list = v;
+            while (!list.empty()) {
+                auto comma = list.find(',');
+                if (comma != 0) {
+                    o.source_addrs.emplace_back(list.substr(0, comma));
+                }
+                if (comma == std::string_view::npos) break;
+                list.remove_prefix(comma + 1);
+            }
+        } else if (a == "--tokens") {
+            o.tokens = v;
+        } else if (a == "--rate") {
+            o.rate = parse_number(argv[i - 1], v);
+        } else if (a == "--hold-s") {
+            o.hold_s = parse_number(argv[i - 1], v);
+        } else if (a == "--handshake-timeout-s") {
+            o.handshake_timeout_s = parse_number(argv[i - 1], v);
+        } else if (a == "--close-wait-s") {
+            o.close_wait_s = parse_number(argv[i - 1], v);
+        } else {
+            std::fprintf(stderr, "pushy-loadgen: unknown option %s\n",
+                         argv[i - 1]);
+            usage(stderr);
+            std::exit(2);
+        }
+    }
+    auto bad = [](const char* what) {
+        std::fprintf(stderr, "pushy-loadgen: %s\n", what);
+        std::exit(2);
+    };
+    if (o.port <= 0 || o.port > 65535) bad("--port must be 1-65535");
+    if (o.connections == 0) bad("--connections must be at least 1");
+    if (o.connections > max_connections) {
+        bad("--connections must be at most 19000 per process "
+            "(run several processes)");
+    }
+    if (o.tokens.empty()) bad("--tokens FILE is required");
+    if (o.rate <= 0) bad("--rate must be above 0");
+    return o;
+}
+
+// ------------------------------------------------------------ tokens
+
+// The token file, mapped read-only, and a view of each line.
+class token_file {
+  public:
+    // Maps `path` and indexes its first `n` lines; exits on failure.
+    token_file(const std::string& path, std::size_t n) {
+        int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+        struct stat st{};
+        if (fd < 0 || fstat(fd, &st) != 0 || st.st_size == 0) {
+            std::fprintf(stderr, "pushy-loadgen: cannot read %s\n",
+                         path.c_str());
+            std::exit(2);
+        }
+        size_ = std::size_t(st.st_size);
+        void* p = mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
+        ::close(fd);
+        if (p == MAP_FAILED) {
+            std::perror("pushy-loadgen: mmap");
+            std::exit(2);
+        }
+        data_ = static_cast<const char*>(p);
+        std::string_view all(data_, size_);
+        lines_.reserve(n);
+        while (lines_.size() < n && !all.empty()) {
+            auto nl = all.find('\n');
+            auto line = all.substr(0, nl);
+            if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
+            lines_.push_back(line);
+            if (nl == std::string_view::npos) break;
+            all.remove_prefix(nl + 1);
+        }
+        if (lines_.size() < n) {
+            std::fprintf(stderr,
+                         "pushy-loadgen: %s has %zu lines, %zu needed\n",
+                         path.c_str(), lines_.size(), n);
+            std::exit(2);
+        }
+        for (std::size_t i = 0; i < n; ++i) {
+            // The request length is kept in 16 bits; real tokens are far
+            // below the node's 8 KiB header limit anyway.
+            if (lines_[i].size() > 32768) {
+                std::fprintf(stderr,
+                             "pushy-loadgen: line %zu of %s is longer than "
+                             "32768 bytes\n",
+                             i + 1, path.c_str());
+                std::exit(2);
+            }
+            if (lines_[i].empty()) {
+                std::fprintf(stderr,
+                             "pushy-loadgen: line %zu of %s is "
+                             "empty\n",
+                             i + 1, path.c_str());
+                std::exit(2);
+            }
+        }
+    }
+
+    token_file(const token_file&) = delete;
+    token_file& operator=(const token_file&) = delete;
+
+    ~token_file() { munmap(const_cast<char*>(data_), size_); }
+
+    // Returns the token of connection `i`.
+    std::string_view operator[](std::size_t i) const { return lines_[i]; }
+
+  private:
+    const char* data_ = nullptr;
+    std::size_t size_ = 0;
+    std::vector<std::string_view> lines_;
+};
+
+// ------------------------------------------------------------ generator
+
+enum class state : std::uint8_t {
+    pending,        // not started yet
+    connecting,     // TCP connect in progress
+    sending,        // upgrade request partly written
+    reading_101,    // waiting for the response head
+    reading_hello,  // waiting for the hello frame
+    idle,           // open, answering pings
+    closing,        // close frame sent, waiting for the peer's FIN
+    done,           // socket closed
+};
+
+// One connection. While idle only fd, st and skip matter.
+struct conn {
+    int fd = -1;
+    state st = state::pending;
+    std::uint16_t sent = 0;   // request bytes written so far
+    std::uint32_t skip = 0;   // data-frame payload bytes still to discard
+    std::uint64_t t0_ns = 0;  // when connect() was called
+    std::uint8_t key[16]{};   // Sec-WebSocket-Key bytes, until the 101
+};
+
+class load_generator {
+  public:
+    // Prepares the epoll set, the signal fd and the connection table.
+    explicit load_generator(const options& o)
+        : opt_(o), tokens_(o.tokens, o.connections), conns_(o.connections) {
+        if (!is_loopback(opt_.host, dst_.sin_addr)) {
+            die_usage("--host must be an IPv4 address in 127.0.0.0/8");
+        }
+        dst_.sin_family = AF_INET;
+        dst_.sin_port = htons(std::uint16_t(opt_.port));
+        if (opt_.source_addrs.empty()) opt_.source_addrs.push_back(opt_.host);
+        for (auto& a : opt_.source_addrs) {
+            sockaddr_in s{};
+            s.sin_family = AF_INET;
+            if (!is_loopback(a, s.sin_addr)) {
+                die_usage(
+                    "--source-addrs must be IPv4 addresses in "
+                    "127.0.0.0/8");
+            }
+            srcs_.push_back(s);
+        }
+        host_header_ = opt_.host + ":" + std::to_string(opt_.port);
+        raise_file_limit();
+
+        ep_ = epoll_create1(EPOLL_CLOEXEC);
+        sigset_t set;
+        sigemptyset(&set);
+        sigaddset(&set, SIGTERM);
+        sigaddset(&set, SIGINT);
+        sigprocmask(SIG_BLOCK, &set, nullptr);
+        sig_ = signalfd(-1, &set, SFD_NONBLOCK | SFD_CLOEXEC);
+        epoll_event ev{};
+        ev.events = EPOLLIN;
+        ev.data.u64 = signal_tag;
+        if (ep_ < 0 || sig_ < 0 || epoll_ctl(ep_, EPOLL_CTL_ADD, sig_, &ev)) {
+            std::perror("pushy-loadgen: epoll/signalfd");
+            std::exit(1);
+        }
+        lat_101_.reserve(opt_.connections);
+        lat_hello_.reserve(opt_.connections);
+        scratch_.resize(scratch_size);
+    }
+
+    // Runs the connect phase, the hold and the close phase; returns the
+    // process exit code (0 when every connection was established).
+    int run() {
+        connect_phase();
+        if (!stop_) hold_phase();
+        close_phase();
+        report();
+        return failed_total_ == 0 ? 0 : 1;
+    }
+
+  private:
+    // Exits with a usage error message.
+    [[noreturn]] static void die_usage(const char* what) {
+        std::fprintf(stderr, "pushy-loadgen: %s\n", what);
+        std::exit(2);
+    }
+
+    // Raises the soft open-file limit to what N connections need.
+    void raise_file_limit() {
+        rlimit rl{};
+        getrlimit(RLIMIT_NOFILE, &rl);
+        rlim_t need = opt_.connections + 32;
+        if (rl.rlim_cur < need) {
+            rl.rlim_cur = std::min(need, rl.rlim_max);
+            setrlimit(RLIMIT_NOFILE, &rl);
+        }
+        if (rl.rlim_cur < need) {
+            std::fprintf(stderr,
+                         "pushy-loadgen: open-file limit %llu is "
+                         "below the %llu needed\n",
+                         (unsigned long long)rl.rlim_cur,
+                         (unsigned long long)need);
+            std::exit(2);
+        }
+    }
+
+    // Waits for events up to `timeout_ms` and dispatches them.
+    void poll_once(int timeout_ms) {
+        epoll_event events[256];
+        int n = epoll_wait(ep_, events, 256, timeout_ms);
+        for (int k = 0; k < n; ++k) {
+            if (events[k].data.u64 == signal_tag) {
+                signalfd_siginfo si;
+                while (read(sig_, &si, sizeof si) > 0) {
+                }
+                stop_ = true;
+                continue;
+            }
+            on_event(std::size_t(events[k].data.u64), events[k].events);
+        }
+    }
+
+    // Starts connections on schedule until all are started and none is
+    // still in its handshake, or a signal arrives.
+    void connect_phase() {
+        t_begin_ = now_ns();
+        std::uint64_t last_scan = t_begin_;
+        double gap_ns = 1e9 / opt_.rate;
+        while (!stop_) {
+            std::uint64_t now = now_ns();
+            // Open loop: connection i is due at t_begin + i / rate; a
+            // late loop catches up, a bounded burst at a time.
+            int burst = 0;
+            while (started_ < conns_.size() && burst < 256 &&
+                   t_begin_ + std::uint64_t(double(started_) * gap_ns) <= now) {
+                start_connect(started_++);
+                ++burst;
+            }
+            if (now - last_scan >= 100'000'000u) {
+                expire_handshakes(now);
+                last_scan = now;
+            }
+            if (started_ == conns_.size() && in_handshake_ == 0) break;
+            int timeout = 100;
+            if (started_ < conns_.size()) {
+                auto due = t_begin_ + std::uint64_t(double(started_) * gap_ns);
+                timeout =
+                    due <= now ? 0 : int((due - now + 999'999) / 1'000'000);
+                timeout = std::min(timeout, 100);
+            }
+            poll_once(timeout);
+        }
+        t_connected_ = now_ns();
+        std::fprintf(stderr,
+                     "{\"event\":\"ready\",\"connected\":%zu,\"failed\":%zu}"
+                     "\n",
+                     established_, failed_total_);
+        std::fflush(stderr);
+    }
+
+    // Holds the connections for --hold-s seconds or until a signal.
+    void hold_phase() {
+        std::uint64_t end = t_connected_ + std::uint64_t(opt_.hold_s * 1e9);
+        for (;;) {
+            std::uint64_t now = now_ns();
+            if (stop_ || now >= end) break;
+            auto left_ms = (end - now + 999'999) / 1'000'000;
+            poll_once(int(std::min<std::uint64_t>(left_ms, 1000)));
+        }
+        t_hold_end_ = now_ns();
+    }
+
+    // Sends a close frame (1000) on every open connection, waits up to
+    // --close-wait-s for the peers to close, then closes what is left.
+    void close_phase() {
+        if (t_hold_end_ == 0) t_hold_end_ = now_ns();
+        std::size_t waiting = 0;
+        for (std::size_t i = 0; i < conns_.size(); ++i) {
+            conn& c = conns_[i];
+            if (c.st == state::idle) {
+                ++open_at_end_;
+                std::uint8_t frame[8] = {0x88, 0x82};
+                std::uint32_t mask = masks_.next();
+                std::memcpy(frame + 2, &mask, 4);
+                frame[6] = std::uint8_t(0x03 ^ frame[2]);  // 1000 = 0x03e8
+                frame[7] = std::uint8_t(0xe8 ^ frame[3]);
+                if (send(c.fd, frame, sizeof frame, MSG_NOSIGNAL) ==
+                        ssize_t(sizeof frame) &&
+                    shutdown(c.fd, SHUT_WR) == 0) {
+                    c.st = state::closing;
+                    ++waiting;
+                    continue;
+                }
+                ++closed_forced_;
+                close_fd(c);
+            } else if (c.fd >= 0) {
+                // Stopped by a signal in the middle of its handshake.
+                fail(c, "interrupted");
+            }
+        }
+        closing_ = waiting;
+        std::uint64_t end = now_ns() + std::uint64_t(opt_.close_wait_s * 1e9);
+        stop_ = false;
+        while (closing_ > 0 && !stop_) {
+            std::uint64_t now = now_ns();
+            if (now >= end) break;
+            poll_once(int(std::min<std::uint64_t>(
+                (end - now + 999'999) / 1'000'000, 100)));
+        }
+        for (auto& c : conns_) {
+            if (c.fd >= 0) {
+                ++closed_forced_;
+                close_fd(c);
+            }
+        }
+    }
+
+    // Creates, binds and connects the socket of connection `i`.
+    void start_connect(std::size_t i) {
+        conn& c = conns_[i];
+        c.t0_ns = now_ns();
+        ++in_handshake_;
+        int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (fd < 0) return fail(c, "socket:" + errno_name(errno));
+        c.fd = fd;
+        int one = 1;
+        // Let connect() pick the port per destination, so each source
+        // address gives a full ephemeral range per node port.
+        setsockopt(fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof one);
+        const sockaddr_in& src = srcs_[i % srcs_.size()];
+        if (bind(fd, reinterpret_cast<const sockaddr*>(&src), sizeof src)) {
+            return fail(c, "bind:" + errno_name(errno));
+        }
+        epoll_event ev{};
+        ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
+        ev.data.u64 = i;
+        if (epoll_ctl(ep_, EPOLL_CTL_ADD, fd, &ev)) {
+            return fail(c, "epoll:" + errno_name(errno));
+        }
+        random_bytes(c.key, sizeof c.key);
+        c.st = state::connecting;
+        if (connect(fd, reinterpret_cast<const sockaddr*>(&dst_),
+                    sizeof dst_) != 0 &&
+            errno != EINPROGRESS) {
+            return fail(c, "connect:" + errno_name(errno));
+        }
+    }
+
+    // Dispatches one epoll event of connection `i`.
+    void on_event(std::size_t i, std::uint32_t events) {
+        conn& c = conns_[i];
+        if (c.fd < 0) return;
+        if (c.st == state::connecting || c.st == state::sending) {
+            if (!(events & (EPOLLOUT | EPOLLERR | EPOLLHUP))) return;
+            on_writable(c);
+            if (c.fd < 0 || c.st == state::sending) return;
+        }
+        on_readable(c);
+    }
+
+    // Finishes the connect and writes (the rest of) the upgrade request.
+    void on_writable(conn& c) {
+        if (c.st == state::connecting) {
+            int err = 0;
+            socklen_t len = sizeof err;
+            getsockopt(c.fd, SOL_SOCKET, SO_ERROR, &err, &len);
+            if (err != 0) return fail(c, "connect:" + errno_name(err));
+            c.st = state::sending;
+        }
+        std::string req = request(std::size_t(&c - conns_.data()), c);
+        while (c.sent < req.size()) {
+            ssize_t n = send(c.fd, req.data() + c.sent, req.size() - c.sent,
+                             MSG_NOSIGNAL);
+            if (n < 0) {
+                if (errno == EAGAIN || errno == EINTR) return;
+                return fail(c, "send:" + errno_name(errno));
+            }
+            c.sent = std::uint16_t(c.sent + n);
+        }
+        // Only reads matter from now on.
+        epoll_event ev{};
+        ev.events = EPOLLIN | EPOLLRDHUP | EPOLLET;
+        ev.data.u64 = std::size_t(&c - conns_.data());
+        epoll_ctl(ep_, EPOLL_CTL_MOD, c.fd, &ev);
+        c.st = state::reading_101;
+    }
+
+    // Builds the upgrade request of connection `i` (DESIGN.md section 3).
+    std::string request(std::size_t i, const conn& c) const {
+        std::string r;
+        auto token = tokens_[i];
+        r.reserve(256 + token.size());
+        r += "GET /v1/connect HTTP/1.1\r\nHost: ";
+        r += host_header_;
+        r += "\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+             "Sec-WebSocket-Key: ";
+        r += base64(c.key, sizeof c.key);
+        r += "\r\nSec-WebSocket-Version: 13\r\n"
+             "Sec-WebSocket-Protocol: pushy.v1\r\n"
+             "Authorization: Bearer ";
+        r += token;
+        r += "\r\n\r\n";
+        return r;
+    }
+
+    // Reads what connection `c` has: peeks into the scratch buffer and
+    // consumes whole response heads and frames only.
+    void on_readable(conn& c) {
+        char* buf = scratch_.data();
+        while (c.fd >= 0) {
+            if (c.st == state::closing) return drain_closing(c);
+            if (c.skip > 0) {
+                ssize_t n = recv(
+                    c.fd, buf, std::min<std::size_t>(c.skip, scratch_size), 0);
+                if (n <= 0) return on_read_end(c, n);
+                c.skip -= std::uint32_t(n);
+                continue;
+            }
+            ssize_t n = recv(c.fd, buf, scratch_size, MSG_PEEK);
+            if (n <= 0) return on_read_end(c, n);
+            std::string_view data(buf, std::size_t(n));
+            std::size_t used = c.st == state::reading_101 ? on_response(c, data)
+                                                          : on_frame(c, data);
+            if (used == 0 || c.fd < 0) return;
+            // Consume exactly what was handled; the bytes are the same.
+            if (recv(c.fd, buf, used, 0) != ssize_t(used)) {
+                return lost(c, "recv_short");
+            }
+        }
+    }
+
+    // Handles a recv() that returned 0 (EOF) or -1.
+    void on_read_end(conn& c, ssize_t n) {
+        if (n < 0 && (errno == EAGAIN || errno == EINTR)) return;
+        lost(c, n == 0 ? std::string("eof") : "recv:" + errno_name(errno));
+    }
+
+    // Reads and discards until the peer closes a connection in closing.
+    void drain_closing(conn& c) {
+        char* buf = scratch_.data();
+        for (;;) {
+            ssize_t n = recv(c.fd, buf, scratch_size, 0);
+            if (n > 0) continue;
+            if (n < 0 && (errno == EAGAIN || errno == EINTR)) return;
+            ++closed_clean_;
+            --closing_;
+            return close_fd(c);
+        }
+    }
+
+    // Checks the response head of connection `c`; returns its length, or
+    // 0 when it is incomplete or the connection failed.
+    std::size_t on_response(conn& c, std::string_view data) {
+        auto end = data.find("\r\n\r\n");
+        if (end == std::string_view::npos) {
+            if (data.size() >= scratch_size) fail(c, "response_too_big");
+            return 0;
+        }
+        std::string_view head = data.substr(0, end + 2);
+        auto eol = head.find("\r\n");
+        std::string_view status = head.substr(0, eol);
+        if (status.size() < 12 || status.substr(0, 9) != "HTTP/1.1 ") {
+            fail(c, "bad_response");
+            return 0;
+        }
+        if (status.substr(9, 3) != "101") {
+            fail(c, "http_" + std::string(status.substr(9, 3)));
+            return 0;
+        }
+        bool upgrade = false, connection = false, accept = false,
+             protocol = false;
+        std::string want = expected_accept(c);
+        head.remove_prefix(eol + 2);
+        while (!head.empty()) {
+            eol = head.find("\r\n");
+            auto line = head.substr(0, eol);
+            head.remove_prefix(eol + 2);
+            auto colon = line.find(':');
+            if (colon == std::string_view::npos) continue;
+            auto name = line.substr(0, colon);
+            auto value = line.substr(colon + 1);
+            while (!value.empty() && value.front() == ' ')
+                value.remove_prefix(1);
+            if (iequals(name, "upgrade")) {
+                upgrade = has_token(value, "websocket");
+            } else if (iequals(name, "connection")) {
+                connection = has_token(value, "upgrade");
+            } else if (iequals(name, "sec-websocket-accept")) {
+                accept = value == want;
+            } else if (iequals(name, "sec-websocket-protocol")) {
+                protocol = value == "pushy.v1";
+            }
+        }
+        if (!upgrade || !connection) {
+            fail(c, "bad_upgrade_headers");
+            return 0;
+        }
+        if (!accept) {
+            fail(c, "bad_accept");
+            return 0;
+        }
+        if (!protocol) {
+            fail(c, "bad_subprotocol");
+            return 0;
+        }
+        lat_101_.push_back(std::uint32_t((now_ns() - c.t0_ns) / 1000));
+        c.st = state::reading_hello;
+        return end + 4;
+    }
+
+    // The Sec-WebSocket-Accept value the node must answer for connection
+    // `c` (RFC 6455 section 4.2.2, step 5.4).
+    std::string expected_accept(const conn& c) const {
+        std::string k = base64(c.key, sizeof c.key);
+        k += ws_guid;
+        auto d = sha1(k);
+        return base64(d.data(), d.size());
+    }
+
+    // Handles one server frame at the start of `data`; returns the bytes
+    // to consume, or 0 when the frame is incomplete or the connection
+    // ended. Data frames while idle are consumed header first and their
+    // payload skipped, so no frame is ever buffered.
+    std::size_t on_frame(conn& c, std::string_view data) {
+        if (data.size() < 2) return 0;
+        auto b0 = std::uint8_t(data[0]), b1 = std::uint8_t(data[1]);
+        bool fin = b0 & 0x80;
+        int opcode = b0 & 0x0f;
+        if (b1 & 0x80) {
+            // RFC 6455 section 5.1: a server never masks.
+            protocol_error(c, "masked_server_frame");
+            return 0;
+        }
+        std::uint64_t len = b1 & 0x7f;
+        std::size_t head = 2;
+        if (len == 126) {
+            if (data.size() < 4) return 0;
+            len = std::uint64_t(std::uint8_t(data[2])) << 8 |
+                  std::uint8_t(data[3]);
+            head = 4;
+        } else if (len == 127) {
+            if (data.size() < 10) return 0;
+            len = 0;
+            for (int k = 0; k < 8; ++k) {
+                len = len << 8 | std::uint8_t(data[2 + k]);
+            }
+            head = 10;
+        }
+        bool control = opcode >= 0x8;
+        if (control && (len > 125 || !fin)) {
+            protocol_error(c, "bad_control_frame");
+            return 0;
+        }
+
+        if (c.st == state::reading_hello) {
+            if (opcode != 0x1 || !fin) {
+                fail(c, "bad_hello");
+                return 0;
+            }
+            if (head + len > scratch_size) {
+                fail(c, "hello_too_big");
+                return 0;
+            }
+            if (data.size() < head + len) return 0;
+            auto payload = data.substr(head, std::size_t(len));
+            if (payload.find("\"t\":\"hello\"") == std::string_view::npos) {
+                fail(c, "bad_hello");
+                return 0;
+            }
+            lat_hello_.push_back(std::uint32_t((now_ns() - c.t0_ns) / 1000));
+            c.st = state::idle;
+            ++established_;
+            --in_handshake_;
+            return head + std::size_t(len);
+        }
+
+        if (!control) {
+            // A push, reconnect or other message: skip its payload.
+            ++frames_ignored_;
+            c.skip = std::uint32_t(std::min<std::uint64_t>(len, UINT32_MAX));
+            return head;
+        }
+        if (data.size() < head + len) return 0;
+        auto payload = data.substr(head, std::size_t(len));
+        if (opcode == 0x9) {
+            send_pong(c, payload);
+        } else if (opcode == 0x8) {
+            int code = payload.size() >= 2 ? (std::uint8_t(payload[0]) << 8) |
+                                                 std::uint8_t(payload[1])
+                                           : 1005;
+            lost(c, "server_close_" + std::to_string(code));
+            return 0;
+        }
+        return c.fd < 0 ? 0 : head + std::size_t(len);
+    }
+
+    // Answers a ping with a masked pong carrying the same payload (RFC
+    // 6455 sections 5.3 and 5.5.3).
+    void send_pong(conn& c, std::string_view payload) {
+        std::uint8_t frame[2 + 4 + 125];
+        frame[0] = 0x8A;
+        frame[1] = std::uint8_t(0x80 | payload.size());
+        std::uint32_t mask = masks_.next();
+        std::memcpy(frame + 2, &mask, 4);
+        for (std::size_t k = 0; k < payload.size(); ++k) {
+            frame[6 + k] = std::uint8_t(payload[k]) ^ frame[2 + k % 4];
+        }
+        std::size_t n = 6 + payload.size();
+        if (send(c.fd, frame, n, MSG_NOSIGNAL) != ssize_t(n)) {
+            return lost(c, "pong_send:" + errno_name(errno));
+        }
+        ++pongs_sent_;
+    }
+
+    // Ends a connection after a protocol violation by the server.
+    void protocol_error(conn& c, const std::string& why) {
+        if (c.st == state::idle) return lost(c, why);
+        fail(c, why);
+    }
+
+    // Ends a connection that stopped: a failure during the handshake, a
+    // drop once it was established.
+    void lost(conn& c, const std::string& why) {
+        if (c.st == state::idle) {
+            ++dropped_[why];
+            ++dropped_total_;
+            return close_fd(c);
+        }
+        if (c.st == state::closing) {
+            ++closed_clean_;
+            --closing_;
+            return close_fd(c);
+        }
+        fail(c, why);
+    }
+
+    // Counts a failed handshake by reason and closes its socket.
+    void fail(conn& c, const std::string& why) {
+        ++failed_[why];
+        ++failed_total_;
+        --in_handshake_;
+        close_fd(c);
+    }
+
+    // Closes the socket of `c` (which leaves the epoll set with it).
+    void close_fd(conn& c) {
+        if (c.fd >= 0) ::close(c.fd);
+        c.fd = -1;
+        c.st = state::done;
+    }
+
+    // Fails connections whose handshake outlived --handshake-timeout-s.
+    void expire_handshakes(std::uint64_t now) {
+        auto limit = std::uint64_t(opt_.handshake_timeout_s * 1e9);
+        for (auto& c : conns_) {
+            if (c.fd < 0 || c.st == state::idle || c.st == state::pending ||
+                c.st == state::closing || c.st == state::done) {
+                continue;
+            }
+            if (now < c.t0_ns + limit) continue;
+            switch (c.st) {
+                case state::connecting:
+                    fail(c, "timeout_connect");
+                    break;
+                case state::sending:
+                    fail(c, "timeout_send");
+                    break;
+                case state::reading_101:
+                    fail(c, "timeout_101");
+                    break;
+                default:
+                    fail(c, "timeout_hello");
+                    break;
+            }
+        }
+    }
+
+    // Appends `"name":{"reason":count,...}` to `out`.
+    static void append_reasons(std::string& out, const char* name,
+                               const std::map<std::string, std::size_t>& m) {
+        out += "\"";
+        out += name;
+        out += "\":{";
+        bool first = true;
+        for (auto& [why, n] : m) {
+            if (!first) out += ",";
+            first = false;
+            out += "\"" + why + "\":" + std::to_string(n);
+        }
+        out += "}";
+    }
+
+    // Prints the run's figures: one JSON object with --json, else text.
+    void report() {
+        std::sort(lat_101_.begin(), lat_101_.end());
+        std::sort(lat_hello_.begin(), lat_hello_.end());
+        double connect_s = double(t_connected_ - t_begin_) / 1e9;
+        double hold_s = double(t_hold_end_ - t_connected_) / 1e9;
+        double rate = connect_s > 0 ? double(established_) / connect_s : 0;
+        auto num = [](double v) {
+            char b[64];
+            std::snprintf(b, sizeof b, "%.3f", v);
+            return std::string(b);
+        };
+        auto lat = [&](const std::vector<std::uint32_t>& v) {
+            return "{\"p50\":" + std::to_string(percentile(v, 0.50)) +
+                   ",\"p99\":" + std::to_string(percentile(v, 0.99)) +
+                   ",\"max\":" + std::to_string(v.empty() ? 0 : v.back()) + "}";
+        };
+        std::string s = "{";
+        s += "\"requested\":" + std::to_string(conns_.size());
+        s += ",\"started\":" + std::to_string(started_);
+        s += ",\"connected\":" + std::to_string(established_);
+        s += ",\"failed\":" + std::to_string(failed_total_) + ",";
+        append_reasons(s, "failed_by_reason", failed_);
+        s += ",\"dropped\":" + std::to_string(dropped_total_) + ",";
+        append_reasons(s, "dropped_by_reason", dropped_);
+        s += ",\"open_at_end\":" + std::to_string(open_at_end_);
+        s += ",\"closed_clean\":" + std::to_string(closed_clean_);
+        s += ",\"closed_forced\":" + std::to_string(closed_forced_);
+        s += ",\"pongs_sent\":" + std::to_string(pongs_sent_);
+        s += ",\"frames_ignored\":" + std::to_string(frames_ignored_);
+        s += ",\"rate_target_per_s\":" + num(opt_.rate);
+        s += ",\"connect_phase_s\":" + num(connect_s);
+        s += ",\"upgrade_rate_per_s\":" + num(rate);
+        s += ",\"handshake_latency_us\":" + lat(lat_101_);
+        s += ",\"hello_latency_us\":" + lat(lat_hello_);
+        s += ",\"hold_s\":" + num(hold_s);
+        s += "}";
+        if (opt_.json) {
+            std::printf("%s\n", s.c_str());
+            return;
+        }
+        std::printf(
+            "connected %zu of %zu, failed %zu, dropped %zu\n"
+            "upgrade rate %.0f/s over %.3f s (target %.0f/s)\n"
+            "handshake (to 101) p50 %u us, p99 %u us\n"
+            "to hello p50 %u us, p99 %u us\n"
+            "held %.1f s, %zu pongs sent\n",
+            established_, conns_.size(), failed_total_, dropped_total_, rate,
+            connect_s, opt_.rate, percentile(lat_101_, 0.5),
+            percentile(lat_101_, 0.99), percentile(lat_hello_, 0.5),
+            percentile(lat_hello_, 0.99), hold_s, pongs_sent_);
+        for (auto& [why, n] : failed_) {
+            std::printf("failed: %s %zu\n", why.c_str(), n);
+        }
+        for (auto& [why, n] : dropped_) {
+            std::printf("dropped: %s %zu\n", why.c_str(), n);
+        }
+    }
+
+    options opt_;
+    token_file tokens_;
+    std::vector<conn> conns_;
+    std::vector<sockaddr_in> srcs_;
+    sockaddr_in dst_{};
+    std::string host_header_;
+    std::vector<char> scratch_;
+    mask_source masks_;
+    int ep_ = -1;
+    int sig_ = -1;
+    bool stop_ = false;
+
+    std::size_t started_ = 0;
+    std::size_t in_handshake_ = 0;
+    std::size_t established_ = 0;
+    std::size_t failed_total_ = 0;
+    std::size_t dropped_total_ = 0;
+    std::size_t open_at_end_ = 0;
+    std::size_t closing_ = 0;
+    std::size_t closed_clean_ = 0;
+    std::size_t closed_forced_ = 0;
+    std::size_t pongs_sent_ = 0;
+    std::size_t frames_ignored_ = 0;
+    std::map<std::string, std::size_t> failed_;
+    std::map<std::string, std::size_t> dropped_;
+    std::vector<std::uint32_t> lat_101_;
+    std::vector<std::uint32_t> lat_hello_;
+    std::uint64_t t_begin_ = 0;
+    std::uint64_t t_connected_ = 0;
+    std::uint64_t t_hold_end_ = 0;
+};
+
+}  // namespace
+
+// Parses the options, runs the generator and returns its exit code.
+int main(int argc, char** argv) {
+    options o = parse_options(argc, argv);
+    load_generator gen(o);
+    return gen.run();
+}

@@ -1,0 +1,125 @@
+"""Shared fixtures of the integration tests.
+
+The node fixtures (``pushy_node``, ``pushy_node_factory``, ``push_client``,
+``device_factory``) come from the ``pushy.testing`` plugin. It is registered
+by its entry point once pushy is installed; from a source tree (only
+``PYTHONPATH=python``) it is loaded here instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from importlib import metadata
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import pytest
+
+if TYPE_CHECKING:
+    from pushy import Node
+    from wsraw import RawWebSocket
+
+# pushy.testing (and wsraw, which uses it) is imported only inside the
+# functions below: imported here, before pytest registers it as a plugin,
+# it could not be assertion-rewritten (a warning, and warnings are errors).
+
+
+def _plugin_installed() -> bool:
+    eps = metadata.entry_points(group="pytest11")
+    return any(ep.value == "pushy.testing" for ep in eps)
+
+
+if not _plugin_installed():
+    pytest_plugins = ["pushy.testing"]
+
+#: Deadline of a whole test, before scaling (pytest-timeout, when present).
+TEST_TIMEOUT_S = 60
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[Any]) -> None:
+    """Give every test a scaled deadline unless it sets its own."""
+    if not config.pluginmanager.hasplugin("timeout"):
+        return
+    from pushy.testing import scaled
+
+    for item in items:
+        if item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(scaled(TEST_TIMEOUT_S)))
+
+
+@pytest.fixture(autouse=True)
+def no_engine_errors(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """Fail a test whose node logged an ERROR (a bug, never bad input)."""
+    yield
+    records = caplog.get_records("setup") + caplog.get_records("call") + caplog.records
+    errors = [
+        f"{r.name}: {r.getMessage()}"
+        for r in records
+        if r.levelno >= logging.ERROR and r.name.split(".")[0] == "pushy"
+    ]
+    assert not errors, "the node logged errors:\n" + "\n".join(errors)
+
+
+def fetch_stats(node: Node) -> dict[str, Any]:
+    """``GET /v1/stats`` on the node's push port, decoded."""
+    from pushy.testing import scaled
+
+    response = httpx.get(
+        f"{node.push_url}/v1/stats", timeout=scaled(5), trust_env=False
+    )
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+@pytest.fixture
+def stats() -> Callable[[Node], dict[str, Any]]:
+    """``stats(node)`` -> the node's ``GET /v1/stats`` document."""
+    return fetch_stats
+
+
+@pytest.fixture
+def wait_rejects() -> Callable[..., dict[str, int]]:
+    """``wait_rejects(node, before)`` -> reject counters once they changed.
+
+    ``before`` is a ``rejects`` mapping read earlier. Counters are summed
+    over io threads when read, so they are polled until they move.
+    """
+    from pushy.testing import wait_until
+
+    def wait(
+        node: Node, before: dict[str, int], timeout: float | None = None
+    ) -> dict[str, int]:
+        def changed() -> dict[str, int] | None:
+            now = fetch_stats(node)["rejects"]
+            return now if now != before else None
+
+        return wait_until(changed, timeout=timeout, message="a reject to be counted")
+
+    return wait
+
+
+@pytest.fixture
+def raw_device() -> Iterator[Callable[..., tuple[RawWebSocket, Any]]]:
+    """``raw_device(node, device="d1", token=None)`` -> (socket, hello).
+
+    Opens a raw WebSocket as that device (token signed with the node's
+    secret unless given); every socket is closed at teardown.
+    """
+    from pushy.testing import token_for
+    from wsraw import open_device
+
+    sockets: list[RawWebSocket] = []
+
+    def open_one(
+        node: Node, device: str = "d1", token: str | None = None
+    ) -> tuple[RawWebSocket, Any]:
+        if token is None:
+            token = token_for(device, secret=node.config.secret)
+        ws, hello = open_device(node.port, token, host=node.host)
+        sockets.append(ws)
+        return ws, hello
+
+    yield open_one
+    for ws in sockets:
+        ws.close()
