@@ -1,0 +1,354 @@
+"""The ``pushy`` command line.
+
+=====================  =====================================================
+command                does
+=====================  =====================================================
+``pushy serve``        run a node in the foreground until SIGINT/SIGTERM
+``pushy token``        print a device token
+``pushy push``         push one message through a node's push API
+``pushy demo``         run a node with simulated devices and show pushes
+``pushy cluster``      (not available yet)
+``pushy processor``    (not available yet)
+``pushy devicelist``   (not available yet)
+``pushy bench``        (not available yet)
+=====================  =====================================================
+
+Every ``serve`` option can also come from the TOML file given with
+``--config`` and from ``PUSHY_*`` environment variables; the command line
+wins over both. The log level can come from ``PUSHY_LOG_LEVEL``.
+
+Exit codes: 0 success; 1 a push that was not delivered; 2 a usage or
+configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .config import ALGORITHMS, NodeConfig
+from .errors import ConfigError, PushError, TokenError
+from .node import TRACE, Node, set_log_level
+
+__all__ = ["LOG_LEVELS", "build_parser", "main"]
+
+#: Values of ``--log-level`` and the :mod:`logging` levels they stand for.
+LOG_LEVELS: dict[str, int] = {
+    "trace": TRACE,
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+    "off": logging.CRITICAL + 10,
+}
+
+_NOT_YET = {
+    "cluster": "run several nodes sharing a Redis registry",
+    "processor": "run the message processor (Redis Streams queue)",
+    "devicelist": "run the device-list service",
+    "bench": "run the benchmarks",
+}
+
+# serve options: flag, field, type, help. Defaults come from NodeConfig.
+_SERVE_OPTIONS: list[tuple[str, str, Any, str]] = [
+    ("--host", "host", str, "address of the device port [0.0.0.0]"),
+    ("--port", "port", int, "device (WebSocket) port; 0 picks a free port [8080]"),
+    ("--push-host", "push_host", str, "address of the push API [127.0.0.1]"),
+    ("--push-port", "push_port", int, "push API (HTTP) port; 0 picks one [8081]"),
+    ("--secret", "secret", str, "HS256 token secret (prefer PUSHY_SECRET)"),
+    ("--algorithm", "algorithm", str, "token algorithm [HS256]"),
+    ("--audience", "audience", str, "required 'aud' claim of tokens"),
+    ("--redis", "redis", str, "Redis URL of the registry [embedded one]"),
+    ("--node-id", "node_id", str, "node id [random]"),
+    ("--threads", "threads", int, "io threads; 0 = number of cores [1]"),
+    ("--heartbeat-s", "heartbeat_s", float, "seconds between pings [60]"),
+    ("--pong-timeout-s", "pong_timeout_s", float, "pong deadline [15]"),
+    ("--lifetime-s", "lifetime_s", float, "connection lifetime [1800]"),
+    ("--upgrade-timeout-s", "upgrade_timeout_s", float, "upgrade deadline [10]"),
+    ("--close-timeout-s", "close_timeout_s", float, "closing deadline [5]"),
+    ("--max-message-bytes", "max_message_bytes", int, "device message [65536]"),
+    ("--max-push-bytes", "max_push_bytes", int, "push body [65536]"),
+    ("--max-header-bytes", "max_header_bytes", int, "upgrade headers [8192]"),
+    ("--max-headers", "max_headers", int, "number of upgrade headers [64]"),
+    ("--max-connections", "max_connections", int, "devices; 0 = unlimited [0]"),
+    ("--allowed-origins", "allowed_origins", str, "comma list; empty = any"),
+    ("--push-timeout-s", "push_timeout_s", float, "default ack timeout [5]"),
+]
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors read ``pushy: error: ...``."""
+
+    def error(self, message: str) -> Any:
+        self.print_usage(sys.stderr)
+        self.exit(2, f"pushy: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the parser of the ``pushy`` command line."""
+    from . import __version__, demo
+
+    parser = _Parser(
+        prog="pushy",
+        description="Pushy: a WebSocket push platform.",
+        epilog="Run 'pushy COMMAND --help' for the options of a command.",
+    )
+    parser.add_argument("--version", action="version", version=f"pushy {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve",
+        help="run a node in the foreground",
+        description="Run a node until SIGINT or SIGTERM. Every option can also "
+        "come from the --config TOML file and from PUSHY_* variables.",
+    )
+    serve.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    for flag, dest, kind, text in _SERVE_OPTIONS:
+        if dest.endswith("port"):
+            metavar = "PORT"
+        elif kind is float:
+            metavar = "S"
+        elif kind is int:
+            metavar = "N"
+        else:
+            metavar = flag.removeprefix("--").upper().replace("-", "_")
+        if dest == "algorithm":
+            serve.add_argument(flag, dest=dest, choices=ALGORITHMS, help=text)
+        else:
+            serve.add_argument(flag, dest=dest, type=kind, metavar=metavar, help=text)
+    serve.add_argument(
+        "--public-key-file",
+        metavar="PEM",
+        help="PEM public key file for RS256/ES256 tokens",
+    )
+    serve.add_argument(
+        "--deflate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="offer permessage-deflate [off]",
+    )
+    _add_log_level(serve)
+    serve.set_defaults(func=_serve)
+
+    token = commands.add_parser(
+        "token",
+        help="print a device token",
+        description="Print a signed device token (JWT).",
+    )
+    token.add_argument(
+        "--secret",
+        default=os.environ.get("PUSHY_SECRET"),
+        help="HS256 secret [PUSHY_SECRET]",
+    )
+    token.add_argument("--device", required=True, help="device id (sub)")
+    token.add_argument("--account", required=True, help="account id (acc)")
+    token.add_argument(
+        "--ttl", type=float, default=3600, metavar="SECONDS", help="lifetime [3600]"
+    )
+    token.add_argument("--algorithm", choices=ALGORITHMS, default="HS256")
+    token.add_argument("--audience", help="aud claim")
+    token.add_argument(
+        "--private-key-file", metavar="PEM", help="PEM private key file for RS256/ES256"
+    )
+    token.set_defaults(func=_token)
+
+    push = commands.add_parser(
+        "push",
+        help="push one message to a device",
+        description="Push one message through a node's push API and print the "
+        "result as JSON. Exits 0 if it was delivered, else 1.",
+    )
+    push.add_argument("--to", required=True, metavar="DEVICE", help="device id")
+    push.add_argument("--data", required=True, metavar="JSON", help="JSON payload")
+    push.add_argument(
+        "--url",
+        default=os.environ.get("PUSHY_PUSH_URL", "http://127.0.0.1:8081"),
+        help="push API URL [PUSHY_PUSH_URL or http://127.0.0.1:8081]",
+    )
+    push.add_argument("--redis", metavar="URL", help="route through Redis (not yet)")
+    push.add_argument(
+        "--ack",
+        choices=("written", "client"),
+        default="written",
+        help="when the push counts as delivered [written]",
+    )
+    push.add_argument(
+        "--timeout-ms",
+        type=int,
+        metavar="MS",
+        help="ack timeout [the node's push_timeout_s]",
+    )
+    push.set_defaults(func=_push)
+
+    demo.add_parser(commands)
+
+    for name, text in _NOT_YET.items():
+        sub = commands.add_parser(
+            name,
+            help=f"{text} (not available yet)",
+            description=f"{text} (not available yet)",
+        )
+        sub.set_defaults(func=_not_yet)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit code.
+
+    Args:
+        argv: the arguments; ``sys.argv[1:]`` when ``None``.
+    """
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command in _NOT_YET:
+        return _not_yet(args)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args.func(args))
+    except (ConfigError, TokenError) as exc:
+        return _fail(str(exc))
+
+
+# Commands.
+
+
+def _serve(args: argparse.Namespace) -> int:
+    _setup_logging(args.log_level)
+    overrides = {dest: getattr(args, dest) for _, dest, _, _ in _SERVE_OPTIONS}
+    overrides["deflate"] = args.deflate
+    if args.public_key_file:
+        overrides["public_key"] = _read_text(args.public_key_file, "--public-key-file")
+    config = NodeConfig.from_sources(args.config, **overrides)
+    node = Node(config)
+
+    stop = threading.Event()
+    restore = _on_signals(lambda: stop.set())
+    try:
+        node.start()
+        print(
+            f"pushy: node {node.node_id} listening: devices {node.url}, "
+            f"push {node.push_url}",
+            flush=True,
+        )
+        while not stop.wait(0.5):
+            if not node.running:
+                return _fail("node stopped unexpectedly", code=1)
+    finally:
+        node.stop()
+        restore()
+    print(f"pushy: node {node.node_id} stopped", flush=True)
+    return 0
+
+
+def _token(args: argparse.Namespace) -> int:
+    from .tokens import issue_token
+
+    private_key = None
+    if args.private_key_file:
+        private_key = _read_text(args.private_key_file, "--private-key-file")
+    elif args.algorithm.startswith("HS") and not args.secret:
+        return _fail("--secret is required (or set PUSHY_SECRET)")
+    token = issue_token(
+        args.secret,
+        args.device,
+        account=args.account,
+        ttl=args.ttl,
+        algorithm=args.algorithm,
+        audience=args.audience,
+        private_key=private_key,
+    )
+    print(token)
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    from .push import PushClient
+
+    if args.redis:
+        return _fail("redis routing is not available yet; pass --url")
+    try:
+        data = json.loads(args.data)
+    except ValueError as exc:
+        return _fail(f"--data must be JSON: {exc}")
+    timeout = None if args.timeout_ms is None else args.timeout_ms / 1000
+    with PushClient(args.url) as client:
+        try:
+            result = client.push(args.to, data, ack=args.ack, timeout=timeout)
+        except PushError as exc:
+            return _fail(str(exc), code=1)
+    print(json.dumps(result.to_dict()))
+    return 0 if result.delivered else 1
+
+
+def _not_yet(args: argparse.Namespace) -> int:
+    return _fail(f"'{args.command}' is not available yet")
+
+
+# Helpers.
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"pushy: error: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+def _add_log_level(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log-level",
+        choices=tuple(LOG_LEVELS),
+        default=None,
+        help="log level [PUSHY_LOG_LEVEL or info]",
+    )
+
+
+def _setup_logging(name: str | None) -> None:
+    """Log to stderr at the level of ``--log-level`` or ``PUSHY_LOG_LEVEL``."""
+    name = (name or os.environ.get("PUSHY_LOG_LEVEL") or "info").lower()
+    if name not in LOG_LEVELS:
+        raise ConfigError(
+            f"log level must be one of {', '.join(LOG_LEVELS)}, got {name!r}"
+        )
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    set_log_level(LOG_LEVELS[name])
+
+
+def _read_text(path: str, option: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{option}: cannot read {path!r}: {exc.strerror}") from exc
+
+
+def _on_signals(callback: Any) -> Any:
+    """Call ``callback`` on SIGINT and SIGTERM; return a function that undoes it.
+
+    Outside the main thread signals cannot be caught; Ctrl-C then raises
+    KeyboardInterrupt as usual.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        previous[signum] = signal.signal(signum, lambda s, f: callback())
+
+    def restore() -> None:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+    return restore

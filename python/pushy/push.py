@@ -1,0 +1,513 @@
+"""Push to devices through a node's internal HTTP API.
+
+:class:`PushClient` talks to one node's ``push_port``::
+
+    with pushy.PushClient(node.push_url) as client:
+        result = client.push("tv-1", {"title": "hello"}, ack="client")
+        if result.delivered:
+            print(f"delivered in {result.latency * 1e6:.0f} us")
+
+Every outcome the node reports (not connected, timeout, too large, ...) comes
+back as a :class:`PushResult`; only a transport failure (the node cannot be
+reached, or does not answer in time or in JSON) raises :class:`PushError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self
+from urllib.parse import quote
+
+import httpx
+
+from .errors import ConfigError, PushError
+
+__all__ = ["CODE_BY_STATUS", "STATUS_BY_CODE", "PushClient", "PushResult"]
+
+#: Status name of each push code (HTTP-like, see the device protocol).
+STATUS_BY_CODE: dict[int, str] = {
+    200: "delivered",
+    202: "accepted",
+    400: "bad_request",
+    403: "forbidden",
+    404: "not_connected",
+    409: "moved",
+    413: "too_large",
+    429: "rate_limited",
+    503: "unavailable",
+    504: "timeout",
+}
+
+#: Push code of each status name.
+CODE_BY_STATUS: dict[str, int] = {v: k for k, v in STATUS_BY_CODE.items()}
+
+PushItem = tuple[str, Any] | Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """The outcome of one push.
+
+    Args:
+        status: ``"delivered"``, ``"not_connected"``, ``"timeout"``,
+            ``"bad_request"``, ... (see :data:`STATUS_BY_CODE`).
+        code: the push code: 200 delivered, 404 not connected, 504 ack
+            timeout, ...
+        node: id of the node that answered, when it said.
+        latency: seconds from sending the request to reading the answer
+            (for a batch: the whole batch).
+        id: the message id the node gave the push, when it did.
+        reason: the node's explanation of a failure, when it gave one.
+    """
+
+    status: str
+    code: int
+    node: str | None
+    latency: float
+    id: int | None = None
+    reason: str | None = None
+
+    @property
+    def delivered(self) -> bool:
+        """Whether the push was delivered (code 200)."""
+        return self.code == 200
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the result as a JSON-ready dict."""
+        out: dict[str, Any] = {
+            "status": self.status,
+            "code": self.code,
+            "node": self.node,
+            "id": self.id,
+            "latency_us": round(self.latency * 1e6, 1),
+        }
+        if self.reason is not None:
+            out["reason"] = self.reason
+        return out
+
+
+class PushClient:
+    """A client of one node's push API (``POST /v1/push`` and friends).
+
+    The synchronous methods share one ``httpx.Client``; the ``a``-prefixed
+    twins share one ``httpx.AsyncClient``. Both keep connections alive.
+    Proxy settings from the environment are ignored: the push API is internal.
+
+    Args:
+        url: the node's push URL (:attr:`pushy.Node.push_url`).
+        timeout: seconds to wait for an answer. A push with a longer
+            ``timeout`` waits for that plus one second.
+        redis: reserved for pushes routed through the Redis registry.
+
+    Raises:
+        ConfigError: ``redis`` was given (not available yet).
+    """
+
+    def __init__(
+        self,
+        url: str = "http://127.0.0.1:8081",
+        *,
+        timeout: float = 10.0,
+        redis: str | None = None,
+    ) -> None:
+        if redis is not None:
+            raise ConfigError("redis routing is not available yet; pass url=")
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"url must start with http:// or https://, got {url!r}")
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self._client: httpx.Client | None = None
+        self._aclient: httpx.AsyncClient | None = None
+        self._aloop: asyncio.AbstractEventLoop | None = None
+        self._closing: set[asyncio.Task[None]] = set()
+
+    # Pushes.
+
+    def push(
+        self,
+        device: str,
+        data: Any,
+        ack: str = "written",
+        timeout: float | None = None,
+    ) -> PushResult:
+        """Push one message to a device and wait for the outcome.
+
+        Args:
+            device: the device id.
+            data: any JSON value.
+            ack: ``"written"`` (delivered once the frame is written to the
+                device) or ``"client"`` (delivered once the device acks).
+            timeout: seconds the node waits for the device's ack; the node's
+                ``push_timeout_s`` when ``None``.
+
+        Returns:
+            The outcome; ``result.delivered`` tells whether it was delivered.
+
+        Raises:
+            PushError: the node cannot be reached or gave no JSON answer.
+        """
+        body = _push_body(device, data, ack, timeout)
+        self._sync_client()  # made before timing: it loads certificates
+        started = time.perf_counter()
+        response = self._send("POST", "/v1/push", body, timeout)
+        return _result(response, time.perf_counter() - started)
+
+    async def apush(
+        self,
+        device: str,
+        data: Any,
+        ack: str = "written",
+        timeout: float | None = None,
+    ) -> PushResult:
+        """Asynchronous twin of :meth:`push`."""
+        body = _push_body(device, data, ack, timeout)
+        self._async_client()
+        started = time.perf_counter()
+        response = await self._asend("POST", "/v1/push", body, timeout)
+        return _result(response, time.perf_counter() - started)
+
+    def push_many(
+        self,
+        items: Sequence[PushItem],
+        ack: str = "written",
+        timeout: float | None = None,
+    ) -> list[PushResult]:
+        """Push many messages in one request (``POST /v1/push/batch``).
+
+        Args:
+            items: ``(device, data)`` pairs, or dicts shaped like a
+                ``/v1/push`` body (``device``, ``data``, and optionally
+                ``ack`` and ``timeout_ms``, which win over the arguments).
+            ack: ``"written"`` or ``"client"`` for items that do not say.
+            timeout: seconds the node waits for each ack, for items that do
+                not say.
+
+        Returns:
+            One result per item, in order.
+
+        Raises:
+            PushError: the node cannot be reached or gave no JSON answer.
+            TypeError: an item is neither a pair nor a dict.
+        """
+        bodies = _batch_bodies(items, ack, timeout)
+        if not bodies:
+            return []
+        self._sync_client()
+        started = time.perf_counter()
+        response = self._send("POST", "/v1/push/batch", {"pushes": bodies}, timeout)
+        return _batch_results(response, len(bodies), time.perf_counter() - started)
+
+    async def apush_many(
+        self,
+        items: Sequence[PushItem],
+        ack: str = "written",
+        timeout: float | None = None,
+    ) -> list[PushResult]:
+        """Asynchronous twin of :meth:`push_many`."""
+        bodies = _batch_bodies(items, ack, timeout)
+        if not bodies:
+            return []
+        self._async_client()
+        started = time.perf_counter()
+        response = await self._asend(
+            "POST", "/v1/push/batch", {"pushes": bodies}, timeout
+        )
+        return _batch_results(response, len(bodies), time.perf_counter() - started)
+
+    # Node state.
+
+    def device(self, id: str) -> dict[str, Any]:
+        """Return what the node knows of a device (``GET /v1/devices/{id}``).
+
+        The answer is returned whatever its status (404 says the device is
+        not connected here).
+
+        Raises:
+            PushError: the node cannot be reached or gave no JSON answer.
+        """
+        return _json(self._send("GET", f"/v1/devices/{quote(id, safe='')}"))
+
+    async def adevice(self, id: str) -> dict[str, Any]:
+        """Asynchronous twin of :meth:`device`."""
+        path = f"/v1/devices/{quote(id, safe='')}"
+        return _json(await self._asend("GET", path))
+
+    def stats(self) -> dict[str, Any]:
+        """Return the node's counters (``GET /v1/stats``).
+
+        Raises:
+            PushError: the node cannot be reached or gave no JSON answer.
+        """
+        return _json(self._send("GET", "/v1/stats"))
+
+    async def astats(self) -> dict[str, Any]:
+        """Asynchronous twin of :meth:`stats`."""
+        return _json(await self._asend("GET", "/v1/stats"))
+
+    def metrics(self) -> str:
+        """Return the node's Prometheus text (``GET /metrics``).
+
+        Raises:
+            PushError: the node cannot be reached.
+        """
+        return self._send("GET", "/metrics").text
+
+    def drain(self, over_s: float) -> dict[str, Any]:
+        """Ask every device to reconnect, spread over ``over_s`` seconds.
+
+        Raises:
+            PushError: the node cannot be reached or gave no JSON answer.
+        """
+        return _json(self._send("POST", "/v1/drain", {"over_s": over_s}))
+
+    def healthy(self) -> bool:
+        """Return whether ``GET /healthz`` answers 200 (``False`` if unreachable)."""
+        try:
+            return self._send("GET", "/healthz").status_code == 200
+        except PushError:
+            return False
+
+    async def ahealthy(self) -> bool:
+        """Asynchronous twin of :meth:`healthy`."""
+        try:
+            return (await self._asend("GET", "/healthz")).status_code == 200
+        except PushError:
+            return False
+
+    # Lifecycle.
+
+    def close(self) -> None:
+        """Close the connections.
+
+        The async connections are closed too: at once when their event loop
+        is idle, in a task when called on that loop. In async code prefer
+        :meth:`aclose`, which waits for them.
+        """
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        if self._aclient is None or self._aloop is None:
+            return
+        client, loop = self._aclient, self._aloop
+        self._aclient = self._aloop = None
+        try:
+            current: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            current = None
+        if current is loop:
+            task = loop.create_task(client.aclose())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+        elif loop.is_closed():
+            return
+        elif loop.is_running():
+            asyncio.run_coroutine_threadsafe(client.aclose(), loop)
+        elif current is None:
+            loop.run_until_complete(client.aclose())
+
+    async def aclose(self) -> None:
+        """Close every connection, synchronous and asynchronous."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        if self._aclient is not None and self._aloop is asyncio.get_running_loop():
+            client, self._aclient, self._aloop = self._aclient, None, None
+            await client.aclose()
+        self.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"<pushy.PushClient {self.url!r}>"
+
+    # Transport.
+
+    def _timeout(self, push_timeout: float | None) -> float:
+        if push_timeout is None:
+            return self.timeout
+        return max(self.timeout, push_timeout + 1.0)
+
+    def _sync_client(self) -> httpx.Client:
+        if self._client is None:
+            self._client = httpx.Client(trust_env=False)
+        return self._client
+
+    def _async_client(self) -> httpx.AsyncClient:
+        loop = asyncio.get_running_loop()
+        if self._aclient is None or self._aloop is not loop:
+            # An AsyncClient belongs to the loop it first ran on.
+            self._aclient = httpx.AsyncClient(trust_env=False)
+            self._aloop = loop
+        return self._aclient
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        push_timeout: float | None = None,
+    ) -> httpx.Response:
+        client = self._sync_client()
+        timeout = self._timeout(push_timeout)
+        try:
+            return client.request(method, self.url + path, json=body, timeout=timeout)
+        except httpx.TimeoutException as exc:
+            raise PushError(
+                f"{method} {self.url}{path} got no answer in {timeout:g} s"
+            ) from exc
+        except httpx.HTTPError as exc:
+            raise PushError(f"{method} {self.url}{path} failed: {exc}") from exc
+
+    async def _asend(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        push_timeout: float | None = None,
+    ) -> httpx.Response:
+        client = self._async_client()
+        timeout = self._timeout(push_timeout)
+        try:
+            return await client.request(
+                method, self.url + path, json=body, timeout=timeout
+            )
+        except httpx.TimeoutException as exc:
+            raise PushError(
+                f"{method} {self.url}{path} got no answer in {timeout:g} s"
+            ) from exc
+        except httpx.HTTPError as exc:
+            raise PushError(f"{method} {self.url}{path} failed: {exc}") from exc
+
+
+def _push_body(
+    device: str, data: Any, ack: str, timeout: float | None
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"device": device, "data": data, "ack": ack}
+    if timeout is not None:
+        body["timeout_ms"] = max(0, round(timeout * 1000))
+    return body
+
+
+def _batch_bodies(
+    items: Sequence[PushItem], ack: str, timeout: float | None
+) -> list[dict[str, Any]]:
+    bodies = []
+    for item in items:
+        if isinstance(item, Mapping):
+            body = dict(item)
+            body.setdefault("ack", ack)
+            if timeout is not None:
+                body.setdefault("timeout_ms", max(0, round(timeout * 1000)))
+        elif isinstance(item, tuple) and len(item) == 2:
+            body = _push_body(item[0], item[1], ack, timeout)
+        else:
+            raise TypeError(
+                f"each push must be a (device, data) pair or a dict, got {item!r}"
+            )
+        bodies.append(body)
+    return bodies
+
+
+def _json(response: httpx.Response) -> dict[str, Any]:
+    try:
+        value = response.json()
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise PushError(
+            f"expected a JSON object from {response.request.url}, got HTTP "
+            f"{response.status_code} {response.text[:80]!r}"
+        )
+    return value
+
+
+def _from_fields(
+    fields: Mapping[str, Any], code: int | None, latency: float
+) -> PushResult:
+    status = fields.get("status")
+    if code is None:
+        raw_code = fields.get("code")
+        if isinstance(raw_code, int):
+            code = raw_code
+        elif isinstance(status, str) and status in CODE_BY_STATUS:
+            code = CODE_BY_STATUS[status]
+        else:
+            code = 0
+    if not isinstance(status, str):
+        status = STATUS_BY_CODE.get(code, "error")
+    node = fields.get("node")
+    mid = fields.get("id")
+    reason = fields.get("reason")
+    return PushResult(
+        status=status,
+        code=code,
+        node=str(node) if node is not None else None,
+        latency=latency,
+        id=mid if isinstance(mid, int) else None,
+        reason=str(reason) if reason is not None else None,
+    )
+
+
+def _result(response: httpx.Response, latency: float) -> PushResult:
+    code = response.status_code
+    try:
+        fields = response.json()
+    except ValueError:
+        fields = None
+    if not isinstance(fields, Mapping):
+        text = response.text.strip()[:200] or None
+        return PushResult(
+            STATUS_BY_CODE.get(code, "error"), code, None, latency, None, text
+        )
+    return _from_fields(fields, code, latency)
+
+
+def _batch_results(
+    response: httpx.Response, count: int, latency: float
+) -> list[PushResult]:
+    try:
+        fields = response.json()
+    except ValueError:
+        fields = None
+    results = fields.get("results") if isinstance(fields, Mapping) else None
+    if isinstance(results, list) and len(results) == count:
+        return [
+            _from_fields(item if isinstance(item, Mapping) else {}, None, latency)
+            for item in results
+        ]
+    # The batch as a whole was refused (or answered oddly): one outcome for all.
+    whole = _result(response, latency)
+    if whole.code == 200:
+        whole = PushResult(
+            "error",
+            0,
+            whole.node,
+            latency,
+            None,
+            f"expected {count} results in the batch answer",
+        )
+    return [whole] * count

@@ -1,0 +1,286 @@
+"""Test helpers for pushy, also loaded as a pytest plugin.
+
+The plugin (entry point ``pytest11: pushy``) provides these fixtures:
+
+======================  ====================================================
+fixture                 gives
+======================  ====================================================
+``pushy_secret``        the HS256 secret of test nodes (:data:`TEST_SECRET`)
+``pushy_node``          a started :class:`pushy.Node` on free loopback ports
+``pushy_node_factory``  ``factory(**overrides)`` -> another started node
+``push_client``         a :class:`pushy.PushClient` for ``pushy_node`` (an
+                        async fixture when pytest-asyncio is installed, so
+                        that ``apush`` connections close on the test's loop)
+``device_factory``      async ``await factory(device="d1", account="acct",
+                        node=None, **client_kwargs)`` -> a connected
+                        :class:`pushy.DeviceClient` (needs pytest-asyncio)
+======================  ====================================================
+
+Everything started by a fixture is stopped or closed at teardown.
+
+Every timing in tests is scaled by one unit: set ``PUSHY_TEST_TIME_UNIT`` (a
+factor, ``1.0`` by default) on a slow machine and use :func:`scaled`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+from .device import DeviceClient
+from .node import Node
+from .push import PushClient
+from .tokens import issue_token
+
+__all__ = [
+    "TEST_SECRET",
+    "TIME_UNIT",
+    "async_wait_until",
+    "running_node",
+    "scaled",
+    "token_for",
+    "wait_until",
+]
+
+#: Factor applied to every timing of the tests (``PUSHY_TEST_TIME_UNIT``).
+TIME_UNIT = float(os.environ.get("PUSHY_TEST_TIME_UNIT", "1.0"))
+
+#: HS256 secret of test nodes; 64 bytes, so that PyJWT does not warn.
+TEST_SECRET = "pushy-test-secret-" + "0123456789abcdef" * 3
+
+#: Overrides of every node that the helpers start.
+NODE_DEFAULTS: dict[str, Any] = {
+    "host": "127.0.0.1",
+    "port": 0,
+    "push_host": "127.0.0.1",
+    "push_port": 0,
+    "secret": TEST_SECRET,
+}
+
+
+def scaled(seconds: float) -> float:
+    """Return ``seconds`` times :data:`TIME_UNIT`."""
+    return seconds * TIME_UNIT
+
+
+@contextlib.contextmanager
+def running_node(**overrides: Any) -> Iterator[Node]:
+    """Run a node on free loopback ports for the duration of a ``with`` block.
+
+    Args:
+        **overrides: :class:`pushy.NodeConfig` fields; by default ``host`` and
+            ``push_host`` are 127.0.0.1, both ports are 0 (free ports) and
+            ``secret`` is :data:`TEST_SECRET`.
+
+    Raises:
+        ConfigError: an override is invalid.
+
+    Limitations:
+        Stopping a node waits for the closing handshake of each device still
+        connected, up to ``close_timeout_s``. Device clients that run on an
+        event loop blocked by this ``with`` block cannot answer: close them
+        first, or use ``await node.astop()`` from async code.
+    """
+    node = Node(**{**NODE_DEFAULTS, **overrides})
+    node.start()
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
+def token_for(
+    device: str,
+    account: str | None = "acct",
+    ttl: float = 3600,
+    secret: str = TEST_SECRET,
+    **kwargs: Any,
+) -> str:
+    """Return a device token signed with the test secret.
+
+    Args:
+        device: the device id (``sub``).
+        account: the account id (``acc``).
+        ttl: seconds until it expires (not scaled).
+        secret: the HS256 secret.
+        **kwargs: more :func:`pushy.issue_token` arguments (``algorithm``,
+            ``audience``, ``private_key``, ``claims``).
+    """
+    return issue_token(secret, device, account=account, ttl=ttl, **kwargs)
+
+
+def wait_until(
+    condition: Callable[[], Any],
+    timeout: float | None = None,
+    interval: float = 0.01,
+    message: str = "condition",
+) -> Any:
+    """Poll ``condition()`` until it returns a true value; return that value.
+
+    Args:
+        condition: the check, called repeatedly.
+        timeout: seconds before giving up; ``scaled(5)`` by default.
+        interval: seconds between checks.
+        message: what is awaited, for the error message.
+
+    Raises:
+        TimeoutError: the condition stayed false.
+    """
+    limit = scaled(5) if timeout is None else timeout
+    deadline = time.monotonic() + limit
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"expected {message} within {limit:g} s")
+        time.sleep(interval)
+
+
+async def async_wait_until(
+    condition: Callable[[], Any] | Callable[[], Awaitable[Any]],
+    timeout: float | None = None,
+    interval: float = 0.01,
+    message: str = "condition",
+) -> Any:
+    """Asynchronous :func:`wait_until`; ``condition`` may be a coroutine function.
+
+    Raises:
+        TimeoutError: the condition stayed false.
+    """
+    limit = scaled(5) if timeout is None else timeout
+    deadline = time.monotonic() + limit
+    while True:
+        value = condition()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"expected {message} within {limit:g} s")
+        await asyncio.sleep(interval)
+
+
+async def _connect_device(
+    node: Node,
+    device: str,
+    account: str | None,
+    client_kwargs: dict[str, Any],
+) -> DeviceClient:
+    token = client_kwargs.pop("token", None)
+    ttl = client_kwargs.pop("ttl", 3600)
+    if token is None:
+        token = token_for(device, account, ttl=ttl, secret=node.config.secret)
+    client = DeviceClient(node.url, token, device=device, **client_kwargs)
+    await client.connect()
+    return client
+
+
+# The pytest plugin. pytest is imported only when it is there, and
+# pytest-asyncio only for the async fixture, so that the helpers above work
+# without either.
+
+try:
+    import pytest
+except ImportError:  # pragma: no cover - helpers used outside pytest
+    pytest = None  # type: ignore[assignment]
+
+try:
+    import pytest_asyncio
+except ImportError:  # pragma: no cover - sync fixtures still work
+    pytest_asyncio = None  # type: ignore[assignment]
+
+if pytest is not None:
+
+    @pytest.fixture
+    def pushy_secret() -> str:
+        """The HS256 secret of the nodes started by the fixtures."""
+        return TEST_SECRET
+
+    @pytest.fixture
+    def pushy_node(pushy_secret: str) -> Iterator[Node]:
+        """A started node on free loopback ports, stopped at teardown."""
+        with running_node(secret=pushy_secret) as node:
+            yield node
+
+    @pytest.fixture
+    def pushy_node_factory(pushy_secret: str) -> Iterator[Callable[..., Node]]:
+        """A ``factory(**overrides)`` of started nodes, all stopped at teardown."""
+        nodes: list[Node] = []
+
+        def factory(**overrides: Any) -> Node:
+            node = Node(**{**NODE_DEFAULTS, "secret": pushy_secret, **overrides})
+            node.start()
+            nodes.append(node)
+            return node
+
+        yield factory
+        for node in reversed(nodes):
+            node.stop()
+
+    if pytest_asyncio is not None:
+
+        @pytest_asyncio.fixture
+        async def push_client(pushy_node: Node) -> Any:
+            """A push client of ``pushy_node``, closed at teardown.
+
+            An async fixture, so that the connections of its async twins
+            (``apush``...) are closed on the event loop of the test.
+            """
+            client = PushClient(pushy_node.push_url)
+            yield client
+            await client.aclose()
+
+        @pytest_asyncio.fixture
+        async def device_factory(
+            pushy_node: Node, pushy_node_factory: Callable[..., Node]
+        ) -> Any:
+            """An async factory of connected device clients, closed at teardown.
+
+            ``await device_factory(device="d1", account="acct", node=None,
+            **client_kwargs)``; ``node`` defaults to ``pushy_node``; extra
+            keywords go to :class:`pushy.DeviceClient`, except ``token`` (use
+            this token) and ``ttl`` (of the token made otherwise).
+
+            It depends on ``pushy_node`` and ``pushy_node_factory`` so that its
+            clients are closed before those nodes stop: a node that stops
+            while the event loop of its clients is idle waits for their
+            closing handshakes until its ``close_timeout_s``.
+            """
+            clients: list[DeviceClient] = []
+
+            async def factory(
+                device: str = "d1",
+                account: str | None = "acct",
+                node: Node | None = None,
+                **client_kwargs: Any,
+            ) -> DeviceClient:
+                target = pushy_node if node is None else node
+                client = await _connect_device(target, device, account, client_kwargs)
+                clients.append(client)
+                return client
+
+            yield factory
+            for client in reversed(clients):
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(client.close(), timeout=scaled(5))
+
+    else:  # pragma: no cover - exercised only without pytest-asyncio
+
+        @pytest.fixture
+        def push_client(pushy_node: Node) -> Iterator[PushClient]:
+            """A push client of ``pushy_node``, closed at teardown."""
+            client = PushClient(pushy_node.push_url)
+            yield client
+            client.close()
+
+        @pytest.fixture
+        def device_factory() -> Any:
+            """Unavailable: the device factory needs pytest-asyncio."""
+            pytest.fail(
+                "device_factory needs pytest-asyncio (pip install pytest-asyncio)"
+            )
