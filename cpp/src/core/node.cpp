@@ -81,9 +81,10 @@ void node_impl::start() {
     }
     auto& io0 = threads_[0]->ioc;
     devices_ = std::make_unique<device_server>(io0, cfg_.host, cfg_.port,
-                                               "device port");
+                                               "device port", true);
     pushes_ = std::make_unique<push_server>(io0, cfg_.push_host,
-                                            cfg_.push_port, "push port");
+                                            cfg_.push_port, "push port",
+                                            false);
     port_ = devices_->port();
     push_port_ = pushes_->port();
 

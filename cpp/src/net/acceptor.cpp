@@ -13,7 +13,7 @@ namespace net = boost::asio;
 using boost::system::error_code;
 
 acceptor::acceptor(net::io_context& ioc, const std::string& host,
-                   std::uint16_t port, std::string what)
+                   std::uint16_t port, std::string what, bool shared)
     : acceptor_(ioc), backoff_(ioc), what_(std::move(what)) {
     error_code ec;
     auto addr = net::ip::make_address(host, ec);
@@ -24,7 +24,7 @@ acceptor::acceptor(net::io_context& ioc, const std::string& host,
     tcp::endpoint ep(addr, port);
     acceptor_.open(ep.protocol(), ec);
     if (!ec) acceptor_.set_option(tcp::acceptor::reuse_address(true), ec);
-    if (!ec) {
+    if (!ec && shared) {
         // Several node processes on one host share the device port.
         int one = 1;
         if (::setsockopt(acceptor_.native_handle(), SOL_SOCKET, SO_REUSEPORT,

@@ -23,10 +23,11 @@ public:
     using tcp = boost::asio::ip::tcp;
     using on_socket = std::function<void(tcp::socket)>;
 
-    // Binds host:port (port 0 picks one) with SO_REUSEADDR and
-    // SO_REUSEPORT. Throws config_error naming `what` if it cannot.
+    // Binds host:port (port 0 picks one) with SO_REUSEADDR, and with
+    // SO_REUSEPORT when `shared` (node processes sharing the device port).
+    // Throws config_error naming `what` if it cannot.
     acceptor(boost::asio::io_context& ioc, const std::string& host,
-             std::uint16_t port, std::string what);
+             std::uint16_t port, std::string what, bool shared);
 
     // Accepts into the io_context chosen by `pick` and calls `fn` there.
     void start(std::function<boost::asio::io_context&()> pick, on_socket fn);

@@ -311,7 +311,8 @@ void session::deliver(push_request req) {
     out_ += req.frame;
     queued_ += out_.size() - before;
     counters::bump(thread_.stats.messages_out);
-    waiters_.push_back({queued_, std::move(req)});
+    auto deadline = clock::now() + req.timeout;
+    waiters_.push_back({queued_, deadline, std::move(req)});
     if (out_.size() - out_offset_ > max_outbound_bytes) {
         thread_.stats.count(reject::slow_consumer);
         PUSHY_WARN("device {}: slow consumer, {} bytes unsent; dropping",
@@ -343,6 +344,9 @@ void session::flush() {
         if (ec == net::error::would_block || ec == net::error::try_again) {
             complete_writes();
             do_wait_write();
+            // The kernel's buffer is full: the oldest waiting push now has
+            // a deadline on the wheel.
+            if (!waiters_.empty()) schedule_timer();
             return;
         }
         if (ec) {
@@ -483,6 +487,9 @@ void session::schedule_timer() {
         next = awaiting_pong_ ? pong_deadline_ : next_ping_;
         if (has_expiry_) next = std::min(next, token_expiry_);
         if (!reconnect_sent_) next = std::min(next, lifetime_end_);
+        if (writing_ && !waiters_.empty()) {
+            next = std::min(next, waiters_.front().deadline);
+        }
     }
     thread_.wheel.schedule(*this, next);
 }
@@ -505,6 +512,22 @@ void session::on_deadline() {
         return;
     }
     const auto& cfg = node_.config();
+    if (writing_ && !waiters_.empty() && now >= waiters_.front().deadline) {
+        // The device has not taken a push within its timeout: it reads too
+        // slowly to keep. Unsent frames go with the connection, so each
+        // waiting push is answered 504.
+        thread_.stats.count(reject::slow_consumer);
+        PUSHY_WARN("device {}: slow consumer, push not written within its "
+                   "timeout ({} bytes unsent); dropping",
+                   device_, out_.size() - out_offset_);
+        auto waiters = std::move(waiters_);
+        for (auto& w : waiters) {
+            w.req.done(push_outcome::timeout,
+                       "device did not take the push within the timeout");
+        }
+        finish();
+        return;
+    }
     if (awaiting_pong_ && now >= pong_deadline_) {
         thread_.stats.count(reject::pong_timeout);
         PUSHY_WARN("device {}: no pong within {}s; dropping", device_,

@@ -62,6 +62,7 @@ private:
     struct pending_ack;
     struct write_waiter {
         std::uint64_t end;  // byte count at which the frame is written
+        clock::time_point deadline;
         push_request req;
     };
     enum class state : std::uint8_t { open, closing, closed };
