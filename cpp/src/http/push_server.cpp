@@ -13,6 +13,7 @@
 #include "core/logging.hpp"
 #include "core/node_impl.hpp"
 #include "detail/json_out.hpp"
+#include "detail/url.hpp"
 #include "net/session.hpp"
 
 namespace pushy {
@@ -234,7 +235,7 @@ private:
         constexpr std::string_view devices = "/v1/devices/";
         if (target.starts_with(devices) && target.size() > devices.size()) {
             if (method != http::verb::get) return not_allowed("GET");
-            return device_info(percent_decode(target.substr(devices.size())));
+            return device_info(url::percent_decode(target.substr(devices.size())));
         }
         respond(http::status::not_found, R"({"error":"not found"})");
     }
@@ -413,26 +414,6 @@ private:
         b += ",\"connected_at\":" + std::to_string(s->connected_at());
         b += '}';
         respond(http::status::ok, b);
-    }
-
-    static std::string percent_decode(std::string_view s) {
-        std::string out;
-        auto hex = [](char c) -> int {
-            if (c >= '0' && c <= '9') return c - '0';
-            if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-            if (c >= 'A' && c <= 'F') return c - 'A' + 10;
-            return -1;
-        };
-        for (std::size_t i = 0; i < s.size(); ++i) {
-            if (s[i] == '%' && i + 2 < s.size() && hex(s[i + 1]) >= 0 &&
-                hex(s[i + 2]) >= 0) {
-                out += static_cast<char>(hex(s[i + 1]) * 16 + hex(s[i + 2]));
-                i += 2;
-            } else {
-                out += s[i];
-            }
-        }
-        return out;
     }
 
     // Writes a JSON response, then reads the next request (or closes).

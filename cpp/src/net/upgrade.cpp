@@ -13,6 +13,7 @@
 #include "core/logging.hpp"
 #include "core/node_impl.hpp"
 #include "detail/json_out.hpp"
+#include "detail/url.hpp"
 #include "net/session.hpp"
 #include "net/ws_codec.hpp"
 
@@ -49,46 +50,6 @@ bool has_token(std::string_view value, std::string_view token) {
         if (beast::iequals(item, token)) return true;
     }
     return false;
-}
-
-// Decodes %XX escapes of a query value; '+' stays as it is (JWTs use none).
-std::string percent_decode(std::string_view s) {
-    std::string out;
-    out.reserve(s.size());
-    auto hex = [](char c) -> int {
-        if (c >= '0' && c <= '9') return c - '0';
-        if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-        if (c >= 'A' && c <= 'F') return c - 'A' + 10;
-        return -1;
-    };
-    for (std::size_t i = 0; i < s.size(); ++i) {
-        if (s[i] == '%' && i + 2 < s.size() && hex(s[i + 1]) >= 0 &&
-            hex(s[i + 2]) >= 0) {
-            out += static_cast<char>(hex(s[i + 1]) * 16 + hex(s[i + 2]));
-            i += 2;
-        } else {
-            out += s[i];
-        }
-    }
-    return out;
-}
-
-// The value of query parameter `name` in a request target, or empty.
-std::string query_param(std::string_view target, std::string_view name) {
-    auto q = target.find('?');
-    if (q == std::string_view::npos) return {};
-    std::string_view rest = target.substr(q + 1);
-    while (!rest.empty()) {
-        auto amp = rest.find('&');
-        auto pair = rest.substr(0, amp);
-        auto eq = pair.find('=');
-        if (pair.substr(0, eq) == name && eq != std::string_view::npos) {
-            return percent_decode(pair.substr(eq + 1));
-        }
-        if (amp == std::string_view::npos) break;
-        rest.remove_prefix(amp + 1);
-    }
-    return {};
 }
 
 class upgrade : public std::enable_shared_from_this<upgrade> {
@@ -221,7 +182,7 @@ private:
         if (auth.size() > 7 && beast::iequals(auth.substr(0, 7), "bearer ")) {
             token = std::string(auth.substr(7));
         } else {
-            token = query_param(target, "token");
+            token = url::query_param(target, "token");
         }
         auto now = std::chrono::duration_cast<std::chrono::seconds>(
                        std::chrono::system_clock::now().time_since_epoch())
