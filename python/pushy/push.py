@@ -248,22 +248,6 @@ class PushClient:
         """Asynchronous twin of :meth:`stats`."""
         return _json(await self._asend("GET", "/v1/stats"))
 
-    def metrics(self) -> str:
-        """Return the node's Prometheus text (``GET /metrics``).
-
-        Raises:
-            PushError: the node cannot be reached.
-        """
-        return self._send("GET", "/metrics").text
-
-    def drain(self, over_s: float) -> dict[str, Any]:
-        """Ask every device to reconnect, spread over ``over_s`` seconds.
-
-        Raises:
-            PushError: the node cannot be reached or gave no JSON answer.
-        """
-        return _json(self._send("POST", "/v1/drain", {"over_s": over_s}))
-
     def healthy(self) -> bool:
         """Return whether ``GET /healthz`` answers 200 (``False`` if unreachable)."""
         try:

@@ -315,9 +315,10 @@ void session::deliver(push_request req) {
     waiters_.push_back({queued_, deadline, std::move(req)});
     if (out_.size() - out_offset_ > max_outbound_bytes) {
         thread_.stats.count(reject::slow_consumer);
-        PUSHY_WARN("device {}: slow consumer, {} bytes unsent; dropping",
+        PUSHY_WARN("device {}: slow consumer, {} bytes unsent; closing",
                    device_, out_.size() - out_offset_);
-        finish();
+        drop_slow_consumer(push_outcome::disconnected,
+                           "device reads too slowly; connection closed");
         return;
     }
     flush();
@@ -477,6 +478,43 @@ void session::finish() {
     }
 }
 
+// Closes a device that reads too slowly with 4003. Frames not yet started
+// are discarded and every waiting push is answered `o`; the frame being
+// written is finished first, so the close frame follows a whole frame. A
+// device that reads nothing more is dropped at the close deadline.
+void session::drop_slow_consumer(push_outcome o, std::string_view why) {
+    // out_ always starts on a frame boundary (it is only emptied when fully
+    // written), so walking our own unmasked headers from its start finds
+    // the end of the frame that holds out_offset_.
+    std::size_t cut = 0;
+    while (cut < out_offset_ && cut + 2 <= out_.size()) {
+        auto b = reinterpret_cast<const unsigned char*>(out_.data() + cut);
+        std::uint64_t len = b[1] & 0x7f;
+        std::size_t head = 2;
+        if (len == 126) {
+            len = (std::uint64_t{b[2]} << 8) | b[3];
+            head = 4;
+        } else if (len == 127) {
+            len = 0;
+            for (int i = 0; i < 8; ++i) len = (len << 8) | b[2 + i];
+            head = 10;
+        }
+        cut += head + len;
+    }
+    cut = std::min(cut, out_.size());
+    std::uint64_t kept_end = queued_ - (out_.size() - cut);
+    out_.resize(cut);
+    out_.shrink_to_fit();
+    queued_ = kept_end;
+
+    // Every waiting push is answered now, without waiting for the device:
+    // discarded frames never arrive, and the one partly written arrives
+    // only if the device reads on (a device drops duplicates by id).
+    auto waiters = std::move(waiters_);
+    for (auto& w : waiters) w.req.done(o, why);
+    close(ws::close_slow_consumer, "slow consumer");
+}
+
 // ----------------------------------------------------------------- timers
 
 void session::schedule_timer() {
@@ -518,14 +556,10 @@ void session::on_deadline() {
         // waiting push is answered 504.
         thread_.stats.count(reject::slow_consumer);
         PUSHY_WARN("device {}: slow consumer, push not written within its "
-                   "timeout ({} bytes unsent); dropping",
+                   "timeout ({} bytes unsent); closing",
                    device_, out_.size() - out_offset_);
-        auto waiters = std::move(waiters_);
-        for (auto& w : waiters) {
-            w.req.done(push_outcome::timeout,
-                       "device did not take the push within the timeout");
-        }
-        finish();
+        drop_slow_consumer(push_outcome::timeout,
+                           "device did not take the push within the timeout");
         return;
     }
     if (awaiting_pong_ && now >= pong_deadline_) {

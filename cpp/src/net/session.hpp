@@ -94,6 +94,8 @@ private:
     void forget(push_outcome o, std::string_view why);
     // Closes the socket now; the session ends when its handlers return.
     void finish();
+    // Discards unstarted frames, answers waiting pushes `o`, closes 4003.
+    void drop_slow_consumer(push_outcome o, std::string_view why);
 
     node_impl& node_;
     io_thread& thread_;

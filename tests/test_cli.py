@@ -1,0 +1,524 @@
+"""The ``pushy`` command line, run as a user runs it: in a subprocess.
+
+Every command runs as ``python -m pushy ...`` with ``PYTHONPATH`` leading to
+the package under test, so these tests work the same from a source tree and
+with pushy installed in a virtual environment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import jwt
+import pushy
+import pytest
+from pushy import DeviceClient, Node
+from pushy.testing import TEST_SECRET, scaled
+
+#: Secrets of the nodes started here; 64 bytes, so that PyJWT does not warn.
+FILE_SECRET = "file-secret-" + "f" * 52
+ENV_SECRET = "env-secret-" + "e" * 53
+FLAG_SECRET = "flag-secret-" + "a" * 52
+
+LISTENING = re.compile(
+    r"pushy: node (?P<node>\S+) listening: "
+    r"devices (?P<url>ws://\S+), push (?P<push_url>http://\S+)"
+)
+
+#: Loopback on free ports: what every ``serve`` here needs unless it says.
+FREE_PORTS = ["--host", "127.0.0.1", "--port", "0", "--push-port", "0"]
+
+
+def cli_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a ``pushy`` subprocess.
+
+    ``PYTHONPATH`` leads to the package under test; ``PUSHY_*`` variables
+    of the calling environment are left out so that only ``extra`` counts.
+    """
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("PUSHY_") or k == "PUSHY_TEST_TIME_UNIT"
+    }
+    source = str(Path(pushy.__file__).resolve().parent.parent)
+    paths = [source, *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env.update(extra or {})
+    return env
+
+
+def run_pushy(
+    *args: str,
+    env: Mapping[str, str] | None = None,
+    timeout: float | None = None,
+    cwd: Path | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``pushy ARGS`` to completion and return its outcome."""
+    return subprocess.run(
+        [sys.executable, "-m", "pushy", *args],
+        capture_output=True,
+        text=True,
+        env=cli_env(env),
+        timeout=scaled(30) if timeout is None else timeout,
+        cwd=cwd,
+        check=False,
+    )
+
+
+async def arun_pushy(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """:func:`run_pushy` in a thread, so that device clients keep running."""
+    return await asyncio.to_thread(run_pushy, *args, **kwargs)
+
+
+@dataclass
+class Served:
+    """A ``pushy serve`` process and what it printed."""
+
+    process: subprocess.Popen[str]
+    node_id: str = ""
+    url: str = ""
+    push_url: str = ""
+    stdout: list[str] = field(default_factory=list)
+    stderr: list[str] = field(default_factory=list)
+    pumps: list[threading.Thread] = field(default_factory=list)
+    _lines: queue.Queue[str | None] = field(default_factory=queue.Queue)
+
+    @property
+    def port(self) -> int:
+        return _port_of(self.url)
+
+    @property
+    def push_port(self) -> int:
+        return _port_of(self.push_url)
+
+    def wait_listening(self, timeout: float) -> None:
+        """Read stdout until the node prints its ports."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"serve printed no ports in {timeout:g} s")
+            try:
+                line = self._lines.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if line is None:
+                code = self.process.wait(timeout=scaled(5))
+                raise AssertionError(
+                    f"serve exited with {code} before listening:\n" + self.output()
+                )
+            match = LISTENING.search(line)
+            if match:
+                self.node_id = match["node"]
+                self.url = match["url"]
+                self.push_url = match["push_url"]
+                return
+
+    def stop(self, timeout: float) -> int:
+        """Send SIGTERM and return the exit code."""
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout)
+
+    def output(self) -> str:
+        return "".join(self.stdout) + "".join(self.stderr)
+
+
+def _port_of(url: str) -> int:
+    port = urlsplit(url).port
+    assert port is not None, url
+    return port
+
+
+def _pump(stream: Any, lines: list[str], out: queue.Queue[str | None] | None) -> None:
+    for line in stream:
+        lines.append(line)
+        if out is not None:
+            out.put(line)
+    if out is not None:
+        out.put(None)
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., Served]]:
+    """``serve(*args, env=None, cwd=None)`` -> a listening ``pushy serve``.
+
+    Processes still running at teardown are killed.
+    """
+    started: list[Served] = []
+
+    def start(
+        *args: str, env: Mapping[str, str] | None = None, cwd: Path | None = None
+    ) -> Served:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pushy", "serve", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=cli_env(env),
+            cwd=cwd,
+        )
+        served = Served(process)
+        started.append(served)
+        for stream, lines, out in (
+            (process.stdout, served.stdout, served._lines),
+            (process.stderr, served.stderr, None),
+        ):
+            pump = threading.Thread(
+                target=_pump, args=(stream, lines, out), daemon=True
+            )
+            pump.start()
+            served.pumps.append(pump)
+        served.wait_listening(scaled(30))
+        return served
+
+    yield start
+    for served in started:
+        if served.process.poll() is None:
+            served.process.kill()
+        served.process.wait(timeout=scaled(10))
+        for pump in served.pumps:
+            pump.join(timeout=scaled(10))
+        for stream in (served.process.stdout, served.process.stderr):
+            if stream is not None:
+                stream.close()
+
+
+async def connect(url: str, secret: str, device: str = "d1") -> DeviceClient:
+    client = DeviceClient(url, pushy.issue_token(secret, device, account="acct"))
+    await client.connect()
+    return client
+
+
+# pushy token.
+
+
+def test_token_prints_a_jwt_with_device_account_and_ttl_claims() -> None:
+    before = time.time()
+
+    done = run_pushy(
+        "token", "--secret", TEST_SECRET, "--device", "tv-1", "--account", "acme",
+        "--ttl", "60",
+    )  # fmt: skip
+
+    assert done.returncode == 0, done.stderr
+    token = done.stdout.strip()
+    claims = jwt.decode(token, TEST_SECRET, algorithms=["HS256"])
+    assert claims["sub"] == "tv-1"
+    assert claims["acc"] == "acme"
+    assert 60 <= claims["exp"] - claims["iat"] <= 61
+    assert before + 59 <= claims["exp"] <= time.time() + 61
+    assert jwt.get_unverified_header(token)["alg"] == "HS256"
+
+
+async def test_token_from_the_command_line_is_accepted_by_a_node(
+    pushy_node: Node,
+) -> None:
+    done = await arun_pushy(
+        "token", "--secret", TEST_SECRET, "--device", "cli-tv", "--account", "a"
+    )
+    assert done.returncode == 0, done.stderr
+
+    async with DeviceClient(pushy_node.url, done.stdout.strip()) as device:
+        assert device.hello is not None
+        assert device.hello["device"] == "cli-tv"
+
+
+def test_token_takes_the_secret_from_pushy_secret() -> None:
+    done = run_pushy(
+        "token", "--device", "tv-1", "--account", "a", env={"PUSHY_SECRET": ENV_SECRET}
+    )
+
+    assert done.returncode == 0, done.stderr
+    claims = jwt.decode(done.stdout.strip(), ENV_SECRET, algorithms=["HS256"])
+    assert claims["sub"] == "tv-1"
+
+
+def test_token_without_a_secret_exits_2_with_pushy_error() -> None:
+    done = run_pushy("token", "--device", "tv-1", "--account", "a")
+
+    assert done.returncode == 2
+    assert "pushy: error:" in done.stderr
+    assert "secret" in done.stderr
+    assert done.stdout == ""
+
+
+# pushy serve and pushy push.
+
+
+async def test_serve_prints_ports_delivers_a_cli_push_and_stops_on_sigterm(
+    serve: Callable[..., Served],
+) -> None:
+    served = serve(*FREE_PORTS, "--secret", FLAG_SECRET)
+    assert served.port != 0 and served.push_port != 0
+    assert served.port != served.push_port
+    device = await connect(served.url, FLAG_SECRET, "tv-1")
+    assert device.hello is not None and device.hello["node"] == served.node_id
+
+    pushed = await arun_pushy(
+        "push", "--to", "tv-1", "--data", '{"x":1}', "--url", served.push_url
+    )
+    frame = await device.wait_for("push", timeout=scaled(5))
+
+    assert pushed.returncode == 0, pushed.stdout + pushed.stderr
+    result = json.loads(pushed.stdout)
+    assert result["status"] == "delivered"
+    assert result["code"] == 200
+    assert result["node"] == served.node_id
+    assert frame["data"] == {"x": 1}
+    assert frame["id"] == result["id"]
+
+    served.process.send_signal(signal.SIGTERM)
+    code = await device.wait_closed(timeout=scaled(10))
+    exit_code = await asyncio.to_thread(served.process.wait, scaled(10))
+
+    assert code == 1001
+    assert exit_code == 0, served.output()
+    assert f"node {served.node_id} stopped" in "".join(served.stdout)
+
+
+async def test_serve_stops_on_sigint_like_ctrl_c(serve: Callable[..., Served]) -> None:
+    served = serve(*FREE_PORTS, "--secret", FLAG_SECRET)
+    device = await connect(served.url, FLAG_SECRET)
+
+    served.process.send_signal(signal.SIGINT)
+    code = await device.wait_closed(timeout=scaled(10))
+    exit_code = await asyncio.to_thread(served.process.wait, scaled(10))
+
+    assert code == 1001
+    assert exit_code == 0, served.output()
+
+
+async def test_serve_takes_options_from_a_toml_config_file(
+    serve: Callable[..., Served], tmp_path: Path
+) -> None:
+    config = tmp_path / "pushy.toml"
+    config.write_text(
+        'host = "127.0.0.1"\n'
+        "port = 0\n"
+        "push-port = 0\n"  # dashes work as in the flags
+        f'secret = "{FILE_SECRET}"\n'
+        'node_id = "file-node"\n'
+        "heartbeat_s = 7\n"
+        "lifetime_s = 500\n"
+    )
+
+    served = serve("--config", str(config))
+    device = await connect(served.url, FILE_SECRET)
+
+    assert served.node_id == "file-node"
+    assert device.hello is not None
+    assert device.hello["node"] == "file-node"
+    assert device.hello["heartbeat_s"] == 7
+    assert 0 < device.hello["reconnect_in_s"] <= 500
+    await device.close()
+
+
+async def test_serve_takes_options_from_pushy_environment_variables(
+    serve: Callable[..., Served],
+) -> None:
+    served = serve(
+        env={
+            "PUSHY_HOST": "127.0.0.1",
+            "PUSHY_PORT": "0",
+            "PUSHY_PUSH_PORT": "0",
+            "PUSHY_SECRET": ENV_SECRET,
+            "PUSHY_NODE_ID": "env-node",
+            "PUSHY_HEARTBEAT_S": "9",
+        }
+    )
+    device = await connect(served.url, ENV_SECRET)
+
+    assert device.hello is not None
+    assert device.hello["node"] == "env-node"
+    assert device.hello["heartbeat_s"] == 9
+    await device.close()
+
+
+async def test_serve_options_prefer_flag_over_environment_over_file(
+    serve: Callable[..., Served], tmp_path: Path
+) -> None:
+    config = tmp_path / "pushy.toml"
+    config.write_text(
+        'host = "127.0.0.1"\n'
+        "port = 0\n"
+        "push_port = 0\n"
+        f'secret = "{FILE_SECRET}"\n'  # only here: used
+        'node_id = "file-node"\n'  # file, env and flag: the flag wins
+        "heartbeat_s = 7\n"  # file and env: the environment wins
+        "lifetime_s = 1000\n"  # file and flag: the flag wins
+    )
+
+    served = serve(
+        "--config", str(config), "--node-id", "flag-node", "--lifetime-s", "100",
+        env={"PUSHY_NODE_ID": "env-node", "PUSHY_HEARTBEAT_S": "9"},
+    )  # fmt: skip
+    device = await connect(served.url, FILE_SECRET)
+
+    assert device.hello is not None
+    assert device.hello["node"] == "flag-node"
+    assert device.hello["heartbeat_s"] == 9
+    assert 0 < device.hello["reconnect_in_s"] <= 100
+    await device.close()
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "mentions"),
+    [
+        (["--port", "abc"], {}, "--port"),
+        (["--port", "70000"], {}, "port"),
+        (["--heartbeat-s", "-1"], {}, "heartbeat_s"),
+        (["--threads", "lots"], {}, "--threads"),
+        ([], {"PUSHY_HEARTBEAT_S": "soon"}, "PUSHY_HEARTBEAT_S"),
+        ([], {"PUSHY_DEFLATE": "maybe"}, "PUSHY_DEFLATE"),
+        (["--secret", ""], {}, "secret"),
+        (["--config", "/nonexistent/pushy.toml"], {}, "config file"),
+        (["--algorithm", "none"], {}, "--algorithm"),
+    ],
+    ids=[
+        "port-not-a-number",
+        "port-out-of-range",
+        "negative-heartbeat",
+        "threads-not-a-number",
+        "env-heartbeat-not-a-number",
+        "env-deflate-not-a-bool",
+        "no-secret",
+        "missing-config-file",
+        "unknown-algorithm",
+    ],
+)
+def test_serve_with_a_bad_option_value_exits_2_with_pushy_error(
+    args: list[str], env: dict[str, str], mentions: str
+) -> None:
+    secret = [] if "--secret" in args else ["--secret", FLAG_SECRET]
+
+    done = run_pushy("serve", *FREE_PORTS, *secret, *args, env=env)
+
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "pushy: error:" in done.stderr
+    error = done.stderr[done.stderr.index("pushy: error:") :]
+    assert mentions in error, error
+    assert "listening" not in done.stdout
+
+
+def test_serve_with_an_unknown_key_in_the_config_file_exits_2(tmp_path: Path) -> None:
+    config = tmp_path / "pushy.toml"
+    config.write_text(f'secret = "{FILE_SECRET}"\nheartbeat = 5\n')
+
+    done = run_pushy("serve", "--config", str(config), *FREE_PORTS)
+
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "pushy: error:" in done.stderr
+    assert "heartbeat" in done.stderr
+
+
+def test_serve_on_a_port_in_use_exits_2_with_pushy_error() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+
+        done = run_pushy(
+            "serve", "--host", "127.0.0.1", "--port", str(port), "--push-port", "0",
+            "--secret", FLAG_SECRET,
+        )  # fmt: skip
+
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "pushy: error:" in done.stderr
+    assert str(port) in done.stderr
+
+
+async def test_push_to_an_unknown_device_exits_1_and_prints_not_connected(
+    pushy_node: Node,
+) -> None:
+    done = await arun_pushy(
+        "push", "--to", "nobody", "--data", "1", "--url", pushy_node.push_url
+    )
+
+    assert done.returncode == 1, done.stdout + done.stderr
+    result = json.loads(done.stdout)
+    assert result["status"] == "not_connected"
+    assert result["code"] == 404
+
+
+async def test_push_with_ack_client_exits_0_once_the_device_acks(
+    pushy_node: Node, device_factory: Callable[..., Any]
+) -> None:
+    device = await device_factory("tv-1", auto_ack=True)
+    reading = asyncio.create_task(device.wait_for("push", timeout=scaled(10)))
+
+    done = await arun_pushy(
+        "push", "--to", "tv-1", "--data", '"hi"', "--ack", "client",
+        "--timeout-ms", str(round(scaled(5) * 1000)), "--url", pushy_node.push_url,
+    )  # fmt: skip
+    frame = await reading
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads(done.stdout)["status"] == "delivered"
+    assert frame["ack"] is True and frame["data"] == "hi"
+
+
+def test_push_with_data_that_is_not_json_exits_2_with_pushy_error(
+    pushy_node: Node,
+) -> None:
+    done = run_pushy(
+        "push", "--to", "tv-1", "--data", "{oops", "--url", pushy_node.push_url
+    )
+
+    assert done.returncode == 2
+    assert "pushy: error:" in done.stderr
+    assert "--data" in done.stderr
+
+
+def test_push_to_a_node_that_is_not_there_exits_1_with_pushy_error() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # Nothing listens on the port once the probe is closed.
+
+    done = run_pushy(
+        "push", "--to", "tv-1", "--data", "1", "--url", f"http://127.0.0.1:{port}"
+    )
+
+    assert done.returncode == 1
+    assert "pushy: error:" in done.stderr
+    assert done.stdout == ""
+
+
+# pushy demo.
+
+
+def test_demo_exits_0_after_showing_delivered_pushes_and_a_curl_command() -> None:
+    done = run_pushy("demo", "--duration", str(scaled(0.5)))
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert re.search(r"push \d+: living-room-tv .* 200 delivered", out), out
+    assert re.search(r"ack=client\s+-> 200 delivered", out), out
+    assert re.search(r"ghost-device .* 404 not_connected", out), out
+    assert "received push" in out
+    curl = re.search(r"curl -s -X POST (http://127\.0\.0\.1:\d+)/v1/push", out)
+    assert curl, out
+    assert "stopped" in out.splitlines()[-1]
+
+
+def test_demo_with_no_wait_exits_0_after_the_pushes() -> None:
+    done = run_pushy("demo", "--no-wait", "--devices", "2")
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("200 delivered") >= 2
+    assert "serving" not in done.stdout
