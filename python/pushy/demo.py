@@ -15,9 +15,11 @@ import asyncio
 import contextlib
 import secrets
 import shlex
+import shutil
 import signal
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 from .device import DeviceClient
@@ -122,7 +124,6 @@ async def _demo(
 
     async with PushClient(node.push_url) as pusher:
         await _pushes(pusher, list(clients))
-        await _d2d(clients)
         _instructions(node, secret)
 
         if not args.no_wait:
@@ -183,19 +184,6 @@ def _outcome(device: str, ack: str, result: PushResult) -> str:
     )
 
 
-async def _d2d(clients: dict[str, DeviceClient]) -> None:
-    """Send one device-to-device message between two simulated devices."""
-    if len(clients) < 2:
-        return
-    sender, target = list(clients)[:2]
-    _say("")
-    _say(f"device to device: {sender} -> {target} (the status comes back):")
-    with contextlib.suppress(PushyError):
-        await clients[sender].send_d2d(target, {"text": f"hi from {sender}"})
-    # The listeners print the message and the status; give them a moment.
-    await asyncio.sleep(0.2)
-
-
 async def _listen(client: DeviceClient) -> None:
     """Print what a simulated device receives; ack pushes that ask for it."""
     name = client.device
@@ -237,23 +225,41 @@ def _instructions(node: Node, secret: str) -> None:
     push_url = node.push_url
     body = '{"device":"my-device","data":{"hello":"world"}}'
     data = '{"hello":"world"}'
+    pushy, python = _commands()
     _say("")
     _say("try it yourself, in another terminal:")
     _say("  # connect a device of your own")
     _say(
-        f"  TOKEN=$(pushy token --secret {shlex.quote(secret)} "
+        f"  TOKEN=$({pushy} token --secret {shlex.quote(secret)} "
         f"--device my-device --account {DEMO_ACCOUNT})"
     )
-    _say(f'  python -m websockets "{node.url}?token=$TOKEN"')
+    _say(f'  {python} -m websockets "{node.url}?token=$TOKEN"')
     _say("  # push to it (or to living-room-tv)")
     _say(
         f"  curl -s -X POST {push_url}/v1/push "
         f"-H 'content-type: application/json' -d '{body}'"
     )
-    _say(f"  pushy push --url {push_url} --to my-device --data '{data}'")
+    _say(f"  {pushy} push --url {push_url} --to my-device --data '{data}'")
     _say("  # look at the node")
     _say(f"  curl -s {push_url}/v1/stats")
     _say("")
+
+
+def _commands() -> tuple[str, str]:
+    """How to run ``pushy`` and this Python from another terminal.
+
+    Plain names when they are on ``PATH`` (an activated virtual environment),
+    else full paths (``scripts/dev.sh demo`` runs ``.venv/bin/pushy``).
+    """
+    python = sys.executable
+    pushy = str(Path(python).with_name("pushy"))
+    if not Path(pushy).exists():
+        pushy = f"{shlex.quote(python)} -m pushy"
+    if shutil.which("python") == python:
+        python = "python"
+    if shutil.which("pushy") == pushy:
+        pushy = "pushy"
+    return pushy, python
 
 
 async def _serve(duration: float | None) -> None:
