@@ -39,6 +39,12 @@ struct io_thread {
     // Copies `text` into json_buffer with simdjson's padding after it.
     std::string_view padded(std::string_view text);
 
+    // Frames to a device are built here and sent at once; a connection
+    // keeps this buffer (and the thread takes a new one) only while the
+    // kernel will not take all of it, so idle connections hold no write
+    // buffer either.
+    std::string write_buffer;
+
     std::thread thread;
     unsigned index = 0;
 

@@ -216,14 +216,14 @@ void session::on_close(std::uint16_t code, std::string_view) {
     }
     if (state_ != state::open) return;
     PUSHY_DEBUG("device {} closed with {}", device_, code);
-    std::string frame;
+    borrow_buffer();
+    std::size_t before = out_.size();
     if (code == 1005) {
-        ws::encode_frame(frame, ws::opcode::close, {});
+        ws::encode_frame(out_, ws::opcode::close, {});
     } else {
-        ws::encode_close(frame, code);
+        ws::encode_close(out_, code);
     }
-    out_ += frame;
-    queued_ += frame.size();
+    queued_ += out_.size() - before;
     state_ = state::closing;
     forget(push_outcome::disconnected, "device closed the connection");
     close_deadline_ = clock::now() + seconds(node_.config().close_timeout_s);
@@ -303,6 +303,7 @@ void session::deliver(push_request req) {
         req.done(push_outcome::disconnected, "connection is closing");
         return;
     }
+    borrow_buffer();
     std::size_t before = out_.size();
     char header[10];
     std::size_t hn = ws::write_frame_header(header, ws::opcode::text,
@@ -327,6 +328,7 @@ void session::deliver(push_request req) {
 void session::send_frame(ws::opcode op, std::string_view payload) {
     // Nothing may follow our close frame (RFC 6455 section 5.5.1).
     if (state_ != state::open) return;
+    borrow_buffer();
     std::size_t before = out_.size();
     ws::encode_frame(out_, op, payload);
     queued_ += out_.size() - before;
@@ -358,15 +360,35 @@ void session::flush() {
         written_ += n;
         counters::bump(thread_.stats.bytes_out, n);
     }
-    // Give back a large buffer: idle connections keep none.
     out_.clear();
     out_offset_ = 0;
-    if (out_.capacity() > 4096) std::string().swap(out_);
+    return_buffer();
     complete_writes();
     if (state_ == state::closing) {
         // Our close frame is out; half-close so the device sees the end
         // and answers, while we read its close frame (RFC 6455 7.1.1).
         socket_.shutdown(tcp::socket::shutdown_send, ec);
+    }
+}
+
+// Takes the io thread's write buffer when this connection holds no unsent
+// bytes, so a frame that the kernel takes at once costs no allocation.
+void session::borrow_buffer() {
+    if (out_.empty() && !writing_) out_.swap(thread_.write_buffer);
+}
+
+// Gives the larger of the two (empty) buffers to the io thread and frees
+// the other: an idle connection keeps no write buffer.
+void session::return_buffer() {
+    // A burst to a slow device may have grown the buffer far beyond what
+    // one frame needs; the thread keeps at most this much.
+    constexpr std::size_t keep_bytes = 256 * 1024;
+    if (out_.capacity() > thread_.write_buffer.capacity()) {
+        out_.swap(thread_.write_buffer);
+    }
+    std::string().swap(out_);
+    if (thread_.write_buffer.capacity() > keep_bytes) {
+        std::string().swap(thread_.write_buffer);
     }
 }
 
@@ -435,6 +457,7 @@ void session::close(std::uint16_t code, std::string_view reason) {
         thread_.stats.count(reject::superseded);
         PUSHY_DEBUG("device {}: connection {} superseded", device_, id_);
     }
+    borrow_buffer();
     std::size_t before = out_.size();
     ws::encode_close(out_, code, reason);
     queued_ += out_.size() - before;

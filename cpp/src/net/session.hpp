@@ -83,6 +83,8 @@ private:
                      std::string_view reason);
     void send_frame(ws::opcode op, std::string_view payload);
     void flush();
+    void borrow_buffer();
+    void return_buffer();
     void complete_writes();
     void settle_ack(std::uint64_t id, push_outcome o, std::string_view why);
 
