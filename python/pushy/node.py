@@ -16,7 +16,7 @@ clients) prefer ``async with pushy.Node(...) as node:`` or
 ``await node.astop()``: see the limitations of :class:`Node`.
 
 The engine's log records arrive under the ``pushy.*`` loggers of
-:mod:`logging` (``pushy.node``, ``pushy.session``, ...). The engine drops
+:mod:`logging` (today all under ``pushy.node``). The engine drops
 records below the level of the ``pushy`` logger as it is when a node starts;
 call :func:`set_log_level` to change both at once later.
 

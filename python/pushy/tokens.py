@@ -40,7 +40,8 @@ def issue_token(
         device: device id, the ``sub`` claim.
         account: account id, the ``acc`` claim; omitted when ``None``.
         ttl: seconds until the token expires. ``exp`` is rounded up to a whole
-            second. Zero or negative gives an already expired token.
+            second, so a token with ttl 0 stays valid until the next whole
+            second; a ttl of -1 or less gives an already expired token.
         algorithm: one of HS256, HS384, HS512, RS256, ES256.
         audience: the ``aud`` claim; omitted when ``None``.
         private_key: PEM private key for RS256/ES256.
