@@ -73,6 +73,10 @@ pushy::node_config config_from(const py::dict& d) {
         else if (key == "audience") str(c.audience);
         else if (key == "node_id") str(c.node_id);
         else if (key == "redis") str(c.redis);
+        else if (key == "redis_prefix") str(c.redis_prefix);
+        else if (key == "peer_host") str(c.peer_host);
+        else if (key == "peer_port") port(c.peer_port);
+        else if (key == "registry_ttl_s") num(c.registry_ttl_s);
         else if (key == "threads") {
             std::size_t n;
             size(n);
@@ -125,6 +129,7 @@ PYBIND11_MODULE(_core, m) {
         .def_property_readonly("running", &pushy::node::running)
         .def_property_readonly("port", &pushy::node::port)
         .def_property_readonly("push_port", &pushy::node::push_port)
+        .def_property_readonly("peer_port", &pushy::node::peer_port)
         .def_property_readonly("node_id", &pushy::node::node_id)
         .def_property_readonly("connections", &pushy::node::connections);
 

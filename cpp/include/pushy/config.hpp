@@ -39,7 +39,16 @@ struct node_config {
     std::string node_id;
 
     // Empty: the embedded (in-process) registry.
+    // Redis URL of the shared registry; empty runs the embedded registry.
     std::string redis;
+    // Prefix of every Redis key, so deployments can share a server.
+    std::string redis_prefix = "pushy:";
+    // Address of the peer link other nodes and push clients connect to
+    // (only with redis); port 0 picks one.
+    std::string peer_host = "127.0.0.1";
+    std::uint16_t peer_port = 0;
+    // TTL of a device record; refreshed every third of it.
+    double registry_ttl_s = 30;
 
     // Number of io threads; 0 picks the number of cores.
     unsigned threads = 1;

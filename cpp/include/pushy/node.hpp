@@ -34,6 +34,8 @@ public:
     bool running() const noexcept;
     std::uint16_t port() const noexcept;
     std::uint16_t push_port() const noexcept;
+    // The peer-link port; 0 on the embedded registry.
+    std::uint16_t peer_port() const noexcept;
     const std::string& node_id() const noexcept;
     std::size_t connections() const noexcept;
 

@@ -25,9 +25,13 @@ void node_config::validate() const {
     require(hs || !public_key.empty(),
             "public_key (PEM) is required to verify " + algorithm +
                 " device tokens");
-    require(redis.empty(),
-            "redis is not supported by this version; leave it empty to use "
-            "the embedded registry");
+    require(!redis_prefix.empty() && redis_prefix.size() <= 64 &&
+                redis_prefix.find_first_of(" \t\r\n{}") == std::string::npos,
+            "redis_prefix must be 1 to 64 bytes without blanks or braces");
+    require(registry_ttl_s >= 1 && registry_ttl_s <= 86400,
+            "registry_ttl_s must be between 1 and 86400");
+    require(node_id.find_first_of(" \t\r\n") == std::string::npos,
+            "node_id must not contain blanks");
     require(!deflate,
             "deflate (permessage-deflate) is not supported by this version");
     require(threads <= 256, "threads must be between 0 and 256");

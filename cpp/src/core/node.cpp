@@ -8,10 +8,12 @@
 
 #include "core/logging.hpp"
 #include "core/node_impl.hpp"
+#include "detail/json_out.hpp"
 #include "http/push_server.hpp"
 #include "net/acceptor.hpp"
 #include "net/session.hpp"
 #include "net/upgrade.hpp"
+#include "routing/fleet.hpp"
 
 namespace pushy {
 
@@ -39,9 +41,57 @@ std::string random_node_id() {
     return id;
 }
 
+// The frame a device receives for a push (DESIGN section 3). `data` is
+// validated JSON text, passed through.
+std::string push_frame(std::uint64_t id, std::string_view from,
+                       std::string_view data, bool want_ack) {
+    std::string f;
+    f.reserve(64 + data.size() + from.size());
+    f += R"({"t":"push","id":)";
+    f += std::to_string(id);
+    f += R"(,"from":)";
+    if (from.starts_with("service:")) {
+        json::append_string(f, from);
+    } else {
+        json::append_string(f, "service:" + std::string(from));
+    }
+    f += R"(,"data":)";
+    f += data;
+    f += want_ack ? R"(,"ack":true})" : R"(,"ack":false})";
+    return f;
+}
+
 }  // namespace
 
 node_impl::node_impl(node_config cfg) : cfg_(std::move(cfg)) {}
+
+std::uint16_t node_impl::peer_port() const noexcept {
+    return fleet_ ? fleet_->peer_port() : 0;
+}
+
+bool node_impl::deliver_local(io_thread& home, const std::string& device,
+                              std::string_view data, std::string_view from,
+                              bool want_ack, std::chrono::milliseconds timeout,
+                              local_push_done done) {
+    auto s = table_.find(device);
+    if (!s) return false;
+    push_request req;
+    req.id = next_push_id();
+    req.frame = push_frame(req.id, from, data, want_ack);
+    req.want_ack = want_ack;
+    req.timeout = timeout;
+    req.done = [home = &home, id = req.id, done = std::move(done)](
+                   push_outcome o, std::string_view reason) mutable {
+        net::post(home->ioc, [o, id, r = std::string(reason),
+                              done = std::move(done)]() mutable {
+            done(o, id, r);
+        });
+    };
+    net::post(s->context(), [s, req = std::move(req)]() mutable {
+        s->deliver(std::move(req));
+    });
+    return true;
+}
 
 node_impl::~node_impl() {
     stop();
@@ -87,6 +137,10 @@ void node_impl::start() {
                                             false);
     port_ = devices_->port();
     push_port_ = pushes_->port();
+    if (!cfg_.redis.empty()) {
+        fleet_ = std::make_unique<pushy::fleet>(*this, *threads_[0]);
+        fleet_->bind();
+    }
 
     auto pick = [this]() -> net::io_context& { return next_thread().ioc; };
     devices_->start(pick, [this](net::ip::tcp::socket s) {
@@ -113,10 +167,12 @@ void node_impl::start() {
         });
     }
     running_ = true;
+    if (fleet_) fleet_->start();
     PUSHY_INFO("node {} listening: devices ws://{}:{}/v1/connect, push "
-               "http://{}:{} ({} io thread{})",
+               "http://{}:{} ({} io thread{}){}",
                node_id_, cfg_.host, port_, cfg_.push_host, push_port_, n,
-               n == 1 ? "" : "s");
+               n == 1 ? "" : "s",
+               fleet_ ? ", peer " + fleet_->peer_address() : std::string());
 }
 
 void node_impl::stop() {
@@ -146,10 +202,12 @@ void node_impl::stop() {
            std::chrono::steady_clock::now() < deadline) {
         std::this_thread::sleep_for(std::chrono::milliseconds(5));
     }
+    if (fleet_) fleet_->stop();
     for (auto& t : threads_) t->ioc.stop();
     for (auto& t : threads_) {
         if (t->thread.joinable()) t->thread.join();
     }
+    fleet_.reset();
     running_ = false;
     PUSHY_INFO("node {} stopped", node_id_);
 }
@@ -161,7 +219,12 @@ std::string node_impl::stats_json() const {
                                std::chrono::steady_clock::now() - started_at_)
                                .count()
                          : 0;
-    return pushy::stats_json(node_id_, table_.size(), blocks, up);
+    auto s = pushy::stats_json(node_id_, table_.size(), blocks, up);
+    if (fleet_) {
+        s.pop_back();  // the closing brace
+        s += ",\"fleet\":" + fleet_->stats_json() + "}";
+    }
+    return s;
 }
 
 // ------------------------------------------------------------ public face
@@ -174,6 +237,7 @@ void node::stop() { impl_->stop(); }
 bool node::running() const noexcept { return impl_->running(); }
 std::uint16_t node::port() const noexcept { return impl_->port(); }
 std::uint16_t node::push_port() const noexcept { return impl_->push_port(); }
+std::uint16_t node::peer_port() const noexcept { return impl_->peer_port(); }
 const std::string& node::node_id() const noexcept { return impl_->node_id(); }
 std::size_t node::connections() const noexcept {
     return impl_->table().size();

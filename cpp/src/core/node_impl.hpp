@@ -5,6 +5,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -12,12 +13,19 @@
 #include "auth/jwt_verifier.hpp"
 #include "core/connection_table.hpp"
 #include "core/io_thread.hpp"
+#include "core/stats.hpp"
 #include "pushy/config.hpp"
 
 namespace pushy {
 
 class device_server;
 class push_server;
+class fleet;
+
+// The outcome of a push delivered on this node: on the caller's thread,
+// with the push id (0 when none was assigned) and a reason.
+using local_push_done =
+    std::function<void(push_outcome, std::uint64_t id, std::string_view)>;
 
 class node_impl {
 public:
@@ -37,6 +45,18 @@ public:
     connection_table& table() noexcept { return table_; }
     std::uint16_t port() const noexcept { return port_; }
     std::uint16_t push_port() const noexcept { return push_port_; }
+    // The peer-link port (0 without redis).
+    std::uint16_t peer_port() const noexcept;
+    // The fleet on Redis, or null on the embedded registry.
+    pushy::fleet* fleet() noexcept { return fleet_.get(); }
+
+    // Sends a push to `device` if it is connected to this node; `done` then
+    // runs on `home` once the outcome is known. Returns false (and never
+    // calls `done`) when the device is not connected here.
+    bool deliver_local(io_thread& home, const std::string& device,
+                       std::string_view data, std::string_view from,
+                       bool want_ack, std::chrono::milliseconds timeout,
+                       local_push_done done);
     bool running() const noexcept { return running_; }
 
     // The io thread for the next accepted socket (round robin).
@@ -75,6 +95,7 @@ private:
     std::vector<std::unique_ptr<io_thread>> threads_;
     std::unique_ptr<device_server> devices_;
     std::unique_ptr<push_server> pushes_;
+    std::unique_ptr<pushy::fleet> fleet_;
     std::atomic<std::size_t> rr_{0};
     std::atomic<std::uint64_t> push_ids_{1};
     std::atomic<std::uint64_t> conn_ids_{1};

@@ -15,6 +15,7 @@
 #include "detail/json_out.hpp"
 #include "detail/url.hpp"
 #include "net/session.hpp"
+#include "routing/fleet.hpp"
 
 namespace pushy {
 
@@ -120,25 +121,8 @@ std::string read_push(od::object obj, push_spec& p, std::size_t max_data,
     return {};
 }
 
-// The frame a device receives for a push (DESIGN section 3).
-std::string push_frame(std::uint64_t id, const push_spec& p) {
-    std::string f;
-    f.reserve(64 + p.data.size() + p.from.size());
-    f += R"({"t":"push","id":)";
-    f += std::to_string(id);
-    f += R"(,"from":)";
-    std::string from = p.from.starts_with("service:")
-                           ? std::string(p.from)
-                           : "service:" + std::string(p.from);
-    json::append_string(f, from);
-    f += R"(,"data":)";
-    f += p.data;
-    f += p.want_ack ? R"(,"ack":true})" : R"(,"ack":false})";
-    return f;
-}
-
 // The JSON result of one push.
-std::string result_json(const node_impl& node, push_outcome o,
+std::string result_json(std::string_view node, push_outcome o,
                         std::string_view device, std::uint64_t id,
                         std::string_view reason) {
     std::string s;
@@ -148,7 +132,7 @@ std::string result_json(const node_impl& node, push_outcome o,
     s += R"(","code":)";
     s += std::to_string(status_code(o));
     s += R"(,"node":)";
-    json::append_string(s, node.node_id());
+    json::append_string(s, node);
     s += R"(,"device":)";
     json::append_string(s, device);
     s += R"(,"id":)";
@@ -156,6 +140,30 @@ std::string result_json(const node_impl& node, push_outcome o,
     if (!reason.empty()) {
         s += R"(,"reason":)";
         json::append_string(s, reason);
+    }
+    s += '}';
+    return s;
+}
+
+// The JSON result of a push answered by another node (or by the link).
+std::string remote_result_json(const peer::reply& r, std::string_view self,
+                               std::string_view device) {
+    std::string s;
+    s.reserve(96 + device.size() + r.reason.size());
+    s += R"({"status":)";
+    json::append_string(s, r.status);
+    s += R"(,"code":)";
+    s += std::to_string(r.code);
+    s += R"(,"node":)";
+    // A reply made here (registry lookup, link failure) names this node.
+    json::append_string(s, r.node.empty() ? self : r.node);
+    s += R"(,"device":)";
+    json::append_string(s, device);
+    s += R"(,"id":)";
+    s += r.push_id ? std::to_string(r.push_id) : "null";
+    if (!r.reason.empty()) {
+        s += R"(,"reason":)";
+        json::append_string(s, r.reason);
     }
     s += '}';
     return s;
@@ -266,7 +274,7 @@ private:
         thread_.stats.count(reject::bad_push);
         auto o = too_large ? push_outcome::too_large : push_outcome::bad_request;
         respond(static_cast<http::status>(status_code(o)),
-                result_json(node_, o, {}, 0, reason));
+                result_json(node_.node_id(), o, {}, 0, reason));
     }
 
     void push_one(const std::string& body) {
@@ -288,37 +296,47 @@ private:
         });
     }
 
-    // Sends one push to the device's session; `reply` runs on this HTTP
+    // Sends one push to the device: to its session when it is connected
+    // here, else through the fleet to its node. `reply` runs on this HTTP
     // connection's thread with the result JSON and status code.
     template <class Reply>
     void dispatch(const push_spec& p, Reply reply) {
-        auto s = node_.table().find(p.device);
-        if (!s) {
-            thread_.stats.count(push_outcome::not_connected);
-            return reply(result_json(node_, push_outcome::not_connected,
-                                     p.device, 0, "device is not connected"),
-                         404);
-        }
-        push_request req;
-        req.id = node_.next_push_id();
-        req.frame = push_frame(req.id, p);
-        req.want_ack = p.want_ack;
         double t = p.timeout_ms > 0 ? p.timeout_ms
                                     : node_.config().push_timeout_s * 1000;
-        req.timeout = std::chrono::milliseconds(static_cast<long>(t));
-        req.done = [node = &node_, home = &thread_, id = req.id,
-                    device = p.device, reply = std::move(reply)](
-                       push_outcome o, std::string_view reason) mutable {
-            std::string r = result_json(*node, o, device, id, reason);
-            net::post(home->ioc, [home, o, r = std::move(r),
-                                  reply = std::move(reply)]() mutable {
-                home->stats.count(o);
-                reply(std::move(r), status_code(o));
-            });
+        auto timeout = std::chrono::milliseconds(static_cast<long>(t));
+        auto done = [node = &node_, home = &thread_, device = p.device,
+                     reply](push_outcome o, std::uint64_t id,
+                            std::string_view reason) mutable {
+            home->stats.count(o);
+            reply(result_json(node->node_id(), o, device, id, reason),
+                  status_code(o));
         };
-        net::post(s->context(), [s, req = std::move(req)]() mutable {
-            s->deliver(std::move(req));
-        });
+        if (node_.deliver_local(thread_, p.device, p.data, p.from, p.want_ack,
+                                timeout, std::move(done))) {
+            return;
+        }
+        auto* f = node_.fleet();
+        if (!f) {
+            thread_.stats.count(push_outcome::not_connected);
+            return reply(result_json(node_.node_id(),
+                                     push_outcome::not_connected, p.device, 0,
+                                     "device is not connected"),
+                         404);
+        }
+        peer::request req;
+        req.device = p.device;
+        req.data = std::string(p.data);
+        req.from = std::string(p.from);
+        req.want_ack = p.want_ack;
+        req.timeout_ms = static_cast<std::uint32_t>(timeout.count());
+        // The peer answers within the push timeout; the link gets a little
+        // more before it answers 504 itself.
+        f->push(thread_, std::move(req), timeout + std::chrono::seconds(1),
+                [node = &node_, device = p.device,
+                 reply](peer::reply r) mutable {
+                    reply(remote_result_json(r, node->node_id(), device),
+                          r.code);
+                });
     }
 
     // POST /v1/push/batch: {"pushes":[push, ...]} (or a bare array); one
@@ -373,7 +391,7 @@ private:
                                    : push_outcome::bad_request;
                 thread_.stats.count(o);
                 thread_.stats.count(reject::bad_push);
-                finish_one(i++, result_json(node_, o, p.device, 0, why));
+                finish_one(i++, result_json(node_.node_id(), o, p.device, 0, why));
                 continue;
             }
             dispatch(p, [finish_one, i](std::string r, int) {

@@ -8,6 +8,7 @@
 #include "core/logging.hpp"
 #include "core/node_impl.hpp"
 #include "detail/json_out.hpp"
+#include "routing/fleet.hpp"
 
 namespace pushy {
 
@@ -85,6 +86,7 @@ void session::start(std::string_view leftover) {
     // rule of the product: exactly one live connection per device).
     auto old = node_.table().insert(device_, shared_from_this());
     registered_ = true;
+    if (auto* f = node_.fleet()) f->connected(*this);
     started_ = true;
     node_.live_sessions.fetch_add(1, std::memory_order_relaxed);
     counters::bump(thread_.stats.connections_opened);
@@ -473,7 +475,9 @@ void session::close(std::uint16_t code, std::string_view reason) {
 void session::forget(push_outcome o, std::string_view why) {
     if (registered_) {
         registered_ = false;
-        node_.table().remove(device_, this);
+        if (node_.table().remove(device_, this)) {
+            if (auto* f = node_.fleet()) f->disconnected(*this);
+        }
         counters::bump(thread_.stats.connections_closed);
     }
     auto acks = std::move(acks_);

@@ -1,0 +1,409 @@
+#include "routing/fleet.hpp"
+
+#include <boost/asio/post.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/write.hpp>
+
+#include <atomic>
+#include <future>
+#include <vector>
+
+#include "core/logging.hpp"
+#include "core/node_impl.hpp"
+#include "detail/json_out.hpp"
+#include "net/acceptor.hpp"
+#include "net/session.hpp"
+#include "registry/redis_client.hpp"
+#include "registry/registry.hpp"
+#include "routing/router.hpp"
+
+namespace pushy {
+
+namespace net = boost::asio;
+using boost::system::error_code;
+using tcp = net::ip::tcp;
+using std::chrono::milliseconds;
+
+namespace {
+
+std::uint64_t load(const std::atomic<std::uint64_t>& a) {
+    return a.load(std::memory_order_relaxed);
+}
+
+void bump(std::atomic<std::uint64_t>& a) {
+    a.fetch_add(1, std::memory_order_relaxed);
+}
+
+}  // namespace
+
+struct fleet::impl {
+    impl(node_impl& n, io_thread& h)
+        : node(n), home(h), peers(h.ioc, n.config().peer_host,
+                                   n.config().peer_port, "peer port", false),
+          refresh_timer(h.ioc) {}
+
+    node_impl& node;
+    io_thread& home;
+    redis::url url;
+    std::unique_ptr<redis::client> redis;
+    std::unique_ptr<registry::store> store;
+    std::unique_ptr<routing::router> router;
+    acceptor peers;
+    net::steady_timer refresh_timer;
+    milliseconds ttl{30000};
+
+    // Counters, written on the home thread (peer ones on any thread).
+    std::atomic<std::uint64_t> registered{0};
+    std::atomic<std::uint64_t> unregistered{0};
+    std::atomic<std::uint64_t> refreshed{0};
+    std::atomic<std::uint64_t> reregistered{0};
+    std::atomic<std::uint64_t> registry_errors{0};
+    std::atomic<std::uint64_t> superseded_elsewhere{0};
+    std::atomic<std::uint64_t> kicks_sent{0};
+    std::atomic<std::uint64_t> kicks_received{0};
+    std::atomic<std::uint64_t> forwarded{0};
+    std::atomic<std::uint64_t> forward_failed{0};
+    std::atomic<std::uint64_t> peer_pushes{0};
+    std::atomic<std::uint64_t> route_hits{0};
+    std::atomic<std::uint64_t> route_misses{0};
+    std::atomic<bool> redis_up{false};
+
+    registry::record record_of(const session& s, const std::string& addr) {
+        registry::record r;
+        r.node = node.node_id();
+        r.peer = addr;
+        r.conn = s.id();
+        r.connected_at = s.connected_at();
+        r.account = s.account();
+        return r;
+    }
+
+    // Extends (or writes again) the record of every connected device, and
+    // the node's directory entry. Runs every third of the TTL and whenever
+    // the Redis link comes back.
+    void refresh_all(const std::string& addr) {
+        if (!redis->up()) return;
+        store->put_node(node.node_id(), addr, ttl);
+        for (auto& s : node.table().snapshot()) {
+            auto rec = record_of(*s, addr);
+            store->refresh(s->device(), rec, ttl,
+                           [this, s](int result) {
+                               if (result == 1) return bump(refreshed);
+                               if (result == 2) return bump(reregistered);
+                               if (result < 0) return bump(registry_errors);
+                               // Another connection, on another node, owns
+                               // the device now.
+                               bump(superseded_elsewhere);
+                               net::post(s->context(), [s] {
+                                   s->close(ws::close_superseded,
+                                            "superseded by a newer connection");
+                               });
+                           });
+        }
+    }
+
+    void schedule_refresh(const std::string& addr) {
+        refresh_timer.expires_after(ttl / 3);
+        refresh_timer.async_wait([this, addr](error_code ec) {
+            if (ec) return;
+            refresh_all(addr);
+            schedule_refresh(addr);
+        });
+    }
+};
+
+// --------------------------------------------------- peer-link server side
+
+namespace {
+
+// One incoming peer link: requests in, replies out, on one io thread.
+class peer_conn : public std::enable_shared_from_this<peer_conn> {
+public:
+    peer_conn(node_impl& node, io_thread& thread, fleet::impl& f,
+              tcp::socket s)
+        : node_(node), thread_(thread), fleet_(f), socket_(std::move(s)) {}
+
+    void run() {
+        error_code ec;
+        socket_.set_option(tcp::no_delay(true), ec);
+        do_read();
+    }
+
+private:
+    void do_read() {
+        socket_.async_read_some(
+            net::buffer(thread_.read_buffer),
+            [self = shared_from_this()](error_code ec, std::size_t n) {
+                self->on_read(ec, n);
+            });
+    }
+
+    void on_read(error_code ec, std::size_t n) {
+        if (ec) return close();
+        reader_.feed(thread_.read_buffer.data(), n);
+        peer::request req;
+        peer::reply rep;
+        for (;;) {
+            auto got = reader_.next(req, rep);
+            if (got == peer::frame_reader::result::none) break;
+            if (got != peer::frame_reader::result::request) {
+                PUSHY_WARN("peer link: {}; closing",
+                           got == peer::frame_reader::result::error
+                               ? reader_.error_text()
+                               : "a reply where a request was expected");
+                return close();
+            }
+            handle(std::move(req));
+            req = {};
+        }
+        do_read();
+    }
+
+    void handle(peer::request req) {
+        if (req.what == peer::kind::kick) {
+            bump(fleet_.kicks_received);
+            if (auto s = node_.table().find(req.device); s && s->id() == req.conn) {
+                net::post(s->context(), [s] {
+                    s->close(ws::close_superseded,
+                             "superseded by a newer connection");
+                });
+            }
+            peer::reply r;
+            r.id = req.id;
+            r.code = 200;
+            r.status = "ok";
+            r.node = node_.node_id();
+            return send(r);
+        }
+        bump(fleet_.peer_pushes);
+        auto timeout = milliseconds(
+            req.timeout_ms ? req.timeout_ms
+                           : static_cast<std::uint32_t>(
+                                 node_.config().push_timeout_s * 1000));
+        auto id = req.id;
+        bool here = node_.deliver_local(
+            thread_, req.device, req.data, req.from, req.want_ack, timeout,
+            [self = shared_from_this(), id](push_outcome o,
+                                            std::uint64_t push_id,
+                                            std::string_view reason) {
+                peer::reply r;
+                r.id = id;
+                r.code = static_cast<std::uint16_t>(status_code(o));
+                r.status = std::string(status_name(o));
+                r.node = self->node_.node_id();
+                r.push_id = push_id;
+                r.reason = std::string(reason);
+                self->thread_.stats.count(o);
+                self->send(r);
+            });
+        if (!here) {
+            thread_.stats.count(push_outcome::not_connected);
+            peer::reply r;
+            r.id = id;
+            r.code = 404;
+            r.status = std::string(status_name(push_outcome::not_connected));
+            r.node = node_.node_id();
+            r.reason = "device is not connected";
+            send(r);
+        }
+    }
+
+    // Queues a reply; one write in flight, the rest coalesced behind it.
+    void send(const peer::reply& r) {
+        if (closed_) return;
+        peer::encode(out_, r);
+        flush();
+    }
+
+    void flush() {
+        if (writing_ || out_.empty() || closed_) return;
+        writing_ = true;
+        inflight_.swap(out_);
+        net::async_write(socket_, net::buffer(inflight_),
+                         [self = shared_from_this()](error_code ec,
+                                                     std::size_t) {
+                             self->writing_ = false;
+                             self->inflight_.clear();
+                             if (ec) return self->close();
+                             self->flush();
+                         });
+    }
+
+    void close() {
+        closed_ = true;
+        error_code ec;
+        socket_.close(ec);
+    }
+
+    node_impl& node_;
+    io_thread& thread_;
+    fleet::impl& fleet_;
+    tcp::socket socket_;
+    peer::frame_reader reader_;
+    std::string out_;
+    std::string inflight_;
+    bool writing_ = false;
+    bool closed_ = false;
+};
+
+}  // namespace
+
+// ------------------------------------------------------------------ fleet
+
+fleet::fleet(node_impl& node, io_thread& home)
+    : impl_(std::make_unique<impl>(node, home)) {}
+
+fleet::~fleet() = default;
+
+std::uint16_t fleet::peer_port() const noexcept { return impl_->peers.port(); }
+
+void fleet::bind() {
+    auto& f = *impl_;
+    const auto& cfg = f.node.config();
+    f.url = redis::parse_url(cfg.redis);
+    f.ttl = milliseconds(static_cast<long>(cfg.registry_ttl_s * 1000));
+    std::string why;
+    if (!redis::probe(f.url, milliseconds(2000), why)) {
+        PUSHY_WARN("redis at {} is not reachable ({}); devices connect, "
+                   "pushes to other nodes answer 503 until it is",
+                   f.url.display(), why);
+    }
+    address_ = cfg.peer_host + ":" + std::to_string(f.peers.port());
+}
+
+void fleet::start() {
+    auto& f = *impl_;
+    f.redis = std::make_unique<redis::client>(f.home.ioc, f.url, "registry");
+    f.store = std::make_unique<registry::store>(*f.redis,
+                                                f.node.config().redis_prefix);
+    f.router = std::make_unique<routing::router>(f.home.ioc, *f.store,
+                                                 f.node.node_id());
+    auto addr = address_;
+    f.redis->on_up([&f, addr] {
+        f.redis_up = true;
+        // Redis may have restarted empty: write every record again now.
+        f.refresh_all(addr);
+    });
+    f.redis->on_down([&f] { f.redis_up = false; });
+    net::post(f.home.ioc, [&f, addr] {
+        f.redis->start();
+        f.schedule_refresh(addr);
+    });
+    auto& node = f.node;
+    f.peers.start([&node]() -> net::io_context& { return node.next_thread().ioc; },
+                  [&f](tcp::socket s) {
+                      auto& t = f.node.thread_of(static_cast<net::io_context&>(
+                          s.get_executor().context()));
+                      std::make_shared<peer_conn>(f.node, t, f, std::move(s))
+                          ->run();
+                  });
+}
+
+void fleet::stop() {
+    auto& f = *impl_;
+    auto done = std::make_shared<std::promise<void>>();
+    net::post(f.home.ioc, [&f, done] {
+        f.peers.stop();
+        f.refresh_timer.cancel();
+        if (!f.redis || !f.redis->up()) {
+            if (f.router) f.router->stop();
+            if (f.redis) f.redis->stop();
+            return done->set_value();
+        }
+        f.store->remove_node(f.node.node_id());
+        // Redis answers in order: once this PING answers, every earlier
+        // command (the last records removed) has been applied.
+        f.redis->command({"PING"}, [&f, done](redisReply*) {
+            f.router->stop();
+            f.redis->stop();
+            done->set_value();
+        });
+    });
+    done->get_future().wait_for(std::chrono::seconds(3));
+}
+
+void fleet::connected(const session& s) {
+    auto& f = *impl_;
+    auto rec = f.record_of(s, address_);
+    net::post(f.home.ioc, [&f, device = s.device(), rec = std::move(rec)] {
+        if (!f.store) return;
+        f.store->put(device, rec, f.ttl,
+                     [&f, device, self = rec.node](registry::found found,
+                                                   registry::record old) {
+                         if (found == registry::found::unavailable) {
+                             // Written again when Redis returns.
+                             return bump(f.registry_errors);
+                         }
+                         bump(f.registered);
+                         if (found == registry::found::yes &&
+                             old.node != self) {
+                             // The device was connected to another node:
+                             // that connection is the older one.
+                             bump(f.kicks_sent);
+                             f.router->kick(old.peer, device, old.conn);
+                         }
+                     });
+    });
+}
+
+void fleet::disconnected(const session& s) {
+    auto& f = *impl_;
+    auto rec = f.record_of(s, address_);
+    net::post(f.home.ioc, [&f, device = s.device(), rec = std::move(rec)] {
+        if (!f.store) return;
+        bump(f.unregistered);
+        f.store->remove(device, rec);
+    });
+}
+
+void fleet::push(io_thread& caller, peer::request req, milliseconds timeout,
+                 std::function<void(peer::reply)> done) {
+    auto& f = *impl_;
+    net::post(f.home.ioc, [&f, &caller, req = std::move(req), timeout,
+                           done = std::move(done)]() mutable {
+        bump(f.forwarded);
+        f.router->push(std::move(req), timeout,
+                       [&f, &caller, done = std::move(done)](
+                           const peer::reply& r) mutable {
+                           if (r.code != 200) bump(f.forward_failed);
+                           f.route_hits.store(f.router->cache().hits,
+                                              std::memory_order_relaxed);
+                           f.route_misses.store(f.router->cache().misses,
+                                                std::memory_order_relaxed);
+                           net::post(caller.ioc, [r, done = std::move(done)] {
+                               done(r);
+                           });
+                       });
+    });
+}
+
+std::string fleet::stats_json() const {
+    auto& f = *impl_;
+    std::string s = "{\"redis\":";
+    s += f.redis_up.load() ? "\"up\"" : "\"down\"";
+    s += ",\"peer\":";
+    json::append_string(s, address_);
+    auto field = [&](std::string_view name, std::uint64_t v) {
+        s += ",\"";
+        s += name;
+        s += "\":";
+        s += std::to_string(v);
+    };
+    field("registered", load(f.registered));
+    field("unregistered", load(f.unregistered));
+    field("refreshed", load(f.refreshed));
+    field("reregistered", load(f.reregistered));
+    field("registry_errors", load(f.registry_errors));
+    field("superseded_elsewhere", load(f.superseded_elsewhere));
+    field("kicks_sent", load(f.kicks_sent));
+    field("kicks_received", load(f.kicks_received));
+    field("forwarded", load(f.forwarded));
+    field("forward_failed", load(f.forward_failed));
+    field("peer_pushes", load(f.peer_pushes));
+    field("route_cache_hits", load(f.route_hits));
+    field("route_cache_misses", load(f.route_misses));
+    s += '}';
+    return s;
+}
+
+}  // namespace pushy

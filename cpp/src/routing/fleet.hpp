@@ -1,0 +1,65 @@
+// A node's part in a fleet on Redis: it registers its devices in the Push
+// Registry (and keeps their records alive), announces itself in the node
+// directory, serves peer links, and routes pushes for devices connected to
+// other nodes.
+//
+// Threading: the Redis client, the registry, the router and the outgoing
+// peer links all run on io thread 0 (the "home" thread); the public calls
+// below may come from any io thread and post there. Peer-link connections
+// from other nodes are served on every io thread.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "core/io_thread.hpp"
+#include "routing/peer_codec.hpp"
+
+namespace pushy {
+
+class node_impl;
+class session;
+
+class fleet {
+public:
+    fleet(node_impl& node, io_thread& home);
+    ~fleet();
+
+    // Checks the Redis URL and credentials (config_error), warns when Redis
+    // cannot be reached yet, and binds the peer port (config_error). The
+    // io threads are not running yet.
+    void bind();
+    // Connects to Redis and starts the timers; call once the threads run.
+    void start();
+    // Removes the node from the directory and drops every link. Blocks
+    // until done; not from an io thread.
+    void stop();
+
+    std::uint16_t peer_port() const noexcept;
+    const std::string& peer_address() const noexcept { return address_; }
+
+    // A device connected to / left this node (any io thread).
+    void connected(const session& s);
+    void disconnected(const session& s);
+
+    // Routes a push for a device that is not connected here. `done` runs on
+    // `caller` with the answer (any code, with the name of the node that
+    // gave it).
+    void push(io_thread& caller, peer::request req,
+              std::chrono::milliseconds timeout,
+              std::function<void(peer::reply)> done);
+
+    // The "fleet" object of /v1/stats.
+    std::string stats_json() const;
+
+    struct impl;
+
+private:
+    std::unique_ptr<impl> impl_;
+    std::string address_;
+};
+
+}  // namespace pushy

@@ -1,0 +1,81 @@
+// Direct push across nodes: find the device's node (route cache, then the
+// registry) and send the push over a peer link.
+//
+// A route that led to a node where the device is not (404/409) is evicted
+// and looked up once more in the registry; routes otherwise live for
+// `cache_ttl`. Used by every node (pushes for devices elsewhere) and by the
+// C++ push client.
+//
+// Threading: every member runs on the io_context of the registry's Redis
+// client.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <string>
+#include <unordered_map>
+
+#include "registry/registry.hpp"
+#include "routing/peer_client.hpp"
+
+namespace pushy::routing {
+
+struct route {
+    std::string node;
+    std::string peer;
+    std::chrono::steady_clock::time_point expires;
+};
+
+// device id -> route, bounded, with a TTL. Single-threaded.
+class route_cache {
+public:
+    route_cache(std::size_t max_entries, std::chrono::milliseconds ttl)
+        : max_(max_entries), ttl_(ttl) {}
+
+    const route* find(const std::string& device);
+    void put(const std::string& device, std::string node, std::string peer);
+    void evict(const std::string& device) { map_.erase(device); }
+
+    std::uint64_t hits = 0;
+    std::uint64_t misses = 0;
+
+private:
+    std::unordered_map<std::string, route> map_;
+    std::size_t max_;
+    std::chrono::milliseconds ttl_;
+};
+
+class router {
+public:
+    // `self` is the id of the node this router runs in (routes to it are
+    // answered 404 at once: the caller has already looked locally), or
+    // empty in a push client.
+    router(boost::asio::io_context& ioc, registry::store& store,
+           std::string self);
+
+    // Sends `req` (a push) to the device's node; `done` runs once.
+    void push(peer::request req, std::chrono::milliseconds timeout,
+              peer::reply_fn done);
+
+    // Asks the node at `peer` to close connection `conn` of `device` (4001).
+    void kick(const std::string& peer, const std::string& device,
+              std::uint64_t conn);
+
+    void stop() { pool_.stop(); }
+
+    route_cache& cache() noexcept { return cache_; }
+
+private:
+    void attempt(peer::request req, std::chrono::milliseconds timeout,
+                 peer::reply_fn done, bool fresh);
+    void send_to(const std::string& node, const std::string& peer,
+                 peer::request req, std::chrono::milliseconds timeout,
+                 peer::reply_fn done, bool fresh);
+
+    registry::store& store_;
+    std::string self_;
+    peer::client_pool pool_;
+    route_cache cache_{100000, std::chrono::seconds(10)};
+};
+
+}  // namespace pushy::routing
