@@ -9,6 +9,7 @@
 #include "core/logging.hpp"
 #include "pushy/config.hpp"
 #include "pushy/node.hpp"
+#include "pushy/push_client.hpp"
 
 namespace py = pybind11;
 
@@ -132,6 +133,102 @@ PYBIND11_MODULE(_core, m) {
         .def_property_readonly("peer_port", &pushy::node::peer_port)
         .def_property_readonly("node_id", &pushy::node::node_id)
         .def_property_readonly("connections", &pushy::node::connections);
+
+    // A result crosses into Python as a plain tuple:
+    // (code, status, node, id, reason, latency_s).
+    using result_tuple = std::tuple<int, std::string, std::string,
+                                    std::uint64_t, std::string, double>;
+    auto to_tuple = [](const pushy::push_result& r) {
+        return result_tuple{r.code, r.status, r.node, r.id, r.reason,
+                            r.latency_s};
+    };
+    auto spec = [](std::string device, std::string data, bool ack,
+                   double timeout, std::string from) {
+        return pushy::push_spec_in{std::move(device), std::move(data), ack,
+                                   timeout, std::move(from)};
+    };
+    using spec_tuple =
+        std::tuple<std::string, std::string, bool, double, std::string>;
+
+    py::class_<pushy::push_client>(
+        m, "PushClient",
+        "Direct push through the Redis registry and peer links.")
+        .def(py::init<const std::string&, const std::string&, double>(),
+             py::arg("redis"), py::arg("prefix"), py::arg("timeout"),
+             py::call_guard<py::gil_scoped_release>(),
+             "Connects to Redis. Raises ConfigError for a bad URL or "
+             "refused credentials.")
+        .def(
+            "push",
+            [to_tuple, spec](pushy::push_client& c, std::string device,
+                             std::string data, bool ack, double timeout,
+                             std::string from) {
+                pushy::push_result r;
+                {
+                    py::gil_scoped_release nogil;
+                    r = c.push(spec(std::move(device), std::move(data), ack,
+                                    timeout, std::move(from)));
+                }
+                return to_tuple(r);
+            },
+            py::arg("device"), py::arg("data"), py::arg("ack"),
+            py::arg("timeout"), py::arg("sender"),
+            "Pushes one message (data is JSON text) and waits for the "
+            "result tuple.")
+        .def(
+            "push_async",
+            [to_tuple, spec](pushy::push_client& c, std::string device,
+                             std::string data, bool ack, double timeout,
+                             std::string from, py::function callback) {
+                auto keep = std::make_shared<py::function>(std::move(callback));
+                auto done = [keep, to_tuple](pushy::push_result r) {
+                    py::gil_scoped_acquire gil;
+                    try {
+                        (*keep)(to_tuple(r));
+                    } catch (py::error_already_set& e) {
+                        e.discard_as_unraisable("pushy push callback");
+                    }
+                    // Released here, with the GIL held.
+                    py::function gone = std::move(*keep);
+                };
+                py::gil_scoped_release nogil;
+                c.push_async(spec(std::move(device), std::move(data), ack,
+                                  timeout, std::move(from)),
+                             std::move(done));
+            },
+            py::arg("device"), py::arg("data"), py::arg("ack"),
+            py::arg("timeout"), py::arg("sender"), py::arg("callback"),
+            "Pushes one message; callback(result tuple) runs on the "
+            "client's thread.")
+        .def(
+            "push_many",
+            [to_tuple, spec](pushy::push_client& c,
+                             std::vector<spec_tuple> items) {
+                std::vector<pushy::push_spec_in> specs;
+                specs.reserve(items.size());
+                for (auto& [d, data, ack, t, from] : items) {
+                    specs.push_back(spec(std::move(d), std::move(data), ack,
+                                         t, std::move(from)));
+                }
+                std::vector<pushy::push_result> results;
+                {
+                    py::gil_scoped_release nogil;
+                    results = c.push_many(std::move(specs));
+                }
+                std::vector<result_tuple> out;
+                for (auto& r : results) out.push_back(to_tuple(r));
+                return out;
+            },
+            py::arg("items"),
+            "Pushes (device, data, ack, timeout, sender) tuples "
+            "concurrently; one result tuple each, in order.")
+        .def_property_readonly("connected", &pushy::push_client::connected)
+        .def_property_readonly("cache_hits", &pushy::push_client::cache_hits)
+        .def_property_readonly("cache_misses",
+                               &pushy::push_client::cache_misses)
+        .def("close", &pushy::push_client::close,
+             py::call_guard<py::gil_scoped_release>(),
+             "Stops the client; pending pushes are answered 503.");
 
     m.def(
         "set_log_handler",

@@ -15,6 +15,7 @@ reached, or does not answer in time or in JSON) raises :class:`PushError`.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -91,35 +92,56 @@ class PushResult:
 
 
 class PushClient:
-    """A client of one node's push API (``POST /v1/push`` and friends).
+    """A service's push library: direct push to devices by id.
 
-    The synchronous methods share one ``httpx.Client``; the ``a``-prefixed
-    twins share one ``httpx.AsyncClient``. Both keep connections alive.
-    Proxy settings from the environment are ignored: the push API is internal.
+    Two ways to reach devices:
+
+    * ``PushClient(url)`` talks to one node's push API over HTTP
+      (``POST /v1/push`` and friends); a node with a Redis registry forwards
+      pushes for devices connected elsewhere.
+    * ``PushClient(redis=URL)`` looks each device up in the Redis registry
+      (with a route cache) and sends the push straight to the node holding
+      it over a persistent peer link, from the C++ engine's own thread.
+      :meth:`apush` then awaits without blocking the event loop.
+
+    With both, pushes take the Redis path and :meth:`device`, :meth:`stats`
+    and :meth:`healthy` use the HTTP API.
 
     Args:
-        url: the node's push URL (:attr:`pushy.Node.push_url`).
+        url: a node's push URL (:attr:`pushy.Node.push_url`); by default
+            ``http://127.0.0.1:8081`` when ``redis`` is not given.
         timeout: seconds to wait for an answer. A push with a longer
             ``timeout`` waits for that plus one second.
-        redis: reserved for pushes routed through the Redis registry.
+        redis: Redis URL of the registry (``redis://[:password@]host:port``).
+        prefix: key prefix of the registry, as configured on the nodes.
+        sender: service name devices see in ``from`` (``service:NAME``).
 
     Raises:
-        ConfigError: ``redis`` was given (not available yet).
+        ConfigError: a malformed URL, or Redis refused the credentials.
     """
 
     def __init__(
         self,
-        url: str = "http://127.0.0.1:8081",
+        url: str | None = None,
         *,
         timeout: float = 10.0,
         redis: str | None = None,
+        prefix: str = "pushy:",
+        sender: str = "api",
     ) -> None:
-        if redis is not None:
-            raise ConfigError("redis routing is not available yet; pass url=")
-        if not url.startswith(("http://", "https://")):
+        if url is None and redis is None:
+            url = "http://127.0.0.1:8081"
+        if url is not None and not url.startswith(("http://", "https://")):
             raise ConfigError(f"url must start with http:// or https://, got {url!r}")
-        self.url = url.rstrip("/")
+        self.url = url.rstrip("/") if url is not None else None
+        self.redis = redis
         self.timeout = timeout
+        self.sender = sender
+        self._core: Any = None
+        if redis is not None:
+            from . import _core
+
+            self._core = _core.PushClient(redis, prefix, float(timeout))
         self._client: httpx.Client | None = None
         self._aclient: httpx.AsyncClient | None = None
         self._aloop: asyncio.AbstractEventLoop | None = None
@@ -150,6 +172,9 @@ class PushClient:
         Raises:
             PushError: the node cannot be reached or gave no JSON answer.
         """
+        if self._core is not None:
+            args = self._core_args(device, data, ack, timeout)
+            return _core_result(self._core.push(*args))
         body = _push_body(device, data, ack, timeout)
         self._sync_client()  # made before timing: it loads certificates
         started = time.perf_counter()
@@ -164,6 +189,16 @@ class PushClient:
         timeout: float | None = None,
     ) -> PushResult:
         """Asynchronous twin of :meth:`push`."""
+        if self._core is not None:
+            loop = asyncio.get_running_loop()
+            future: asyncio.Future[PushResult] = loop.create_future()
+
+            def done(result: tuple[Any, ...]) -> None:
+                # On the engine's thread: hand the result to the loop.
+                loop.call_soon_threadsafe(_settle, future, _core_result(result))
+
+            self._core.push_async(*self._core_args(device, data, ack, timeout), done)
+            return await future
         body = _push_body(device, data, ack, timeout)
         self._async_client()
         started = time.perf_counter()
@@ -196,6 +231,9 @@ class PushClient:
         bodies = _batch_bodies(items, ack, timeout)
         if not bodies:
             return []
+        if self._core is not None:
+            results = self._core.push_many(self._core_items(bodies))
+            return [_core_result(r) for r in results]
         self._sync_client()
         started = time.perf_counter()
         response = self._send("POST", "/v1/push/batch", {"pushes": bodies}, timeout)
@@ -211,6 +249,15 @@ class PushClient:
         bodies = _batch_bodies(items, ack, timeout)
         if not bodies:
             return []
+        if self._core is not None:
+            return list(
+                await asyncio.gather(
+                    *(
+                        self.apush(b["device"], b["data"], b["ack"], _seconds(b))
+                        for b in bodies
+                    )
+                )
+            )
         self._async_client()
         started = time.perf_counter()
         response = await self._asend(
@@ -271,6 +318,8 @@ class PushClient:
         is idle, in a task when called on that loop. In async code prefer
         :meth:`aclose`, which waits for them.
         """
+        if self._core is not None:
+            self._core.close()
         if self._client is not None:
             self._client.close()
             self._client = None
@@ -326,9 +375,32 @@ class PushClient:
         await self.aclose()
 
     def __repr__(self) -> str:
+        if self.redis is not None:
+            return f"<pushy.PushClient redis={_redacted(self.redis)!r}>"
         return f"<pushy.PushClient {self.url!r}>"
 
     # Transport.
+
+    def _core_args(
+        self, device: str, data: Any, ack: str, timeout: float | None
+    ) -> tuple[str, str, bool, float, str]:
+        if ack not in ("written", "client"):
+            raise ConfigError(f"ack must be 'written' or 'client', got {ack!r}")
+        text = json.dumps(data, separators=(",", ":"), allow_nan=False)
+        return (device, text, ack == "client", float(timeout or 0.0), self.sender)
+
+    def _core_items(
+        self, bodies: list[dict[str, Any]]
+    ) -> list[tuple[str, str, bool, float, str]]:
+        return [
+            self._core_args(b["device"], b["data"], b["ack"], _seconds(b))
+            for b in bodies
+        ]
+
+    def _url(self) -> str:
+        if self.url is None:
+            raise PushError("this client has no url= of a node's push API")
+        return self.url
 
     def _timeout(self, push_timeout: float | None) -> float:
         if push_timeout is None:
@@ -357,8 +429,9 @@ class PushClient:
     ) -> httpx.Response:
         client = self._sync_client()
         timeout = self._timeout(push_timeout)
+        url = self._url()
         try:
-            return client.request(method, self.url + path, json=body, timeout=timeout)
+            return client.request(method, url + path, json=body, timeout=timeout)
         except httpx.TimeoutException as exc:
             raise PushError(
                 f"{method} {self.url}{path} got no answer in {timeout:g} s"
@@ -375,16 +448,44 @@ class PushClient:
     ) -> httpx.Response:
         client = self._async_client()
         timeout = self._timeout(push_timeout)
+        url = self._url()
         try:
-            return await client.request(
-                method, self.url + path, json=body, timeout=timeout
-            )
+            return await client.request(method, url + path, json=body, timeout=timeout)
         except httpx.TimeoutException as exc:
             raise PushError(
                 f"{method} {self.url}{path} got no answer in {timeout:g} s"
             ) from exc
         except httpx.HTTPError as exc:
             raise PushError(f"{method} {self.url}{path} failed: {exc}") from exc
+
+
+def _core_result(t: tuple[Any, ...]) -> PushResult:
+    """A :class:`PushResult` from the engine's result tuple."""
+    code, status, node, mid, reason, latency = t
+    return PushResult(
+        status=status or STATUS_BY_CODE.get(code, "error"),
+        code=code,
+        node=node or None,
+        latency=latency,
+        id=mid or None,
+        reason=reason or None,
+    )
+
+
+def _settle(future: asyncio.Future[PushResult], result: PushResult) -> None:
+    if not future.done():  # the awaiting task may have been cancelled
+        future.set_result(result)
+
+
+def _seconds(body: Mapping[str, Any]) -> float | None:
+    ms = body.get("timeout_ms")
+    return ms / 1000 if isinstance(ms, (int, float)) else None
+
+
+def _redacted(url: str) -> str:
+    """``url`` without its password."""
+    head, sep, tail = url.rpartition("@")
+    return f"redis://***@{tail}" if sep else url
 
 
 def _push_body(

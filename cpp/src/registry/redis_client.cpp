@@ -376,9 +376,8 @@ void client::on_connected(int status) {
 }
 
 void client::on_disconnected(int status) {
-    bool was_up = up_;
+    bool was_up = up_.exchange(false);
     ctx_ = nullptr;
-    up_ = false;
     sent_.clear();
     if (stopped_) return;
     if (was_up) {
@@ -401,8 +400,7 @@ void client::check_timeouts() {
                    name_, url_.display(), command_timeout.count());
         auto* c = ctx_;
         ctx_ = nullptr;
-        bool was_up = up_;
-        up_ = false;
+        bool was_up = up_.exchange(false);
         redisAsyncFree(c);  // pending commands get null replies
         sent_.clear();
         if (was_up && on_down_) on_down_();

@@ -8,6 +8,7 @@
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/steady_timer.hpp>
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <deque>
@@ -61,7 +62,7 @@ public:
     void stop();
 
     // True when connected and authenticated.
-    bool up() const noexcept { return up_; }
+    bool up() const noexcept { return up_.load(std::memory_order_relaxed); }
 
     // Called on every (re)connection, once AUTH/SELECT succeeded.
     void on_up(std::function<void()> fn) { on_up_ = std::move(fn); }
@@ -105,7 +106,7 @@ private:
     boost::asio::steady_timer retry_;
     boost::asio::steady_timer sweep_;
     std::chrono::milliseconds backoff_{100};
-    bool up_ = false;
+    std::atomic<bool> up_{false};
     bool stopped_ = true;
     bool logged_down_ = false;
     std::function<void()> on_up_;

@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <future>
+#include <thread>
 #include <vector>
 
 #include "core/logging.hpp"
@@ -51,6 +52,7 @@ struct fleet::impl {
     acceptor peers;
     net::steady_timer refresh_timer;
     milliseconds ttl{30000};
+    bool reachable = false;
 
     // Counters, written on the home thread (peer ones on any thread).
     std::atomic<std::uint64_t> registered{0};
@@ -263,7 +265,8 @@ void fleet::bind() {
     f.url = redis::parse_url(cfg.redis);
     f.ttl = milliseconds(static_cast<long>(cfg.registry_ttl_s * 1000));
     std::string why;
-    if (!redis::probe(f.url, milliseconds(2000), why)) {
+    f.reachable = redis::probe(f.url, milliseconds(2000), why);
+    if (!f.reachable) {
         PUSHY_WARN("redis at {} is not reachable ({}); devices connect, "
                    "pushes to other nodes answer 503 until it is",
                    f.url.display(), why);
@@ -289,6 +292,13 @@ void fleet::start() {
         f.redis->start();
         f.schedule_refresh(addr);
     });
+    // Redis answered the probe: let the link come up before start()
+    // returns, so the first pushes do not meet a registry still connecting.
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(2);
+    while (f.reachable && !f.redis->up() &&
+           std::chrono::steady_clock::now() < deadline) {
+        std::this_thread::sleep_for(milliseconds(1));
+    }
     auto& node = f.node;
     f.peers.start([&node]() -> net::io_context& { return node.next_thread().ioc; },
                   [&f](tcp::socket s) {

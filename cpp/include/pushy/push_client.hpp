@@ -1,0 +1,67 @@
+// The push library of services: direct push to a device on whichever node
+// holds it, found through the Redis registry (route cache first), sent
+// over a peer link, answered with a typed delivery status.
+//
+// Threading: the client runs its own io thread. push_async() may be called
+// from any thread; its callback runs on the client's thread and must not
+// block. push() and push_many() block the calling thread (never the
+// client's thread).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace pushy {
+
+struct push_result {
+    int code = 0;        // 200 delivered, 404 not connected, 503, 504, ...
+    std::string status;  // "delivered", "not_connected", ...
+    std::string node;    // the node that answered (empty: answered here)
+    std::uint64_t id = 0;  // the push id the node gave, 0 when none
+    std::string reason;
+    double latency_s = 0;  // from the call to the answer
+};
+
+struct push_spec_in {
+    std::string device;
+    std::string data;  // JSON text
+    bool want_ack = false;
+    double timeout_s = 0;  // 0: the node's push_timeout_s
+    std::string from = "api";
+};
+
+class push_client_impl;
+
+class push_client {
+public:
+    // Connects to Redis at `redis_url` (keys under `prefix`). Throws
+    // config_error for a malformed URL or refused credentials; an
+    // unreachable server is retried in the background (pushes answer 503
+    // meanwhile). `timeout_s` bounds every push beyond its ack timeout.
+    push_client(const std::string& redis_url, const std::string& prefix,
+                double timeout_s);
+    ~push_client();
+    push_client(const push_client&) = delete;
+    push_client& operator=(const push_client&) = delete;
+
+    void push_async(push_spec_in spec, std::function<void(push_result)> done);
+    push_result push(push_spec_in spec);
+    std::vector<push_result> push_many(std::vector<push_spec_in> specs);
+
+    // True while the Redis link is up.
+    bool connected() const;
+    // Route cache hits and misses so far.
+    std::uint64_t cache_hits() const;
+    std::uint64_t cache_misses() const;
+
+    // Stops the thread; pending pushes are answered 503. Idempotent.
+    void close();
+
+private:
+    std::unique_ptr<push_client_impl> impl_;
+};
+
+}  // namespace pushy

@@ -1,0 +1,209 @@
+#include "pushy/push_client.hpp"
+
+#include <boost/asio/executor_work_guard.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/post.hpp>
+
+#include <simdjson.h>
+
+#include <atomic>
+#include <chrono>
+#include <future>
+#include <thread>
+
+#include "core/logging.hpp"
+#include "pushy/config.hpp"
+#include "registry/redis_client.hpp"
+#include "registry/registry.hpp"
+#include "routing/router.hpp"
+
+namespace pushy {
+
+namespace net = boost::asio;
+using clock = std::chrono::steady_clock;
+
+namespace {
+
+constexpr std::size_t max_device_id_bytes = 256;
+
+push_result local_result(int code, std::string status, std::string reason) {
+    push_result r;
+    r.code = code;
+    r.status = std::move(status);
+    r.reason = std::move(reason);
+    return r;
+}
+
+// Checks a push before it leaves: the device id and that `data` is JSON
+// (a node passes it to the device as it is). Returns the reason, or empty.
+std::string check(const push_spec_in& s) {
+    if (s.device.empty()) return "'device' must not be empty";
+    if (s.device.size() > max_device_id_bytes) {
+        return "'device' is longer than 256 bytes";
+    }
+    thread_local simdjson::dom::parser parser;
+    simdjson::padded_string padded(s.data);
+    simdjson::dom::element ignored;
+    if (parser.parse(padded).get(ignored)) return "'data' is not valid JSON";
+    if (!(s.timeout_s >= 0) || s.timeout_s > 3600) {
+        return "'timeout' must be between 0 and 3600 seconds";
+    }
+    return {};
+}
+
+}  // namespace
+
+class push_client_impl {
+public:
+    push_client_impl(redis::url u, std::string prefix, double timeout_s)
+        : redis_(ioc_, std::move(u), "push client"),
+          store_(redis_, std::move(prefix)), router_(ioc_, store_, {}),
+          timeout_(std::chrono::milliseconds(
+              static_cast<long>(timeout_s * 1000))) {
+        net::post(ioc_, [this] { redis_.start(); });
+        thread_ = std::thread([this] { ioc_.run(); });
+    }
+
+    ~push_client_impl() { close(); }
+
+    void push_async(push_spec_in spec, std::function<void(push_result)> done) {
+        auto started = clock::now();
+        if (auto why = check(spec); !why.empty()) {
+            auto r = local_result(400, "bad_request", why);
+            return done(std::move(r));
+        }
+        if (closed_) {
+            return done(local_result(503, "unavailable", "client is closed"));
+        }
+        peer::request req;
+        req.device = std::move(spec.device);
+        req.data = std::move(spec.data);
+        req.want_ack = spec.want_ack;
+        req.timeout_ms = static_cast<std::uint32_t>(spec.timeout_s * 1000);
+        req.from = std::move(spec.from);
+        // The node answers within the ack timeout (its own default when
+        // none is given); the link waits that plus the client's margin.
+        auto timeout = timeout_ + std::chrono::milliseconds(req.timeout_ms);
+        net::post(ioc_, [this, req = std::move(req), timeout, started,
+                         done = std::move(done)]() mutable {
+            if (closed_) {
+                return done(local_result(503, "unavailable",
+                                         "client is closed"));
+            }
+            router_.push(std::move(req), timeout,
+                         [this, started, done = std::move(done)](
+                             const peer::reply& rep) {
+                             hits_ = router_.cache().hits;
+                             misses_ = router_.cache().misses;
+                             push_result r;
+                             r.code = rep.code;
+                             r.status = rep.status;
+                             r.node = rep.node;
+                             r.id = rep.push_id;
+                             r.reason = rep.reason;
+                             r.latency_s = std::chrono::duration<double>(
+                                               clock::now() - started)
+                                               .count();
+                             done(std::move(r));
+                         });
+        });
+    }
+
+    void close() {
+        if (closed_.exchange(true)) return;
+        std::promise<void> stopped;
+        net::post(ioc_, [this, &stopped] {
+            router_.stop();
+            redis_.stop();
+            stopped.set_value();
+        });
+        stopped.get_future().wait();
+        work_.reset();
+        ioc_.stop();
+        if (thread_.joinable()) thread_.join();
+    }
+
+    bool connected() const { return redis_.up(); }
+    std::uint64_t hits() const { return hits_; }
+    std::uint64_t misses() const { return misses_; }
+
+private:
+    net::io_context ioc_{1};
+    net::executor_work_guard<net::io_context::executor_type> work_ =
+        net::make_work_guard(ioc_);
+    redis::client redis_;
+    registry::store store_;
+    routing::router router_;
+    std::chrono::milliseconds timeout_;
+    std::thread thread_;
+    std::atomic<bool> closed_{false};
+    std::atomic<std::uint64_t> hits_{0};
+    std::atomic<std::uint64_t> misses_{0};
+};
+
+push_client::push_client(const std::string& redis_url,
+                         const std::string& prefix, double timeout_s) {
+    auto u = redis::parse_url(redis_url);
+    if (prefix.empty() || prefix.find_first_of(" \t\r\n{}") !=
+                              std::string::npos) {
+        throw config_error("prefix must be non-empty, without blanks or "
+                           "braces");
+    }
+    if (!(timeout_s > 0) || timeout_s > 3600) {
+        throw config_error("timeout must be between 0 and 3600 seconds");
+    }
+    std::string why;
+    bool reachable = redis::probe(u, std::chrono::milliseconds(2000), why);
+    if (!reachable) {
+        PUSHY_WARN("push client: redis at {} is not reachable ({}); pushes "
+                   "answer 503 until it is",
+                   u.display(), why);
+    }
+    impl_ = std::make_unique<push_client_impl>(std::move(u), prefix,
+                                               timeout_s);
+    // The server answered the probe: let the link come up before the
+    // first push, so it does not meet a registry still connecting.
+    auto deadline = clock::now() + std::chrono::seconds(2);
+    while (reachable && !impl_->connected() && clock::now() < deadline) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+}
+
+push_client::~push_client() = default;
+
+void push_client::push_async(push_spec_in spec,
+                             std::function<void(push_result)> done) {
+    impl_->push_async(std::move(spec), std::move(done));
+}
+
+push_result push_client::push(push_spec_in spec) {
+    std::promise<push_result> p;
+    auto f = p.get_future();
+    impl_->push_async(std::move(spec),
+                      [&p](push_result r) { p.set_value(std::move(r)); });
+    return f.get();
+}
+
+std::vector<push_result> push_client::push_many(
+    std::vector<push_spec_in> specs) {
+    std::vector<push_result> out(specs.size());
+    std::vector<std::future<void>> waits;
+    std::vector<std::promise<void>> promises(specs.size());
+    for (std::size_t i = 0; i < specs.size(); ++i) {
+        waits.push_back(promises[i].get_future());
+        impl_->push_async(std::move(specs[i]),
+                          [&out, &promises, i](push_result r) {
+                              out[i] = std::move(r);
+                              promises[i].set_value();
+                          });
+    }
+    for (auto& w : waits) w.wait();
+    return out;
+}
+
+bool push_client::connected() const { return impl_->connected(); }
+std::uint64_t push_client::cache_hits() const { return impl_->hits(); }
+std::uint64_t push_client::cache_misses() const { return impl_->misses(); }
+void push_client::close() { impl_->close(); }
+
+}  // namespace pushy
