@@ -10,6 +10,7 @@ from __future__ import annotations
 from importlib import metadata as _metadata
 
 from . import errors
+from .cluster import Cluster
 from .config import NodeConfig
 from .device import DeviceClient
 from .errors import (
@@ -26,6 +27,7 @@ from .push import PushClient, PushResult
 from .tokens import issue_token
 
 __all__ = [
+    "Cluster",
     "ConfigError",
     "ConnectError",
     "ConnectionClosed",

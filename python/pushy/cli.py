@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ALGORITHMS, NodeConfig
-from .errors import ConfigError, PushError, TokenError
+from .errors import ConfigError, PushError, PushyError, TokenError
 from .node import TRACE, Node, set_log_level
 
 __all__ = ["LOG_LEVELS", "build_parser", "main"]
@@ -52,7 +52,6 @@ LOG_LEVELS: dict[str, int] = {
 }
 
 _NOT_YET = {
-    "cluster": "run several nodes sharing a Redis registry",
     "processor": "run the message processor (Redis Streams queue)",
     "devicelist": "run the device-list service",
     "bench": "run the benchmarks",
@@ -68,6 +67,10 @@ _SERVE_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--algorithm", "algorithm", str, "token algorithm [HS256]"),
     ("--audience", "audience", str, "required 'aud' claim of tokens"),
     ("--redis", "redis", str, "Redis URL of the registry [embedded one]"),
+    ("--redis-prefix", "redis_prefix", str, "prefix of Redis keys [pushy:]"),
+    ("--peer-host", "peer_host", str, "address of the peer link [127.0.0.1]"),
+    ("--peer-port", "peer_port", int, "peer-link port; 0 picks one [0]"),
+    ("--registry-ttl-s", "registry_ttl_s", float, "device record TTL [30]"),
     ("--node-id", "node_id", str, "node id [random]"),
     ("--threads", "threads", int, "io threads; 0 = number of cores [1]"),
     ("--heartbeat-s", "heartbeat_s", float, "seconds between pings [60]"),
@@ -164,8 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     push = commands.add_parser(
         "push",
         help="push one message to a device",
-        description="Push one message through a node's push API and print the "
-        "result as JSON. Exits 0 if it was delivered, else 1.",
+        description="Push one message through a node's push API (or straight "
+        "to the device's node, found in Redis) and print the result as JSON. "
+        "Exits 0 if it was delivered, else 1.",
     )
     push.add_argument("--to", required=True, metavar="DEVICE", help="device id")
     push.add_argument("--data", required=True, metavar="JSON", help="JSON payload")
@@ -174,7 +178,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("PUSHY_PUSH_URL", "http://127.0.0.1:8081"),
         help="push API URL [PUSHY_PUSH_URL or http://127.0.0.1:8081]",
     )
-    push.add_argument("--redis", metavar="URL", help="route through Redis (not yet)")
+    push.add_argument(
+        "--redis",
+        metavar="URL",
+        default=os.environ.get("PUSHY_REDIS") or None,
+        help="find the device's node in this Redis registry and push to it "
+        "directly (instead of --url) [PUSHY_REDIS]",
+    )
+    push.add_argument(
+        "--redis-prefix",
+        default=os.environ.get("PUSHY_REDIS_PREFIX", "pushy:"),
+        help="prefix of the registry's keys [pushy:]",
+    )
     push.add_argument(
         "--ack",
         choices=("written", "client"),
@@ -190,6 +205,32 @@ def build_parser() -> argparse.ArgumentParser:
     push.set_defaults(func=_push)
 
     demo.add_parser(commands)
+
+    cluster = commands.add_parser(
+        "cluster",
+        help="run several nodes sharing a Redis registry",
+        description="Run N node processes in the foreground, sharing one "
+        "device port (SO_REUSEPORT) and the Redis registry, each with its "
+        "own push port, peer port and node id; stop them all on Ctrl-C or "
+        "SIGTERM. The secret comes from --secret or PUSHY_SECRET.",
+    )
+    cluster.add_argument("--nodes", type=int, required=True, metavar="N")
+    cluster.add_argument("--redis", required=True, metavar="URL",
+                         help="Redis URL of the registry")
+    cluster.add_argument("--host", default="127.0.0.1",
+                         help="address of the shared device port [127.0.0.1]")
+    cluster.add_argument("--port", type=int, default=0,
+                         help="shared device port; 0 picks one [0]")
+    cluster.add_argument("--secret", help="HS256 token secret [PUSHY_SECRET]")
+    cluster.add_argument("--name", default="node",
+                         help="node ids are NAME-0, NAME-1, ... [node]")
+    cluster.add_argument("--threads", type=int, help="io threads per node")
+    cluster.add_argument("--redis-prefix", help="prefix of Redis keys")
+    cluster.add_argument("--registry-ttl-s", type=float, metavar="S",
+                         help="device record TTL")
+    cluster.add_argument("--heartbeat-s", type=float, metavar="S")
+    cluster.add_argument("--log-level", choices=tuple(LOG_LEVELS))
+    cluster.set_defaults(func=_cluster)
 
     for name, text in _NOT_YET.items():
         sub = commands.add_parser(
@@ -238,9 +279,10 @@ def _serve(args: argparse.Namespace) -> int:
     restore = _on_signals(lambda: stop.set())
     try:
         node.start()
+        peer = f", peer {node.peer_address}" if node.peer_address else ""
         print(
             f"pushy: node {node.node_id} listening: devices {node.url}, "
-            f"push {node.push_url}",
+            f"push {node.push_url}{peer}",
             flush=True,
         )
         while not stop.wait(0.5):
@@ -277,20 +319,73 @@ def _token(args: argparse.Namespace) -> int:
 def _push(args: argparse.Namespace) -> int:
     from .push import PushClient
 
-    if args.redis:
-        return _fail("redis routing is not available yet; pass --url")
     try:
         data = json.loads(args.data)
     except ValueError as exc:
         return _fail(f"--data must be JSON: {exc}")
     timeout = None if args.timeout_ms is None else args.timeout_ms / 1000
-    with PushClient(args.url) as client:
+    try:
+        if args.redis:
+            client = PushClient(redis=args.redis, prefix=args.redis_prefix)
+        else:
+            client = PushClient(args.url)
+    except PushyError as exc:
+        return _fail(str(exc))
+    with client:
         try:
             result = client.push(args.to, data, ack=args.ack, timeout=timeout)
         except PushError as exc:
             return _fail(str(exc), code=1)
     print(json.dumps(result.to_dict()))
     return 0 if result.delivered else 1
+
+
+def _cluster(args: argparse.Namespace) -> int:
+    from .cluster import Cluster
+
+    if args.nodes < 1:
+        return _fail(f"--nodes must be at least 1, got {args.nodes}")
+    if not (args.secret or os.environ.get("PUSHY_SECRET")):
+        return _fail("a secret is needed: --secret or PUSHY_SECRET")
+    options = {
+        name: getattr(args, name)
+        for name in ("threads", "redis_prefix", "registry_ttl_s", "heartbeat_s",
+                     "log_level")
+        if getattr(args, name) is not None
+    }
+    try:
+        NodeConfig(redis=args.redis, secret="x")  # checks the URL's form
+        cluster = Cluster(
+            args.nodes, args.redis, secret=args.secret, host=args.host,
+            port=args.port, name=args.name, **options,
+        )
+    except PushyError as exc:
+        return _fail(str(exc))
+    stop = threading.Event()
+    restore = _on_signals(lambda: stop.set())
+    try:
+        try:
+            cluster.start()
+        except PushyError as exc:
+            return _fail(str(exc), code=1)
+        for node in cluster.nodes:
+            print(
+                f"pushy: node {node.node_id} listening: push {node.push_url}, "
+                f"peer {node.peer_address}",
+                flush=True,
+            )
+        print(f"pushy: cluster of {len(cluster.nodes)} nodes, devices "
+              f"{cluster.url}", flush=True)
+        while not stop.wait(0.5):
+            dead = [n for n in cluster.nodes if not n.running]
+            if dead:
+                print(dead[0].output[-2000:], file=sys.stderr)
+                return _fail(f"node {dead[0].node_id} exited", code=1)
+    finally:
+        cluster.stop()
+        restore()
+    print("pushy: cluster stopped", flush=True)
+    return 0
 
 
 def _not_yet(args: argparse.Namespace) -> int:

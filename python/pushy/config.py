@@ -54,8 +54,18 @@ class NodeConfig:
         algorithm: token signature algorithm, one of :data:`ALGORITHMS`.
         audience: when set, a token's ``aud`` claim must match it.
         node_id: id of the node; empty picks a random id at start.
-        redis: Redis URL of the shared registry; empty runs the embedded
-            (in-process) registry.
+        redis: Redis URL of the shared registry
+            (``redis://[[user]:password@]host[:port][/db]``); empty runs the
+            embedded (in-process) registry.
+        redis_prefix: prefix of every Redis key, so several deployments can
+            share one server.
+        peer_host: address of the peer-link port, where other nodes and
+            push clients reach this node (with ``redis`` only). It is
+            published in the registry, so it must be reachable by them.
+        peer_port: peer-link port; 0 picks a free port.
+        registry_ttl_s: TTL of a device's registry record; the node
+            refreshes it every third of that, so a node that dies leaves
+            records that expire within this time.
         threads: number of io threads; 0 picks the number of cores.
         heartbeat_s: seconds between WebSocket pings to a device.
         pong_timeout_s: seconds to wait for a pong before closing.
@@ -88,6 +98,10 @@ class NodeConfig:
     audience: str = ""
     node_id: str = ""
     redis: str = ""
+    redis_prefix: str = "pushy:"
+    peer_host: str = "127.0.0.1"
+    peer_port: int = 0
+    registry_ttl_s: float = 30.0
     threads: int = 1
     heartbeat_s: float = 60.0
     pong_timeout_s: float = 15.0
@@ -206,6 +220,7 @@ class NodeConfig:
 _INT_RANGES: dict[str, tuple[int, int]] = {
     "port": (0, 65535),
     "push_port": (0, 65535),
+    "peer_port": (0, 65535),
     "threads": (0, 1024),
     "max_message_bytes": (1, 2**31 - 1),
     "max_push_bytes": (1, 2**31 - 1),
@@ -221,6 +236,7 @@ _POSITIVE_FLOATS = (
     "upgrade_timeout_s",
     "close_timeout_s",
     "push_timeout_s",
+    "registry_ttl_s",
 )
 
 _STRINGS = (
@@ -232,6 +248,8 @@ _STRINGS = (
     "audience",
     "node_id",
     "redis",
+    "redis_prefix",
+    "peer_host",
 )
 
 
@@ -249,6 +267,8 @@ def _check_field(name: str, value: Any) -> Any:
         value = float(value)
         if not (math.isfinite(value) and value > 0):
             raise ConfigError(f"{name} must be a positive number, got {value}")
+        if name == "registry_ttl_s" and not 1 <= value <= 86400:
+            raise ConfigError(f"registry_ttl_s must be between 1 and 86400, got {value}")
         return value
     if name in _STRINGS:
         if not isinstance(value, str):
@@ -259,13 +279,19 @@ def _check_field(name: str, value: Any) -> Any:
             raise ConfigError(
                 f"algorithm must be one of {', '.join(ALGORITHMS)}, got {value!r}"
             )
-        if (
-            name == "redis"
-            and value
-            and not value.startswith(("redis://", "rediss://", "unix://"))
+        if name == "redis" and value and not value.startswith("redis://"):
+            raise ConfigError(
+                "redis must be a url like redis://[:password@]host[:port][/db], "
+                f"got {value!r}"
+            )
+        if name == "peer_host" and not value:
+            raise ConfigError("peer_host must be a host address, got ''")
+        if name == "redis_prefix" and (
+            not value or len(value) > 64 or any(c in value for c in " \t\r\n{}")
         ):
             raise ConfigError(
-                f"redis must be a redis:// or rediss:// url, got {value!r}"
+                "redis_prefix must be 1 to 64 characters without blanks or "
+                f"braces, got {value!r}"
             )
         return value
     if name == "deflate":

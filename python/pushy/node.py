@@ -265,6 +265,19 @@ class Node:
         return self._config.push_port
 
     @property
+    def peer_port(self) -> int:
+        """The peer-link port once started with ``redis``; 0 otherwise."""
+        if self._core is not None:
+            return int(self._core.peer_port)
+        return 0
+
+    @property
+    def peer_address(self) -> str | None:
+        """``HOST:PORT`` of the peer link (with ``redis``), else ``None``."""
+        port = self.peer_port
+        return f"{self._config.peer_host}:{port}" if port else None
+
+    @property
     def node_id(self) -> str:
         """The node id; a random one is chosen at start when none is configured."""
         if self._core is not None:

@@ -14,6 +14,10 @@ fixture                 gives
 ``device_factory``      async ``await factory(device="d1", account="acct",
                         node=None, **client_kwargs)`` -> a connected
                         :class:`pushy.DeviceClient` (needs pytest-asyncio)
+``redis_server``        a real ``redis-server`` on a free port
+                        (:class:`RedisServer`)
+``cluster_factory``     ``factory(nodes, redis=URL, **options)`` -> a
+                        started :class:`Cluster` of node processes
 ======================  ====================================================
 
 Everything started by a fixture is stopped or closed at teardown.
@@ -27,19 +31,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
+from .cluster import Cluster, NodeProcess, free_port
 from .device import DeviceClient
+from .errors import PushyError
 from .node import Node
 from .push import PushClient
 from .tokens import issue_token
 
 __all__ = [
+    "Cluster",
+    "NodeProcess",
+    "RedisServer",
     "TEST_SECRET",
     "TIME_UNIT",
     "async_wait_until",
+    "free_port",
+    "redis_server",
     "running_node",
     "scaled",
     "token_for",
@@ -165,6 +181,149 @@ async def async_wait_until(
         await asyncio.sleep(interval)
 
 
+class RedisServer:
+    """A real ``redis-server`` on a free loopback port, without persistence.
+
+    ``start()`` runs it; ``stop()`` (SIGTERM) and ``kill()`` (SIGKILL) end it;
+    ``start()`` again brings it back on the same port, empty, as a restarted
+    server would be. A context manager::
+
+        with RedisServer() as redis:
+            node = pushy.Node(redis=redis.url, ...)
+
+    Args:
+        binary: the ``redis-server`` executable; found on ``PATH`` (or in
+            ``/usr/bin``) by default.
+
+    Raises:
+        PushyError: there is no ``redis-server`` (Debian package
+            ``redis-server``), or it did not answer within ``scaled(10)`` s.
+    """
+
+    def __init__(self, binary: str | None = None) -> None:
+        found = binary or shutil.which("redis-server") or "/usr/bin/redis-server"
+        if not os.path.exists(found):
+            raise PushyError(
+                "redis-server not found; install the Debian package "
+                "redis-server (apt-get install redis-server)"
+            )
+        self.binary = found
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        self._dir = tempfile.mkdtemp(prefix="pushy-redis-")
+
+    @property
+    def url(self) -> str:
+        """``redis://127.0.0.1:PORT``."""
+        return f"redis://127.0.0.1:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        """Whether the server process runs."""
+        return self.process is not None and self.process.poll() is None
+
+    def start(self) -> RedisServer:
+        """Start the server (empty) and wait until it answers PING."""
+        if self.running:
+            return self
+        self.process = subprocess.Popen(
+            [
+                self.binary,
+                "--port", str(self.port),
+                "--bind", "127.0.0.1",
+                "--save", "",
+                "--appendonly", "no",
+                "--dir", self._dir,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + scaled(10)
+        while True:
+            try:
+                if self.command("PING") == "PONG":
+                    return self
+            except OSError:
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise PushyError(f"redis-server did not start on port {self.port}")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        """Stop the server with SIGTERM and wait for it to exit."""
+        self._end(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """Kill the server with SIGKILL."""
+        self._end(signal.SIGKILL)
+
+    def _end(self, sig: int) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(scaled(10))
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def command(self, *args: Any) -> Any:
+        """Send one command (RESP) and return the decoded reply.
+
+        Strings come back as ``str``, nil as ``None``, arrays as lists; an
+        error reply raises :class:`PushyError`.
+        """
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+            parts = [str(a).encode() if not isinstance(a, bytes) else a for a in args]
+            out = b"*%d\r\n" % len(parts)
+            for p in parts:
+                out += b"$%d\r\n%s\r\n" % (len(p), p)
+            s.sendall(out)
+            return _read_resp(s.makefile("rb"))
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"<pushy.testing.RedisServer {self.url} {state}>"
+
+
+def redis_server() -> RedisServer:
+    """Return a :class:`RedisServer` to use in a ``with`` block."""
+    return RedisServer()
+
+
+def _read_resp(f: Any) -> Any:
+    line = f.readline()
+    if not line:
+        raise OSError("redis closed the connection")
+    kind, rest = line[:1], line[1:-2]
+    if kind == b"+":
+        return rest.decode()
+    if kind == b"-":
+        raise PushyError(f"redis error: {rest.decode()}")
+    if kind == b":":
+        return int(rest)
+    if kind == b"$":
+        n = int(rest)
+        if n < 0:
+            return None
+        data = f.read(n + 2)[:-2]
+        return data.decode(errors="replace")
+    if kind == b"*":
+        n = int(rest)
+        return None if n < 0 else [_read_resp(f) for _ in range(n)]
+    raise PushyError(f"unexpected redis reply {line!r}")
+
+
 async def _connect_device(
     node: Node,
     device: str,
@@ -221,6 +380,27 @@ if pytest is not None:
         yield factory
         for node in reversed(nodes):
             node.stop()
+
+    @pytest.fixture(name="redis_server")
+    def _redis_server_fixture() -> Iterator[RedisServer]:
+        """A real redis-server on a free port, stopped at teardown."""
+        with RedisServer() as server:
+            yield server
+
+    @pytest.fixture
+    def cluster_factory(pushy_secret: str) -> Iterator[Callable[..., Cluster]]:
+        """``factory(nodes, redis=URL, **options)`` -> a started
+        :class:`Cluster` of node processes; all stopped at teardown."""
+        clusters: list[Cluster] = []
+
+        def factory(nodes: int, redis: str, **options: Any) -> Cluster:
+            cluster = Cluster(nodes, redis, secret=pushy_secret, **options)
+            clusters.append(cluster)
+            return cluster.start()
+
+        yield factory
+        for cluster in reversed(clusters):
+            cluster.stop()
 
     if pytest_asyncio is not None:
 

@@ -1,0 +1,272 @@
+"""A local cluster: several node processes sharing one Redis registry.
+
+Every node is a ``pushy serve`` process of this interpreter. They share one
+device port (``SO_REUSEPORT``: the kernel spreads new connections over
+them), and each has its own push port, peer port and node id::
+
+    with pushy.Cluster(2, redis="redis://127.0.0.1:6379", secret=s) as c:
+        print(c.url)                 # the shared device URL
+        for node in c.nodes:
+            print(node.node_id, node.push_url, node.peer_address)
+
+``pushy cluster --nodes N --redis URL`` runs one in the foreground.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from types import TracebackType
+from typing import Any, Self
+
+from .errors import ConfigError, PushyError
+
+__all__ = ["Cluster", "NodeProcess", "free_port"]
+
+_LISTENING = re.compile(
+    r"pushy: node (?P<id>\S+) listening: devices (?P<url>\S+), "
+    r"push (?P<push>\S+), peer (?P<peer>\S+)"
+)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """Return a TCP port that was free on ``host`` a moment ago."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class NodeProcess:
+    """One ``pushy serve`` process of a :class:`Cluster`.
+
+    Attributes:
+        node_id: the node's id.
+        url: the device WebSocket URL (the cluster's shared port).
+        push_url: the node's push API URL (``None`` until started).
+        peer_address: ``HOST:PORT`` of its peer link (``None`` until started).
+        process: the running process, or ``None``.
+    """
+
+    def __init__(self, node_id: str, args: list[str], env: Mapping[str, str]):
+        self.node_id = node_id
+        self.url: str | None = None
+        self.push_url: str | None = None
+        self.peer_address: str | None = None
+        self.process: subprocess.Popen[str] | None = None
+        self._args = args
+        self._env = dict(env)
+        self._output: list[str] = []
+        self._reader: threading.Thread | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The process id while running."""
+        return self.process.pid if self.process else None
+
+    @property
+    def running(self) -> bool:
+        """Whether the process runs."""
+        return self.process is not None and self.process.poll() is None
+
+    @property
+    def output(self) -> str:
+        """Everything the process wrote (stdout and stderr) so far."""
+        return "".join(self._output)
+
+    def start(self, timeout: float = 20.0) -> None:
+        """Start the process and wait until it listens.
+
+        Raises:
+            PushyError: it exited or did not listen within ``timeout``; the
+                message holds its output.
+        """
+        if self.running:
+            return
+        self._output = []
+        self.process = subprocess.Popen(
+            self._args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=self._env,
+        )
+        ready = threading.Event()
+        self._reader = threading.Thread(
+            target=self._read, args=(self.process, ready), daemon=True
+        )
+        self._reader.start()
+        if not ready.wait(timeout) or self.push_url is None:
+            self.kill()
+            raise PushyError(
+                f"node {self.node_id} did not start within {timeout:g} s:\n"
+                f"{self.output[-4000:]}"
+            )
+
+    def _read(self, process: subprocess.Popen[str], ready: threading.Event) -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            self._output.append(line)
+            if not ready.is_set():
+                m = _LISTENING.search(line)
+                if m:
+                    self.url = m["url"]
+                    self.push_url = m["push"]
+                    self.peer_address = m["peer"]
+                    ready.set()
+        ready.set()  # exited: start() reports it
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """Stop with SIGTERM (as a deploy would) and wait; return the exit code."""
+        return self._end(signal.SIGTERM, timeout)
+
+    def kill(self) -> int | None:
+        """Kill with SIGKILL (a crash: nothing is cleaned up); return the code."""
+        return self._end(signal.SIGKILL, 10.0)
+
+    def _end(self, sig: int, timeout: float) -> int | None:
+        process = self.process
+        if process is None:
+            return None
+        if process.poll() is None:
+            process.send_signal(sig)
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if self._reader is not None:
+            self._reader.join(5)
+        if process.stdout is not None:
+            process.stdout.close()
+        self.push_url = self.peer_address = None
+        return process.returncode
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"<pushy.NodeProcess {self.node_id!r} {state}, push={self.push_url}>"
+
+
+class Cluster:
+    """Several node processes on one Redis registry and one device port.
+
+    Args:
+        nodes: how many node processes.
+        redis: Redis URL of the registry.
+        secret: HS256 secret of device tokens (or ``PUSHY_SECRET``).
+        host: address of the shared device port.
+        port: the shared device port; 0 picks a free one.
+        name: node ids are ``{name}-{i}``.
+        **options: more ``pushy serve`` options, as NodeConfig field names
+            (``heartbeat_s=5``, ``registry_ttl_s=3``...).
+
+    Raises:
+        ConfigError: ``nodes`` is below 1 or ``redis`` is empty.
+        PushyError: a node did not start (from :meth:`start`).
+    """
+
+    def __init__(
+        self,
+        nodes: int,
+        redis: str,
+        *,
+        secret: str | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        name: str = "node",
+        **options: Any,
+    ) -> None:
+        if nodes < 1:
+            raise ConfigError(f"nodes must be at least 1, got {nodes}")
+        if not redis:
+            raise ConfigError("a cluster needs redis (a redis:// URL)")
+        self.port = port or free_port(host)
+        self.host = host
+        env = dict(os.environ)
+        if secret is not None:
+            env["PUSHY_SECRET"] = secret
+        self.nodes: list[NodeProcess] = []
+        for i in range(nodes):
+            node_id = f"{name}-{i}"
+            args = [
+                sys.executable,
+                "-m",
+                "pushy",
+                "serve",
+                "--host",
+                host,
+                "--port",
+                str(self.port),
+                "--push-port",
+                "0",
+                "--peer-port",
+                "0",
+                "--node-id",
+                node_id,
+                "--redis",
+                redis,
+            ]
+            for key, value in options.items():
+                args += [f"--{key.replace('_', '-')}", str(value)]
+            self.nodes.append(NodeProcess(node_id, args, env))
+
+    @property
+    def url(self) -> str:
+        """The shared device WebSocket URL."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"ws://{host}:{self.port}/v1/connect"
+
+    def start(self) -> Self:
+        """Start every node that is not running; wait until each listens.
+
+        Raises:
+            PushyError: a node did not start (the others are stopped).
+        """
+        try:
+            for node in self.nodes:
+                node.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Stop every node (SIGTERM), all at once."""
+        for node in self.nodes:
+            if node.running:
+                assert node.process is not None
+                node.process.send_signal(signal.SIGTERM)
+        for node in self.nodes:
+            node.stop()
+
+    def wait(self) -> Iterator[NodeProcess]:
+        """Yield each node that exits, as it exits, while any runs."""
+        exited: set[str] = set()
+        while any(n.running for n in self.nodes):
+            for node in self.nodes:
+                if not node.running and node.node_id not in exited:
+                    exited.add(node.node_id)
+                    yield node
+            time.sleep(0.2)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        running = sum(n.running for n in self.nodes)
+        return f"<pushy.Cluster {running}/{len(self.nodes)} running, url={self.url!r}>"
+
