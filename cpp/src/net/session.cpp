@@ -82,11 +82,25 @@ void session::start(std::string_view leftover) {
     socket_.non_blocking(true, ec);
     socket_.set_option(tcp::no_delay(true), ec);
 
+    auto* f = node_.fleet();
+    if (!f) return begin(leftover);
+    // On a fleet the device is registered in Redis before it gets hello:
+    // once a device has its hello, pushes from any node reach it. (When
+    // Redis is down the answer comes at once and the record is written
+    // when it returns.)
+    f->connected(*this, [self = shared_from_this(),
+                         rest = std::string(leftover)]() mutable {
+        net::post(self->context(), [self, rest = std::move(rest)] {
+            self->begin(rest);
+        });
+    });
+}
+
+void session::begin(std::string_view leftover) {
     // Register, superseding any older connection of the device (RFC-free
     // rule of the product: exactly one live connection per device).
     auto old = node_.table().insert(device_, shared_from_this());
     registered_ = true;
-    if (auto* f = node_.fleet()) f->connected(*this);
     started_ = true;
     node_.live_sessions.fetch_add(1, std::memory_order_relaxed);
     counters::bump(thread_.stats.connections_opened);

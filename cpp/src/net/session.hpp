@@ -60,6 +60,9 @@ public:
 
 private:
     struct pending_ack;
+
+    // The rest of start(), once the device is registered.
+    void begin(std::string_view leftover);
     struct write_waiter {
         std::uint64_t end;  // byte count at which the frame is written
         clock::time_point deadline;

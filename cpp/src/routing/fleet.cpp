@@ -332,14 +332,17 @@ void fleet::stop() {
     done->get_future().wait_for(std::chrono::seconds(3));
 }
 
-void fleet::connected(const session& s) {
+void fleet::connected(const session& s, std::function<void()> registered) {
     auto& f = *impl_;
     auto rec = f.record_of(s, address_);
-    net::post(f.home.ioc, [&f, device = s.device(), rec = std::move(rec)] {
-        if (!f.store) return;
+    net::post(f.home.ioc, [&f, device = s.device(), rec = std::move(rec),
+                           registered = std::move(registered)]() mutable {
+        if (!f.store) return registered();
         f.store->put(device, rec, f.ttl,
-                     [&f, device, self = rec.node](registry::found found,
-                                                   registry::record old) {
+                     [&f, device, self = rec.node,
+                      registered = std::move(registered)](
+                         registry::found found, registry::record old) {
+                         registered();
                          if (found == registry::found::unavailable) {
                              // Written again when Redis returns.
                              return bump(f.registry_errors);

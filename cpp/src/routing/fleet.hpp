@@ -41,8 +41,11 @@ public:
     std::uint16_t peer_port() const noexcept;
     const std::string& peer_address() const noexcept { return address_; }
 
-    // A device connected to / left this node (any io thread).
-    void connected(const session& s);
+    // A device connected to this node (any io thread): writes its record;
+    // `registered` then runs on the home thread, whatever the outcome.
+    void connected(const session& s, std::function<void()> registered);
+    // A device left this node (any io thread): deletes its record if the
+    // connection still owns it.
     void disconnected(const session& s);
 
     // Routes a push for a device that is not connected here. `done` runs on
