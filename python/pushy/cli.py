@@ -54,7 +54,6 @@ LOG_LEVELS: dict[str, int] = {
 _NOT_YET = {
     "processor": "run the message processor (Redis Streams queue)",
     "devicelist": "run the device-list service",
-    "bench": "run the benchmarks",
 }
 
 # serve options: flag, field, type, help. Defaults come from NodeConfig.
@@ -98,7 +97,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the parser of the ``pushy`` command line."""
-    from . import __version__, demo
+    from . import __version__, bench, demo
 
     parser = _Parser(
         prog="pushy",
@@ -205,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     push.set_defaults(func=_push)
 
     demo.add_parser(commands)
+    bench.add_parser(commands)
 
     cluster = commands.add_parser(
         "cluster",

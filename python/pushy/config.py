@@ -268,7 +268,9 @@ def _check_field(name: str, value: Any) -> Any:
         if not (math.isfinite(value) and value > 0):
             raise ConfigError(f"{name} must be a positive number, got {value}")
         if name == "registry_ttl_s" and not 1 <= value <= 86400:
-            raise ConfigError(f"registry_ttl_s must be between 1 and 86400, got {value}")
+            raise ConfigError(
+                f"registry_ttl_s must be between 1 and 86400, got {value}"
+            )
         return value
     if name in _STRINGS:
         if not isinstance(value, str):

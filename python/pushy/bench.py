@@ -1,0 +1,313 @@
+"""``pushy bench``: benchmarks that start their own Redis, nodes and devices.
+
+``pushy bench push`` measures direct push: a cluster of node processes on
+one Redis registry, devices held by the ``pushy-loadgen`` load generator
+(several processes, each under the per-process file limit), and a
+:class:`pushy.PushClient` (``redis=``) pushing to random devices in
+batches. It reports pushes delivered per second, the latency of each push
+from the call to its answer (p50/p99/p99.9), and the node processes'
+CPU-seconds per million pushes; results go to ``RESULTS/push.json`` with a
+latency plot next to it.
+
+Limitations: the pushes are sent closed-loop, in batches of ``--batch``
+concurrent pushes, so latencies include the wait behind the rest of the
+batch (a second phase sends 2,000 pushes one at a time for the latency of
+a push that waits behind no other); the load generator, the nodes, Redis
+and the client share the machine's cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from .cluster import Cluster
+from .errors import PushyError
+from .push import PushClient
+from .tokens import issue_token
+
+__all__ = ["add_parser", "loadgen_path", "run_push"]
+
+_SECRET = "pushy-bench-secret-" + "0123456789abcdef" * 3
+_PER_PROCESS = 5000
+
+
+def add_parser(commands: Any) -> None:
+    """Add ``bench`` and its scenarios to the ``pushy`` command parsers."""
+    bench = commands.add_parser(
+        "bench",
+        help="run a benchmark",
+        description="Run a benchmark scenario; results are written as JSON "
+        "(and a plot) under --results.",
+    )
+    scenarios = bench.add_subparsers(dest="scenario", metavar="SCENARIO")
+    push = scenarios.add_parser(
+        "push",
+        help="direct push through PushClient(redis=) to devices on a cluster",
+        description=__doc__.split("\n\n")[1] if __doc__ else None,
+    )
+    push.add_argument("--devices", type=int, default=10000, metavar="N")
+    push.add_argument("--nodes", type=int, default=2, metavar="N")
+    push.add_argument("--pushes", type=int, default=200000, metavar="N")
+    push.add_argument("--batch", type=int, default=2000, metavar="N",
+                      help="concurrent pushes per batch [2000]")
+    push.add_argument("--runs", type=int, default=3, metavar="N")
+    push.add_argument("--redis", metavar="URL",
+                      help="an existing Redis [start a redis-server]")
+    push.add_argument("--results", default="bench-results", metavar="DIR")
+    push.set_defaults(func=_run_push_cli)
+    bench.set_defaults(func=lambda args: _usage(bench))
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return 2
+
+
+def loadgen_path() -> str:
+    """The ``pushy-loadgen`` executable installed with the package.
+
+    Raises:
+        PushyError: it is not there (a package built without it).
+    """
+    here = Path(__file__).resolve().parent / "bin" / "pushy-loadgen"
+    if here.exists():
+        return str(here)
+    found = shutil.which("pushy-loadgen")
+    if found:
+        return found
+    raise PushyError(
+        f"pushy-loadgen not found (expected {here}); reinstall the package"
+    )
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def _connections(cluster: Cluster) -> int:
+    total = 0
+    for node in cluster.nodes:
+        assert node.push_url is not None
+        with urllib.request.urlopen(node.push_url + "/v1/stats", timeout=5) as r:
+            total += int(json.load(r)["connections"])
+    return total
+
+
+def _percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+def run_push(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
+    """Run the push scenario; return the results (also written as JSON)."""
+    from .testing import RedisServer
+
+    if args.devices < 1 or args.nodes < 1 or args.pushes < 1 or args.batch < 1:
+        raise PushyError("--devices, --nodes, --pushes and --batch must be >= 1")
+    loadgen = loadgen_path()
+    tmp = Path(tempfile.mkdtemp(prefix="pushy-bench-"))
+    devices = [f"bench-{i}" for i in range(args.devices)]
+    redis = None if args.redis else RedisServer().start()
+    url = args.redis or redis.url  # type: ignore[union-attr]
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        cluster = Cluster(args.nodes, url, secret=_SECRET, name="bench").start()
+        try:
+            say(f"cluster of {args.nodes} nodes on {url}; connecting "
+                f"{args.devices:,} devices")
+            for start in range(0, args.devices, _PER_PROCESS):
+                chunk = devices[start : start + _PER_PROCESS]
+                tokens = tmp / f"tokens-{start}.txt"
+                tokens.write_text(
+                    "".join(issue_token(_SECRET, d, "bench", ttl=86400) + "\n"
+                            for d in chunk)
+                )
+                procs.append(subprocess.Popen(
+                    [loadgen, "--port", str(cluster.port), "--connections",
+                     str(len(chunk)), "--tokens", str(tokens), "--rate", "5000",
+                     "--hold-s", "86400"],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                ))
+            deadline = time.monotonic() + 120
+            while _connections(cluster) < args.devices:
+                if time.monotonic() > deadline:
+                    raise PushyError(
+                        f"only {_connections(cluster)} of {args.devices} "
+                        "devices connected within 120 s"
+                    )
+                time.sleep(0.2)
+            say(f"{args.devices:,} devices connected")
+            runs = [
+                _push_run(cluster, url, devices, args, say)
+                for _ in range(args.runs)
+            ]
+        finally:
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                try:
+                    p.wait(30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+            cluster.stop()
+    finally:
+        if redis is not None:
+            redis.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    summary = _summarise(runs)
+    result = {
+        "scenario": "push",
+        "devices": args.devices,
+        "nodes": args.nodes,
+        "pushes_per_run": args.pushes,
+        "batch": args.batch,
+        "runs": runs,
+        "summary": summary,
+        "machine": {"cpus": os.cpu_count()},
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    out = Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "push.json").write_text(json.dumps(result, indent=2) + "\n")
+    _plot(runs, out / "push.png")
+    _table(summary, say)
+    say(f"results written to {out / 'push.json'} and {out / 'push.png'}")
+    return result
+
+
+def _push_run(
+    cluster: Cluster, url: str, devices: list[str], args: argparse.Namespace,
+    say: Any,
+) -> dict[str, Any]:
+    pids = [n.pid for n in cluster.nodes if n.pid is not None]
+    rng = random.Random(1)
+    with PushClient(redis=url, timeout=30) as client:
+        # Warm the route cache and the peer links.
+        client.push_many([(d, 0) for d in devices[: min(len(devices), 2000)]])
+        cpu0 = sum(_cpu_seconds(p) for p in pids)
+        started = time.perf_counter()
+        latencies: list[float] = []
+        codes: dict[int, int] = {}
+        sent = 0
+        while sent < args.pushes:
+            n = min(args.batch, args.pushes - sent)
+            batch = [(rng.choice(devices), {"seq": sent + i}) for i in range(n)]
+            for r in client.push_many(batch):
+                codes[r.code] = codes.get(r.code, 0) + 1
+                latencies.append(r.latency)
+            sent += n
+        elapsed = time.perf_counter() - started
+        cpu = sum(_cpu_seconds(p) for p in pids) - cpu0
+        # Then one push at a time: the latency of a push that waits behind
+        # no other.
+        single = [
+            client.push(rng.choice(devices), {"seq": i}).latency
+            for i in range(min(args.pushes, 2000))
+        ]
+    delivered = codes.get(200, 0)
+    run = {
+        "pushes": sent,
+        "delivered": delivered,
+        "codes": {str(k): v for k, v in sorted(codes.items())},
+        "seconds": elapsed,
+        "delivered_per_s": delivered / elapsed,
+        "node_cpu_s": cpu,
+        "node_cpu_s_per_1m": cpu / max(delivered, 1) * 1e6,
+        "latency_us": {
+            "p50": _percentile(latencies, 50) * 1e6,
+            "p99": _percentile(latencies, 99) * 1e6,
+            "p99.9": _percentile(latencies, 99.9) * 1e6,
+            "max": max(latencies) * 1e6,
+        },
+        "single_latency_us": {
+            "p50": _percentile(single, 50) * 1e6,
+            "p99": _percentile(single, 99) * 1e6,
+            "p99.9": _percentile(single, 99.9) * 1e6,
+        },
+        # Every k-th latency, at most about 20,000, for the plot.
+        "latencies_us_sample": [
+            round(x * 1e6, 1) for x in latencies[:: max(1, len(latencies) // 20000)]
+        ],
+    }
+    say(f"run: {delivered:,}/{sent:,} delivered in {elapsed:.2f} s "
+        f"({run['delivered_per_s']:,.0f}/s), node CPU {cpu:.2f} s "
+        f"({run['node_cpu_s_per_1m']:.2f} s per 1M), batched p50 "
+        f"{run['latency_us']['p50']:.0f} us, p99 {run['latency_us']['p99']:.0f} us; "
+        f"one at a time p50 {run['single_latency_us']['p50']:.0f} us, p99 "
+        f"{run['single_latency_us']['p99']:.0f} us")
+    return run
+
+
+def _summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    def stat(get: Any) -> dict[str, float]:
+        values = [get(r) for r in runs]
+        return {"median": statistics.median(values), "min": min(values),
+                "max": max(values)}
+
+    return {
+        "delivered_per_s": stat(lambda r: r["delivered_per_s"]),
+        "node_cpu_s_per_1m": stat(lambda r: r["node_cpu_s_per_1m"]),
+        "p50_us": stat(lambda r: r["latency_us"]["p50"]),
+        "p99_us": stat(lambda r: r["latency_us"]["p99"]),
+        "p99.9_us": stat(lambda r: r["latency_us"]["p99.9"]),
+        "single_p50_us": stat(lambda r: r["single_latency_us"]["p50"]),
+        "single_p99_us": stat(lambda r: r["single_latency_us"]["p99"]),
+        "single_p99.9_us": stat(lambda r: r["single_latency_us"]["p99.9"]),
+        "failed": sum(r["pushes"] - r["delivered"] for r in runs),
+    }
+
+
+def _table(summary: dict[str, Any], say: Any) -> None:
+    say("over the runs (median [min, max]):")
+    for key in ("delivered_per_s", "node_cpu_s_per_1m", "p50_us", "p99_us",
+                "p99.9_us", "single_p50_us", "single_p99_us", "single_p99.9_us"):
+        s = summary[key]
+        say(f"  {key:<20} {s['median']:>12,.1f} [{s['min']:,.1f}, {s['max']:,.1f}]")
+    say(f"  {'failed pushes':<20} {summary['failed']:>12,}")
+
+
+def _plot(runs: list[dict[str, Any]], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plots are optional
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, run in enumerate(runs):
+        values = sorted(run["latencies_us_sample"])
+        ax.plot(values, [k / len(values) for k in range(len(values))],
+                label=f"run {i}")
+    ax.set(xscale="log", xlabel="push latency, call to answer (us)",
+           ylabel="fraction of pushes", title="pushy bench push")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _run_push_cli(args: argparse.Namespace) -> int:
+    try:
+        run_push(args)
+    except PushyError as exc:
+        print(f"pushy: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
