@@ -74,6 +74,12 @@ struct node_config {
     // Default timeout of a push that waits for the device's ack.
     double push_timeout_s = 5;
 
+    // Device-to-device: messages per second each connection may send (a
+    // token bucket of `d2d_burst`), and the largest `data` of one.
+    double d2d_rate = 100;
+    std::size_t d2d_burst = 200;
+    std::size_t max_d2d_bytes = 16 * 1024;
+
     // Throws config_error naming the first invalid field.
     void validate() const;
 };

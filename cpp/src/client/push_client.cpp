@@ -45,6 +45,9 @@ std::string check(const push_spec_in& s) {
     simdjson::padded_string padded(s.data);
     simdjson::dom::element ignored;
     if (parser.parse(padded).get(ignored)) return "'data' is not valid JSON";
+    // The node holds data to its max_push_bytes (413); this bound keeps a
+    // frame well inside what a peer link carries.
+    if (s.data.size() > (8u << 20)) return "'data' is larger than 8 MiB";
     if (!(s.timeout_s >= 0) || s.timeout_s > 3600) {
         return "'timeout' must be between 0 and 3600 seconds";
     }
@@ -93,8 +96,8 @@ public:
             router_.push(std::move(req), timeout,
                          [this, started, done = std::move(done)](
                              const peer::reply& rep) {
-                             hits_ = router_.cache().hits;
-                             misses_ = router_.cache().misses;
+                             hits_ = router_.cache().hits.load();
+                             misses_ = router_.cache().misses.load();
                              push_result r;
                              r.code = rep.code;
                              r.status = rep.status;

@@ -41,6 +41,11 @@ void node_config::validate() const {
     require(upgrade_timeout_s > 0, "upgrade_timeout_s must be positive");
     require(close_timeout_s > 0, "close_timeout_s must be positive");
     require(push_timeout_s > 0, "push_timeout_s must be positive");
+    require(d2d_rate > 0, "d2d_rate must be positive");
+    require(d2d_burst >= 1 && d2d_burst <= 1000000,
+            "d2d_burst must be between 1 and 1000000");
+    require(max_d2d_bytes >= 1 && max_d2d_bytes <= (8u << 20),
+            "max_d2d_bytes must be between 1 byte and 8 MiB");
     require(max_message_bytes >= 16 && max_message_bytes <= (64u << 20),
             "max_message_bytes must be between 16 and 64 MiB");
     require(max_push_bytes >= 1 && max_push_bytes <= (8u << 20),

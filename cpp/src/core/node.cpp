@@ -69,6 +69,22 @@ std::uint16_t node_impl::peer_port() const noexcept {
     return fleet_ ? fleet_->peer_port() : 0;
 }
 
+// Queues `req` on session `s`; its outcome reaches `done` on `home`.
+static void deliver_to(io_thread& home, std::shared_ptr<session> s,
+                       push_request req, local_push_done done) {
+    req.done = [home = &home, id = req.id, done = std::move(done)](
+                   push_outcome o, std::string_view reason) mutable {
+        net::post(home->ioc, [o, id, r = std::string(reason),
+                              done = std::move(done)]() mutable {
+            done(o, id, r);
+        });
+    };
+    auto& ctx = s->context();  // before `s` moves into the handler
+    net::post(ctx, [s = std::move(s), req = std::move(req)]() mutable {
+        s->deliver(std::move(req));
+    });
+}
+
 bool node_impl::deliver_local(io_thread& home, const std::string& device,
                               std::string_view data, std::string_view from,
                               bool want_ack, std::chrono::milliseconds timeout,
@@ -80,17 +96,70 @@ bool node_impl::deliver_local(io_thread& home, const std::string& device,
     req.frame = push_frame(req.id, from, data, want_ack);
     req.want_ack = want_ack;
     req.timeout = timeout;
-    req.done = [home = &home, id = req.id, done = std::move(done)](
-                   push_outcome o, std::string_view reason) mutable {
-        net::post(home->ioc, [o, id, r = std::string(reason),
-                              done = std::move(done)]() mutable {
-            done(o, id, r);
-        });
-    };
-    net::post(s->context(), [s, req = std::move(req)]() mutable {
-        s->deliver(std::move(req));
-    });
+    deliver_to(home, std::move(s), std::move(req), std::move(done));
     return true;
+}
+
+std::string d2d_frame(const d2d_message& m) {
+    std::string f;
+    f.reserve(48 + m.msg_id.size() + m.from.size() + m.data.size());
+    f += R"({"t":"d2d","id":)";
+    f += m.msg_id;
+    f += R"(,"from":)";
+    json::append_string(f, m.from);
+    f += R"(,"data":)";
+    f += m.data;
+    f += '}';
+    return f;
+}
+
+bool node_impl::deliver_d2d(io_thread& home, const d2d_message& m,
+                            d2d_done done) {
+    auto s = table_.find(m.to);
+    if (!s) return false;
+    push_request req;
+    req.frame = d2d_frame(m);
+    req.timeout = std::chrono::milliseconds(
+        static_cast<long>(cfg_.push_timeout_s * 1000));
+    deliver_to(home, std::move(s), std::move(req),
+               [home = &home, done = std::move(done)](
+                   push_outcome o, std::uint64_t, std::string_view why) {
+                   if (o == push_outcome::delivered) {
+                       counters::bump(home->stats.d2d_delivered);
+                       return done(200, {});
+                   }
+                   if (o == push_outcome::disconnected) {
+                       return done(404, "target disconnected");
+                   }
+                   done(status_code(o), why);
+               });
+    return true;
+}
+
+void node_impl::send_d2d(io_thread& home, d2d_message m, d2d_done done) {
+    if (auto target = table_.find(m.to)) {
+        if (target->account() == m.account) {
+            deliver_d2d(home, m, std::move(done));
+            return;
+        }
+        if (!fleet_) return done(403, "target belongs to another account");
+        // Another account: only with the sender's allow-list.
+        fleet_->allowed(
+            home, m.from, m.to,
+            [this, &home, m, done = std::move(done)](int verdict) mutable {
+                if (verdict < 0) return done(503, "registry unavailable");
+                if (verdict == 0) {
+                    return done(403, "target belongs to another account");
+                }
+                if (!deliver_d2d(home, m, done)) {
+                    done(404, "target is not connected");
+                }
+            });
+        return;
+    }
+    if (!fleet_) return done(404, "target is not connected");
+    counters::bump(home.stats.d2d_forwarded);
+    fleet_->d2d(home, std::move(m), std::move(done));
 }
 
 node_impl::~node_impl() {

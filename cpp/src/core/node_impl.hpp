@@ -15,6 +15,7 @@
 #include "core/io_thread.hpp"
 #include "core/stats.hpp"
 #include "pushy/config.hpp"
+#include "routing/d2d.hpp"
 
 namespace pushy {
 
@@ -57,6 +58,15 @@ public:
                        std::string_view data, std::string_view from,
                        bool want_ack, std::chrono::milliseconds timeout,
                        local_push_done done);
+
+    // Sends a device-to-device message from a device connected here to its
+    // target, here or on another node; `done` runs on `home`.
+    void send_d2d(io_thread& home, d2d_message m, d2d_done done);
+
+    // Delivers a d2d message to its target if it is connected here (the
+    // sender is already authorized); `done` runs on `home`. Returns false
+    // (and never calls `done`) when the target is not connected here.
+    bool deliver_d2d(io_thread& home, const d2d_message& m, d2d_done done);
     bool running() const noexcept { return running_; }
 
     // The io thread for the next accepted socket (round robin).

@@ -1,5 +1,7 @@
 #include "core/stats.hpp"
 
+#include <cmath>
+
 #include "detail/json_out.hpp"
 
 namespace pushy {
@@ -46,6 +48,20 @@ std::string_view status_name(push_outcome o) noexcept {
 
 std::string_view reject_name(reject r) noexcept {
     return reject_names[static_cast<std::size_t>(r)];
+}
+
+std::size_t latency_histogram::bucket_of(double us) noexcept {
+    if (!(us > 1)) return 0;
+    auto i = static_cast<std::size_t>(std::floor(4 * std::log2(us))) + 1;
+    return std::min(i, bucket_count - 1);
+}
+
+double latency_histogram::upper_us(std::size_t i) noexcept {
+    return std::exp2(static_cast<double>(i) / 4);
+}
+
+void latency_histogram::record(double us) noexcept {
+    counters::bump(buckets[bucket_of(us)]);
 }
 
 // Sums a counter over all blocks.
@@ -105,7 +121,50 @@ std::string stats_json(std::string_view node_id, std::size_t connections,
         s += std::to_string(
             sum(blocks, [i](auto& b) -> auto& { return b.rejects[i]; }));
     }
-    s += "}}";
+    s += "},\"d2d\":{";
+    s += "\"received\":" + std::to_string(sum(blocks, [](auto& b) -> auto& {
+             return b.d2d_received;
+         }));
+    s += ",\"forwarded\":" + std::to_string(sum(blocks, [](auto& b) -> auto& {
+             return b.d2d_forwarded;
+         }));
+    s += ",\"delivered\":" + std::to_string(sum(blocks, [](auto& b) -> auto& {
+             return b.d2d_delivered;
+         }));
+    s += ",\"status\":{";
+    for (std::size_t i = 0; i < d2d_code_count; ++i) {
+        if (i) s += ',';
+        s += '"' + std::to_string(d2d_codes[i]) + "\":";
+        s += std::to_string(
+            sum(blocks, [i](auto& b) -> auto& { return b.d2d_status[i]; }));
+    }
+    // Percentiles from the summed histograms: each is the upper edge of
+    // the bucket where it falls (at most 19% above the true value).
+    std::array<std::uint64_t, latency_histogram::bucket_count> h{};
+    std::uint64_t total = 0;
+    for (std::size_t i = 0; i < h.size(); ++i) {
+        h[i] = sum(blocks,
+                   [i](auto& b) -> auto& { return b.d2d_latency.buckets[i]; });
+        total += h[i];
+    }
+    auto percentile = [&](double p) -> double {
+        if (!total) return 0;
+        auto rank = static_cast<std::uint64_t>(std::ceil(p * total));
+        std::uint64_t seen = 0;
+        for (std::size_t i = 0; i < h.size(); ++i) {
+            seen += h[i];
+            if (seen >= rank) return latency_histogram::upper_us(i);
+        }
+        return latency_histogram::upper_us(h.size() - 1);
+    };
+    s += "},\"latency_us\":{\"count\":" + std::to_string(total);
+    s += ",\"p50\":";
+    json::append_number(s, percentile(0.50));
+    s += ",\"p99\":";
+    json::append_number(s, percentile(0.99));
+    s += ",\"p99.9\":";
+    json::append_number(s, percentile(0.999));
+    s += "}}}";
     return s;
 }
 

@@ -13,6 +13,7 @@
 #include "core/logging.hpp"
 #include "core/node_impl.hpp"
 #include "detail/json_out.hpp"
+#include "detail/json_raw.hpp"
 #include "detail/url.hpp"
 #include "net/session.hpp"
 #include "routing/fleet.hpp"
@@ -32,26 +33,6 @@ namespace {
 constexpr std::size_t max_body_bytes = 16 << 20;
 constexpr std::size_t max_device_id_bytes = 256;
 constexpr double max_timeout_ms = 3'600'000;
-
-// The exact text of a value. simdjson 3.0 gives raw_json() to objects and
-// arrays only; a scalar's token is its text (trailing blanks trimmed by the
-// caller).
-simdjson::error_code raw_text(od::value v, std::string_view& out) {
-    od::json_type type;
-    if (auto e = v.type().get(type)) return e;
-    if (type == od::json_type::object) {
-        od::object o;
-        if (auto e = v.get_object().get(o)) return e;
-        return o.raw_json().get(out);
-    }
-    if (type == od::json_type::array) {
-        od::array a;
-        if (auto e = v.get_array().get(a)) return e;
-        return a.raw_json().get(out);
-    }
-    out = v.raw_json_token();
-    return simdjson::SUCCESS;
-}
 
 // One push as a service asked for it.
 struct push_spec {
@@ -79,7 +60,7 @@ std::string read_push(od::object obj, push_spec& p, std::size_t max_data,
             p.device = std::string(d);
             has_device = true;
         } else if (key == "data") {
-            if (raw_text(v, p.data)) return "malformed 'data'";
+            if (json::raw_text(v, p.data)) return "malformed 'data'";
             has_data = true;
         } else if (key == "ack") {
             std::string_view a;
@@ -108,12 +89,6 @@ std::string read_push(od::object obj, push_spec& p, std::size_t max_data,
         return "'device' is longer than 256 bytes";
     }
     if (!has_data) return "missing 'data'";
-    // raw_json() keeps trailing blanks; they are not part of the value.
-    while (!p.data.empty() &&
-           (p.data.back() == ' ' || p.data.back() == '\n' ||
-            p.data.back() == '\r' || p.data.back() == '\t')) {
-        p.data.remove_suffix(1);
-    }
     if (p.data.size() > max_data) {
         too_large = true;
         return "'data' is larger than " + std::to_string(max_data) + " bytes";
@@ -143,6 +118,18 @@ std::string result_json(std::string_view node, push_outcome o,
     }
     s += '}';
     return s;
+}
+
+// The outcome a push answered elsewhere counts as here.
+push_outcome outcome_of(int code) {
+    switch (code) {
+        case 200: return push_outcome::delivered;
+        case 400: return push_outcome::bad_request;
+        case 404: return push_outcome::not_connected;
+        case 413: return push_outcome::too_large;
+        case 504: return push_outcome::timeout;
+        default: return push_outcome::unavailable;
+    }
 }
 
 // The JSON result of a push answered by another node (or by the link).
@@ -332,8 +319,9 @@ private:
         // The peer answers within the push timeout; the link gets a little
         // more before it answers 504 itself.
         f->push(thread_, std::move(req), timeout + std::chrono::seconds(1),
-                [node = &node_, device = p.device,
+                [node = &node_, home = &thread_, device = p.device,
                  reply](peer::reply r) mutable {
+                    home->stats.count(outcome_of(r.code));
                     reply(remote_result_json(r, node->node_id(), device),
                           r.code);
                 });

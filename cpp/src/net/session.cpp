@@ -8,6 +8,7 @@
 #include "core/logging.hpp"
 #include "core/node_impl.hpp"
 #include "detail/json_out.hpp"
+#include "detail/json_raw.hpp"
 #include "routing/fleet.hpp"
 
 namespace pushy {
@@ -286,8 +287,9 @@ void session::handle_text(std::string_view text) {
             return;
         }
         settle_ack(ack_id, push_outcome::delivered, {});
-    } else if (t == "d2d" || t == "send" || t == "subscribe" ||
-               t == "unsubscribe") {
+    } else if (t == "d2d") {
+        handle_d2d(text, obj, id_json);
+    } else if (t == "send" || t == "subscribe" || t == "unsubscribe") {
         send_status(id_json, 503, "not available on this node yet");
     } else {
         thread_.stats.count(reject::bad_message);
@@ -306,10 +308,96 @@ void session::send_status(std::string_view id_json, int code,
     s += id_json;
     s += R"(,"code":)";
     s += std::to_string(code);
-    s += R"(,"reason":)";
-    json::append_string(s, reason);
+    if (!reason.empty()) {
+        s += R"(,"reason":)";
+        json::append_string(s, reason);
+    }
     s += '}';
     send_frame(ws::opcode::text, s);
+}
+
+bool session::take_d2d_token() {
+    const auto& cfg = node_.config();
+    auto now_ms = static_cast<std::uint32_t>(
+        std::chrono::duration_cast<std::chrono::milliseconds>(
+            clock::now().time_since_epoch())
+            .count());
+    auto burst = static_cast<float>(cfg.d2d_burst);
+    if (d2d_tokens_ < 0) {
+        d2d_tokens_ = burst;
+    } else {
+        // Unsigned difference: correct across the 49-day wrap.
+        std::uint32_t elapsed = now_ms - d2d_filled_ms_;
+        d2d_tokens_ = std::min(
+            burst, d2d_tokens_ + static_cast<float>(elapsed * cfg.d2d_rate /
+                                                    1000.0));
+    }
+    d2d_filled_ms_ = now_ms;
+    if (d2d_tokens_ < 1) return false;
+    d2d_tokens_ -= 1;
+    return true;
+}
+
+// {"t":"d2d","id":M,"to":DEVICE,"data":ANY}: checked here (fields, size,
+// rate), then authorized and routed by the node; the answer is a status
+// with the same id, and the arrival-to-answer time goes to the histogram.
+void session::handle_d2d(std::string_view text, simdjson::dom::object obj,
+                         const std::string& id_json) {
+    auto arrived = clock::now();
+    counters::bump(thread_.stats.d2d_received);
+    auto answer = [this, &id_json, arrived](int code, std::string_view why) {
+        thread_.stats.count_d2d_status(code);
+        send_status(id_json, code, why);
+        thread_.stats.d2d_latency.record(
+            std::chrono::duration<double, std::micro>(clock::now() - arrived)
+                .count());
+    };
+    std::string_view id, to;
+    if (obj["id"].get_string().get(id)) {
+        return answer(400, "d2d needs a string 'id'");
+    }
+    if (obj["to"].get_string().get(to) || to.empty()) {
+        return answer(400, "d2d needs a device id string 'to'");
+    }
+    if (to.size() > 256) return answer(400, "'to' is longer than 256 bytes");
+    // The data passes through as the device wrote it: find its exact text.
+    std::string_view data;
+    simdjson::ondemand::document doc;
+    auto padded = thread_.padded(text);
+    simdjson::ondemand::value v;
+    if (thread_.ondemand.iterate(padded.data(), padded.size(),
+                                 thread_.json_buffer.capacity())
+            .get(doc) ||
+        doc["data"].get(v) || json::raw_text(v, data)) {
+        return answer(400, "d2d needs a field 'data'");
+    }
+    if (data.size() > node_.config().max_d2d_bytes) {
+        return answer(413, "'data' is larger than " +
+                               std::to_string(node_.config().max_d2d_bytes) +
+                               " bytes");
+    }
+    if (!take_d2d_token()) return answer(429, "d2d rate limit");
+
+    d2d_message m;
+    m.msg_id = id_json;
+    m.from = device_;
+    m.account = account_;
+    m.to = std::string(to);
+    m.data = std::string(data);
+    node_.send_d2d(
+        thread_, std::move(m),
+        [self = shared_from_this(), id = id_json, arrived](
+            int code, std::string_view why) {
+            auto& stats = self->thread_.stats;
+            stats.count_d2d_status(code);
+            if (self->state_ == state::open) {
+                self->send_status(id, code, why);
+            }
+            stats.d2d_latency.record(
+                std::chrono::duration<double, std::micro>(clock::now() -
+                                                          arrived)
+                    .count());
+        });
 }
 
 // ---------------------------------------------------------------- writing

@@ -12,6 +12,8 @@
 
 #include <boost/asio/ip/tcp.hpp>
 
+#include <simdjson.h>
+
 #include <chrono>
 #include <cstdint>
 #include <memory>
@@ -63,6 +65,11 @@ private:
 
     // The rest of start(), once the device is registered.
     void begin(std::string_view leftover);
+    // A d2d message from the device (`text` is the whole message).
+    void handle_d2d(std::string_view text, simdjson::dom::object obj,
+                    const std::string& id_json);
+    // Takes a token from the d2d bucket; false when it is empty.
+    bool take_d2d_token();
     struct write_waiter {
         std::uint64_t end;  // byte count at which the frame is written
         clock::time_point deadline;
@@ -125,6 +132,11 @@ private:
     std::uint64_t queued_ = 0;
     std::vector<write_waiter> waiters_;
     std::vector<std::unique_ptr<pending_ack>> acks_;
+
+    // Device-to-device token bucket: tokens left (negative: not used yet,
+    // so full) and when it was last filled, in ms of the steady clock.
+    float d2d_tokens_ = -1;
+    std::uint32_t d2d_filled_ms_ = 0;
 
     state state_ = state::open;
     bool reading_ = false;

@@ -32,8 +32,14 @@ std::string url::display() const {
 
 url parse_url(std::string_view text) {
     auto fail = [&](std::string_view what) {
-        throw config_error("redis URL '" + std::string(text) + "': " +
-                           std::string(what) +
+        // The URL as written, less any password.
+        std::string shown(text);
+        if (auto at = shown.rfind('@'); at != std::string::npos) {
+            auto start = shown.find("://");
+            start = start == std::string::npos ? 0 : start + 3;
+            if (at > start) shown.replace(start, at - start, "***");
+        }
+        throw config_error("redis URL '" + shown + "': " + std::string(what) +
                            " (expected redis://[:password@]host[:port][/db])");
     };
     constexpr std::string_view scheme = "redis://";
@@ -357,11 +363,19 @@ void client::on_connected(int status) {
              [this, alive = alive_, last, what](redisReply* r) {
                  if (!*alive || stopped_) return;
                  if (reply_is_error(r)) {
-                     if (r) {
-                         PUSHY_ERROR("{}: redis at {} refused {}: {}", name_,
-                                     url_.display(), what, reply_text(r));
+                     if (r && ctx_) {
+                         // Credentials changed since start: retry later
+                         // rather than sit on a link we cannot use.
+                         PUSHY_WARN("{}: redis at {} refused {}: {}; "
+                                    "retrying",
+                                    name_, url_.display(), what,
+                                    reply_text(r));
+                         auto* c = ctx_;
+                         net::post(ioc_, [this, alive = alive_, c] {
+                             if (*alive && ctx_ == c) redisAsyncFree(c);
+                         });
                      }
-                     return;  // the link is dropped below or by timeout
+                     return;
                  }
                  if (!last) return;
                  up_ = true;
@@ -398,13 +412,9 @@ void client::check_timeouts() {
         PUSHY_WARN("{}: redis at {} did not answer within {} ms; "
                    "reconnecting",
                    name_, url_.display(), command_timeout.count());
-        auto* c = ctx_;
-        ctx_ = nullptr;
-        bool was_up = up_.exchange(false);
-        redisAsyncFree(c);  // pending commands get null replies
-        sent_.clear();
-        if (was_up && on_down_) on_down_();
-        schedule_reconnect();
+        // Freeing a connected context answers every pending command with
+        // a null reply and calls on_disconnected, which reconnects.
+        redisAsyncFree(ctx_);
     }
     sweep_.expires_after(std::chrono::milliseconds(100));
     sweep_.async_wait([this, alive = alive_](error_code ec) {

@@ -23,13 +23,21 @@ const std::string remove_script =
     "  return redis.call('DEL', KEYS[1]) end "
     "return 0";
 
-// Extend when owned; write again when gone; 0 when another owner has it.
+// Extend when owned; write again when gone. A record of another connection
+// is taken over when it is from this node (the caller's table knows the
+// live one) or from an older connection elsewhere, whose delete may have
+// been lost in an outage: the old record is returned, to close it. Else 0.
 const std::string refresh_script =
     "local v = redis.call('GET', KEYS[1]) "
     "if not v then "
     "  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) return 2 end "
     "if string.sub(v, 1, #ARGV[1]) == ARGV[1] then "
     "  redis.call('PEXPIRE', KEYS[1], ARGV[3]) return 1 end "
+    "local at = tonumber(string.match(v, "
+    "  '^[^\t]*\t[^\t]*\t[^\t]*\t([^\t]*)\t')) "
+    "if string.sub(v, 1, #ARGV[4]) == ARGV[4] or "
+    "   (at and at < tonumber(ARGV[5])) then "
+    "  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) return v end "
     "return 0";
 
 const std::string put_sha = redis::script_sha1(put_script);
@@ -140,15 +148,24 @@ void store::remove(std::string_view device, const record& r) {
 
 void store::refresh(std::string_view device, const record& r,
                     std::chrono::milliseconds ttl,
-                    std::function<void(int)> done) {
+                    std::function<void(int, std::optional<record>)> done) {
     auto key = device_key(device);
     auto owner = owner_prefix(r.node, r.peer, r.conn);
     auto value = format_record(r);
     auto ms = std::to_string(ttl.count());
-    redis_.eval(refresh_script, refresh_sha, {key}, {owner, value, ms},
+    auto node = r.node + '\t';
+    auto at = std::to_string(r.connected_at);
+    redis_.eval(refresh_script, refresh_sha, {key},
+                {owner, value, ms, node, at},
                 [done = std::move(done)](redisReply* r) {
-                    if (!r || redis::reply_is_error(r)) return done(-1);
-                    done(static_cast<int>(redis::reply_integer(r)));
+                    if (!r || redis::reply_is_error(r)) {
+                        return done(-1, std::nullopt);
+                    }
+                    if (r->type == REDIS_REPLY_STRING) {
+                        return done(3, parse_record(redis::reply_text(r)));
+                    }
+                    done(static_cast<int>(redis::reply_integer(r)),
+                         std::nullopt);
                 });
 }
 

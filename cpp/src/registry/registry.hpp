@@ -64,10 +64,13 @@ public:
 
     // Extends the TTL of `device`'s record if `r` owns it; writes it again
     // if it is gone (Redis restarted or it expired). `done` gets 1 (owned,
-    // extended), 2 (written again), 0 (another connection owns it) or -1
-    // (no answer).
+    // extended), 2 (written again), 3 (taken over from the older record it
+    // also gets: one of this node, or an older connection elsewhere whose
+    // delete was lost), 0 (a newer connection elsewhere owns it) or -1 (no
+    // answer).
     void refresh(std::string_view device, const record& r,
-                 std::chrono::milliseconds ttl, std::function<void(int)> done);
+                 std::chrono::milliseconds ttl,
+                 std::function<void(int, std::optional<record>)> done);
 
     // The node directory.
     void put_node(std::string_view node, std::string_view peer,

@@ -5,6 +5,7 @@
 #include <boost/asio/write.hpp>
 
 #include <atomic>
+#include <unordered_map>
 #include <future>
 #include <thread>
 #include <vector>
@@ -66,9 +67,49 @@ struct fleet::impl {
     std::atomic<std::uint64_t> forwarded{0};
     std::atomic<std::uint64_t> forward_failed{0};
     std::atomic<std::uint64_t> peer_pushes{0};
-    std::atomic<std::uint64_t> route_hits{0};
-    std::atomic<std::uint64_t> route_misses{0};
     std::atomic<bool> redis_up{false};
+    std::atomic<std::uint64_t> auth_hits{0};
+    std::atomic<std::uint64_t> auth_misses{0};
+    std::atomic<std::uint64_t> store_calls{0};
+
+    // (sender, target) -> allowed, for targets of another account. Home
+    // thread only.
+    struct verdict {
+        bool allowed;
+        std::chrono::steady_clock::time_point expires;
+    };
+    std::unordered_map<std::string, verdict> allow_cache;
+
+    // Looks the sender's allow-list up (cached); done(1/0/-1) on home.
+    void check_allowed(const std::string& sender, const std::string& target,
+                       std::function<void(int)> done) {
+        auto key = sender + '\n' + target;
+        auto now = std::chrono::steady_clock::now();
+        if (auto it = allow_cache.find(key);
+            it != allow_cache.end() && it->second.expires > now) {
+            bump(auth_hits);
+            return done(it->second.allowed ? 1 : 0);
+        }
+        bump(auth_misses);
+        bump(store_calls);
+        auto set = node.config().redis_prefix + "allow:{" + sender + "}";
+        redis->command({"SISMEMBER", set, target},
+                       [this, key = std::move(key),
+                        done = std::move(done)](redisReply* r) {
+                           if (!r || redis::reply_is_error(r)) return done(-1);
+                           bool yes = redis::reply_integer(r) == 1;
+                           if (allow_cache.size() >= 100000) {
+                               allow_cache.erase(allow_cache.begin());
+                           }
+                           // A refusal is kept briefly, so an entry
+                           // added to the allow-list counts within 1 s.
+                           auto ttl = yes ? std::chrono::seconds(10)
+                                          : std::chrono::seconds(1);
+                           allow_cache[key] = verdict{
+                               yes, std::chrono::steady_clock::now() + ttl};
+                           done(yes ? 1 : 0);
+                       });
+    }
 
     registry::record record_of(const session& s, const std::string& addr) {
         registry::record r;
@@ -89,10 +130,20 @@ struct fleet::impl {
         for (auto& s : node.table().snapshot()) {
             auto rec = record_of(*s, addr);
             store->refresh(s->device(), rec, ttl,
-                           [this, s](int result) {
+                           [this, s](int result,
+                                     std::optional<registry::record> old) {
                                if (result == 1) return bump(refreshed);
                                if (result == 2) return bump(reregistered);
                                if (result < 0) return bump(registry_errors);
+                               if (result == 3) {
+                                   bump(reregistered);
+                                   if (old && old->node != node.node_id()) {
+                                       bump(kicks_sent);
+                                       router->kick(old->peer, s->device(),
+                                                    old->conn);
+                                   }
+                                   return;
+                               }
                                // Another connection, on another node, owns
                                // the device now.
                                bump(superseded_elsewhere);
@@ -177,7 +228,19 @@ private:
             r.node = node_.node_id();
             return send(r);
         }
+        if (req.what == peer::kind::d2d) return handle_d2d(std::move(req));
         bump(fleet_.peer_pushes);
+        if (req.data.size() > node_.config().max_push_bytes) {
+            thread_.stats.count(push_outcome::too_large);
+            peer::reply r;
+            r.id = req.id;
+            r.code = 413;
+            r.status = std::string(status_name(push_outcome::too_large));
+            r.node = node_.node_id();
+            r.reason = "'data' is larger than " +
+                       std::to_string(node_.config().max_push_bytes) + " bytes";
+            return send(r);
+        }
         auto timeout = milliseconds(
             req.timeout_ms ? req.timeout_ms
                            : static_cast<std::uint32_t>(
@@ -207,6 +270,31 @@ private:
             r.node = node_.node_id();
             r.reason = "device is not connected";
             send(r);
+        }
+    }
+
+    // A d2d message for a device connected here, already authorized by
+    // the sender's node.
+    void handle_d2d(peer::request req) {
+        d2d_message m;
+        m.msg_id = std::move(req.msg_id);
+        m.from = std::move(req.from);
+        m.account = std::move(req.account);
+        m.to = std::move(req.device);
+        m.data = std::move(req.data);
+        auto id = req.id;
+        auto answer = [self = shared_from_this(), id](int code,
+                                                     std::string_view why) {
+            peer::reply r;
+            r.id = id;
+            r.code = static_cast<std::uint16_t>(code);
+            r.status = code == 200 ? "delivered" : "failed";
+            r.node = self->node_.node_id();
+            r.reason = std::string(why);
+            self->send(r);
+        };
+        if (!node_.deliver_d2d(thread_, m, answer)) {
+            answer(404, "target is not connected");
         }
     }
 
@@ -272,15 +360,15 @@ void fleet::bind() {
                    f.url.display(), why);
     }
     address_ = cfg.peer_host + ":" + std::to_string(f.peers.port());
+    // Made before any io thread runs: sessions and pushes use them at once.
+    f.redis = std::make_unique<redis::client>(f.home.ioc, f.url, "registry");
+    f.store = std::make_unique<registry::store>(*f.redis, cfg.redis_prefix);
+    f.router = std::make_unique<routing::router>(f.home.ioc, *f.store,
+                                                 f.node.node_id());
 }
 
 void fleet::start() {
     auto& f = *impl_;
-    f.redis = std::make_unique<redis::client>(f.home.ioc, f.url, "registry");
-    f.store = std::make_unique<registry::store>(*f.redis,
-                                                f.node.config().redis_prefix);
-    f.router = std::make_unique<routing::router>(f.home.ioc, *f.store,
-                                                 f.node.node_id());
     auto addr = address_;
     f.redis->on_up([&f, addr] {
         f.redis_up = true;
@@ -379,14 +467,73 @@ void fleet::push(io_thread& caller, peer::request req, milliseconds timeout,
                        [&f, &caller, done = std::move(done)](
                            const peer::reply& r) mutable {
                            if (r.code != 200) bump(f.forward_failed);
-                           f.route_hits.store(f.router->cache().hits,
-                                              std::memory_order_relaxed);
-                           f.route_misses.store(f.router->cache().misses,
-                                                std::memory_order_relaxed);
                            net::post(caller.ioc, [r, done = std::move(done)] {
                                done(r);
                            });
                        });
+    });
+}
+
+void fleet::allowed(io_thread& caller, const std::string& sender,
+                    const std::string& target, std::function<void(int)> done) {
+    auto& f = *impl_;
+    net::post(f.home.ioc, [&f, &caller, sender, target,
+                           done = std::move(done)]() mutable {
+        f.check_allowed(sender, target,
+                        [&caller, done = std::move(done)](int v) mutable {
+                            net::post(caller.ioc, [v, done = std::move(done)] {
+                                done(v);
+                            });
+                        });
+    });
+}
+
+void fleet::d2d(io_thread& caller, d2d_message m, d2d_done done) {
+    auto& f = *impl_;
+    // Every answer goes back to the sender's thread.
+    auto answer = [&caller, done = std::move(done)](int code,
+                                                    std::string_view why) {
+        net::post(caller.ioc, [code, why = std::string(why), done] {
+            done(code, why);
+        });
+    };
+    net::post(f.home.ioc, [&f, m = std::move(m), answer]() mutable {
+        auto cached = f.router->cache().hits.load();
+        std::string to = m.to;  // not m.to: m moves into the handler
+        f.router->resolve(to, [&f, m = std::move(m), answer, cached](
+                                    registry::found found,
+                                    const routing::route& r) mutable {
+            if (f.router->cache().hits == cached) bump(f.store_calls);
+            if (found == registry::found::unavailable) {
+                return answer(503, "registry unavailable");
+            }
+            if (found == registry::found::no || r.node == f.node.node_id()) {
+                return answer(404, "target is not connected");
+            }
+            auto forward = [&f, m, answer]() {
+                peer::request req;
+                req.what = peer::kind::d2d;
+                req.device = m.to;
+                req.data = m.data;
+                req.from = m.from;
+                req.account = m.account;
+                req.msg_id = m.msg_id;
+                auto timeout = milliseconds(static_cast<long>(
+                    f.node.config().push_timeout_s * 1000 + 1000));
+                f.router->push(std::move(req), timeout,
+                               [answer](const peer::reply& rep) {
+                                   answer(rep.code, rep.reason);
+                               });
+            };
+            if (r.account == m.account) return forward();
+            f.check_allowed(m.from, m.to, [answer, forward](int v) {
+                if (v < 0) return answer(503, "registry unavailable");
+                if (v == 0) {
+                    return answer(403, "target belongs to another account");
+                }
+                forward();
+            });
+        });
     });
 }
 
@@ -413,8 +560,12 @@ std::string fleet::stats_json() const {
     field("forwarded", load(f.forwarded));
     field("forward_failed", load(f.forward_failed));
     field("peer_pushes", load(f.peer_pushes));
-    field("route_cache_hits", load(f.route_hits));
-    field("route_cache_misses", load(f.route_misses));
+    field("route_cache_hits", f.router ? load(f.router->cache().hits) : 0);
+    field("route_cache_misses",
+          f.router ? load(f.router->cache().misses) : 0);
+    field("auth_cache_hits", load(f.auth_hits));
+    field("auth_cache_misses", load(f.auth_misses));
+    field("store_calls", load(f.store_calls));
     s += '}';
     return s;
 }

@@ -16,6 +16,7 @@
 #include <string>
 
 #include "core/io_thread.hpp"
+#include "routing/d2d.hpp"
 #include "routing/peer_codec.hpp"
 
 namespace pushy {
@@ -54,6 +55,19 @@ public:
     void push(io_thread& caller, peer::request req,
               std::chrono::milliseconds timeout,
               std::function<void(peer::reply)> done);
+
+    // Sends a d2d message to a target not connected here: route (cache,
+    // then registry), authorization (same account, or the sender's
+    // allow-list), then the target's node over a peer link. `done` runs on
+    // `caller`.
+    void d2d(io_thread& caller, d2d_message m, d2d_done done);
+
+    // Whether `sender` may reach `target` of another account: its allow-
+    // list in Redis ({prefix}allow:{<sender>}, a set of device ids),
+    // cached. `done` runs on `caller` with 1 (yes), 0 (no) or -1 (Redis
+    // cannot answer).
+    void allowed(io_thread& caller, const std::string& sender,
+                 const std::string& target, std::function<void(int)> done);
 
     // The "fleet" object of /v1/stats.
     std::string stats_json() const;

@@ -49,7 +49,7 @@ bool get_uint(const msgpack::object& o, T& out) {
 
 void encode(std::string& out, const request& r) {
     frame(out, [&](auto& pk) {
-        pk.pack_array(9);
+        pk.pack_array(11);
         pk.pack_uint8(1);
         pk.pack_uint64(r.id);
         pk.pack_uint8(static_cast<std::uint8_t>(r.what));
@@ -63,6 +63,8 @@ void encode(std::string& out, const request& r) {
         pk.pack_uint32(r.timeout_ms);
         pack_str(pk, r.from);
         pk.pack_uint64(r.conn);
+        pack_str(pk, r.account);
+        pack_str(pk, r.msg_id);
     });
 }
 
@@ -116,13 +118,14 @@ frame_reader::result frame_reader::next(request& req, reply& rep) {
         error_ = "frame type must be an integer";
         return result::error;
     }
-    if (type == 1 && size >= 9) {
+    if (type == 1 && size >= 11) {
         unsigned k = 0;
         bool ok = get_uint(a[1], req.id) && get_uint(a[2], k) &&
                   get_str(a[3], req.device) && get_str(a[4], req.data) &&
                   a[5].type == msgpack::type::BOOLEAN &&
                   get_uint(a[6], req.timeout_ms) && get_str(a[7], req.from) &&
-                  get_uint(a[8], req.conn) && (k == 1 || k == 2);
+                  get_uint(a[8], req.conn) && get_str(a[9], req.account) &&
+                  get_str(a[10], req.msg_id) && k >= 1 && k <= 3;
         if (ok) {
             req.want_ack = a[5].via.boolean;
             req.what = static_cast<kind>(k);

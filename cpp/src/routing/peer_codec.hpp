@@ -2,7 +2,8 @@
 // clients to nodes (DESIGN section 2).
 //
 // A frame is a 4-byte big-endian length and a msgpack array:
-//   request: [1, id, kind, device, data, ack, timeout_ms, from, conn]
+//   request: [1, id, kind, device, data, ack, timeout_ms, from, conn,
+//             account, msg_id]
 //   reply:   [2, id, code, status, node, push_id, reason]
 // `data` is the push's JSON text, passed through unchanged. Requests are
 // pipelined; replies carry the request id and may come in any order.
@@ -22,6 +23,7 @@ constexpr std::size_t max_frame_bytes = 16u << 20;
 enum class kind : std::uint8_t {
     push = 1,  // deliver a push to a device connected to the receiver
     kick = 2,  // close the device's connection `conn` with 4001
+    d2d = 3,   // a device-to-device message for `device`, from `from`
 };
 
 struct request {
@@ -31,8 +33,10 @@ struct request {
     std::string data;
     bool want_ack = false;
     std::uint32_t timeout_ms = 0;
-    std::string from;
+    std::string from;      // push: service name; d2d: sending device
     std::uint64_t conn = 0;
+    std::string account;   // d2d: the sender's account
+    std::string msg_id;    // d2d: the message id as JSON text
 };
 
 struct reply {

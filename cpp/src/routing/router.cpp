@@ -1,5 +1,7 @@
 #include "routing/router.hpp"
 
+#include <functional>
+
 namespace pushy::routing {
 
 using clock = std::chrono::steady_clock;
@@ -8,18 +10,21 @@ const route* route_cache::find(const std::string& device) {
     auto it = map_.find(device);
     if (it == map_.end() || it->second.expires <= clock::now()) {
         if (it != map_.end()) map_.erase(it);
-        ++misses;
+        misses.store(misses.load(std::memory_order_relaxed) + 1,
+                     std::memory_order_relaxed);
         return nullptr;
     }
-    ++hits;
+    hits.store(hits.load(std::memory_order_relaxed) + 1,
+               std::memory_order_relaxed);
     return &it->second;
 }
 
 void route_cache::put(const std::string& device, std::string node,
-                      std::string peer) {
+                      std::string peer, std::string account) {
     // Full: drop an arbitrary entry; a miss only costs one registry read.
     if (map_.size() >= max_ && !map_.count(device)) map_.erase(map_.begin());
-    map_[device] = route{std::move(node), std::move(peer), clock::now() + ttl_};
+    map_[device] = route{std::move(node), std::move(peer), std::move(account),
+                         clock::now() + ttl_};
 }
 
 router::router(boost::asio::io_context& ioc, registry::store& store,
@@ -53,7 +58,7 @@ void router::attempt(peer::request req, std::chrono::milliseconds timeout,
             return done(peer::local_reply(404, "not_connected",
                                           "device is not connected"));
         }
-        cache_.put(req.device, rec.node, rec.peer);
+        cache_.put(req.device, rec.node, rec.peer, rec.account);
         send_to(rec.node, rec.peer, std::move(req), timeout, std::move(done),
                 true);
     });
@@ -84,6 +89,19 @@ void router::send_to(const std::string& node, const std::string& peer,
                    // The route was cached: the device may have moved.
                    attempt(std::move(retry), timeout, std::move(done), true);
                });
+}
+
+void router::resolve(const std::string& device,
+                     std::function<void(registry::found, const route&)> done) {
+    if (const route* r = cache_.find(device)) {
+        return done(registry::found::yes, *r);
+    }
+    store_.lookup(device, [this, device, done = std::move(done)](
+                              registry::found f, registry::record rec) {
+        if (f != registry::found::yes) return done(f, route{});
+        cache_.put(device, rec.node, rec.peer, rec.account);
+        done(f, route{rec.node, rec.peer, rec.account, {}});
+    });
 }
 
 void router::kick(const std::string& peer, const std::string& device,

@@ -10,7 +10,9 @@
 // client.
 #pragma once
 
+#include <atomic>
 #include <chrono>
+#include <functional>
 #include <cstdint>
 #include <string>
 #include <unordered_map>
@@ -23,6 +25,7 @@ namespace pushy::routing {
 struct route {
     std::string node;
     std::string peer;
+    std::string account;
     std::chrono::steady_clock::time_point expires;
 };
 
@@ -33,11 +36,13 @@ public:
         : max_(max_entries), ttl_(ttl) {}
 
     const route* find(const std::string& device);
-    void put(const std::string& device, std::string node, std::string peer);
+    void put(const std::string& device, std::string node, std::string peer,
+             std::string account);
     void evict(const std::string& device) { map_.erase(device); }
 
-    std::uint64_t hits = 0;
-    std::uint64_t misses = 0;
+    // Written on the router's thread only; read from any.
+    std::atomic<std::uint64_t> hits{0};
+    std::atomic<std::uint64_t> misses{0};
 
 private:
     std::unordered_map<std::string, route> map_;
@@ -56,6 +61,12 @@ public:
     // Sends `req` (a push) to the device's node; `done` runs once.
     void push(peer::request req, std::chrono::milliseconds timeout,
               peer::reply_fn done);
+
+    // Finds the device's route: the cache, or the registry when `fresh` or
+    // not cached. `done` gets found::yes with the route, found::no, or
+    // found::unavailable (Redis cannot answer).
+    void resolve(const std::string& device,
+                 std::function<void(registry::found, const route&)> done);
 
     // Asks the node at `peer` to close connection `conn` of `device` (4001).
     void kick(const std::string& peer, const std::string& device,
