@@ -1,25 +1,15 @@
-"""The ``pushy`` command line, run as a user runs it: in a subprocess.
-
-Every command runs as ``python -m pushy ...`` with ``PYTHONPATH`` leading to
-the package under test, so these tests work the same from a source tree and
-with pushy installed in a virtual environment.
-"""
+"""The ``pushy`` command line, run as a user runs it: in a subprocess
+(:mod:`pushy_cli`)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
-import queue
 import re
 import signal
 import socket
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -29,6 +19,7 @@ import pushy
 import pytest
 from pushy import DeviceClient, Node
 from pushy.testing import TEST_SECRET, scaled
+from pushy_cli import PushyProcess, arun_pushy, run_pushy
 
 #: Secrets of the nodes started here; 64 bytes, so that PyJWT does not warn.
 FILE_SECRET = "file-secret-" + "f" * 52
@@ -44,59 +35,12 @@ LISTENING = re.compile(
 FREE_PORTS = ["--host", "127.0.0.1", "--port", "0", "--push-port", "0"]
 
 
-def cli_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment of a ``pushy`` subprocess.
+class Served(PushyProcess):
+    """A ``pushy serve`` process that printed the ports it listens on."""
 
-    ``PYTHONPATH`` leads to the package under test; ``PUSHY_*`` variables
-    of the calling environment are left out so that only ``extra`` counts.
-    """
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("PUSHY_") or k == "PUSHY_TEST_TIME_UNIT"
-    }
-    source = str(Path(pushy.__file__).resolve().parent.parent)
-    paths = [source, *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
-    env["PYTHONPATH"] = os.pathsep.join(paths)
-    env.update(extra or {})
-    return env
-
-
-def run_pushy(
-    *args: str,
-    env: Mapping[str, str] | None = None,
-    timeout: float | None = None,
-    cwd: Path | None = None,
-) -> subprocess.CompletedProcess[str]:
-    """Run ``pushy ARGS`` to completion and return its outcome."""
-    return subprocess.run(
-        [sys.executable, "-m", "pushy", *args],
-        capture_output=True,
-        text=True,
-        env=cli_env(env),
-        timeout=scaled(30) if timeout is None else timeout,
-        cwd=cwd,
-        check=False,
-    )
-
-
-async def arun_pushy(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    """:func:`run_pushy` in a thread, so that device clients keep running."""
-    return await asyncio.to_thread(run_pushy, *args, **kwargs)
-
-
-@dataclass
-class Served:
-    """A ``pushy serve`` process and what it printed."""
-
-    process: subprocess.Popen[str]
-    node_id: str = ""
-    url: str = ""
-    push_url: str = ""
-    stdout: list[str] = field(default_factory=list)
-    stderr: list[str] = field(default_factory=list)
-    pumps: list[threading.Thread] = field(default_factory=list)
-    _lines: queue.Queue[str | None] = field(default_factory=queue.Queue)
+    node_id = ""
+    url = ""
+    push_url = ""
 
     @property
     def port(self) -> int:
@@ -108,49 +52,16 @@ class Served:
 
     def wait_listening(self, timeout: float) -> None:
         """Read stdout until the node prints its ports."""
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"serve printed no ports in {timeout:g} s")
-            try:
-                line = self._lines.get(timeout=remaining)
-            except queue.Empty:
-                continue
-            if line is None:
-                code = self.process.wait(timeout=scaled(5))
-                raise AssertionError(
-                    f"serve exited with {code} before listening:\n" + self.output()
-                )
-            match = LISTENING.search(line)
-            if match:
-                self.node_id = match["node"]
-                self.url = match["url"]
-                self.push_url = match["push_url"]
-                return
-
-    def stop(self, timeout: float) -> int:
-        """Send SIGTERM and return the exit code."""
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=timeout)
-
-    def output(self) -> str:
-        return "".join(self.stdout) + "".join(self.stderr)
+        match = self.wait_line(LISTENING, timeout)
+        self.node_id = match["node"]
+        self.url = match["url"]
+        self.push_url = match["push_url"]
 
 
 def _port_of(url: str) -> int:
     port = urlsplit(url).port
     assert port is not None, url
     return port
-
-
-def _pump(stream: Any, lines: list[str], out: queue.Queue[str | None] | None) -> None:
-    for line in stream:
-        lines.append(line)
-        if out is not None:
-            out.put(line)
-    if out is not None:
-        out.put(None)
 
 
 @pytest.fixture
@@ -164,38 +75,14 @@ def serve() -> Iterator[Callable[..., Served]]:
     def start(
         *args: str, env: Mapping[str, str] | None = None, cwd: Path | None = None
     ) -> Served:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "pushy", "serve", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=cli_env(env),
-            cwd=cwd,
-        )
-        served = Served(process)
+        served = Served("serve", *args, env=env, cwd=cwd)
         started.append(served)
-        for stream, lines, out in (
-            (process.stdout, served.stdout, served._lines),
-            (process.stderr, served.stderr, None),
-        ):
-            pump = threading.Thread(
-                target=_pump, args=(stream, lines, out), daemon=True
-            )
-            pump.start()
-            served.pumps.append(pump)
         served.wait_listening(scaled(30))
         return served
 
     yield start
     for served in started:
-        if served.process.poll() is None:
-            served.process.kill()
-        served.process.wait(timeout=scaled(10))
-        for pump in served.pumps:
-            pump.join(timeout=scaled(10))
-        for stream in (served.process.stdout, served.process.stderr):
-            if stream is not None:
-                stream.close()
+        served.close()
 
 
 async def connect(url: str, secret: str, device: str = "d1") -> DeviceClient:
@@ -287,7 +174,7 @@ async def test_serve_prints_ports_delivers_a_cli_push_and_stops_on_sigterm(
     exit_code = await asyncio.to_thread(served.process.wait, scaled(10))
 
     assert code == 1001
-    assert exit_code == 0, served.output()
+    assert exit_code == 0, served.output
     assert f"node {served.node_id} stopped" in "".join(served.stdout)
 
 
@@ -300,7 +187,7 @@ async def test_serve_stops_on_sigint_like_ctrl_c(serve: Callable[..., Served]) -
     exit_code = await asyncio.to_thread(served.process.wait, scaled(10))
 
     assert code == 1001
-    assert exit_code == 0, served.output()
+    assert exit_code == 0, served.output
 
 
 async def test_serve_takes_options_from_a_toml_config_file(

@@ -4,28 +4,14 @@ runs them: real processes, a real redis-server, real devices."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from pushy import DeviceClient
 from pushy.testing import TEST_SECRET, RedisServer, scaled, token_for
-
-
-def pushy_cmd(
-    *args: str, timeout: float = 60, **kwargs: object
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pushy", *args],
-        capture_output=True,
-        text=True,
-        timeout=scaled(timeout),
-        **kwargs,  # type: ignore[arg-type]
-    )
+from pushy_cli import PushyProcess, arun_pushy, run_pushy
 
 
 @pytest.mark.parametrize(
@@ -39,9 +25,7 @@ def pushy_cmd(
 def test_cluster_with_bad_options_exits_2_with_a_clear_error(
     args: list[str], message: str
 ) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "PUSHY_SECRET"}
-
-    proc = pushy_cmd("cluster", *args, env=env)
+    proc = run_pushy("cluster", *args)
 
     assert proc.returncode == 2, proc.stderr
     assert "pushy: error:" in proc.stderr and message in proc.stderr, proc.stderr
@@ -50,51 +34,41 @@ def test_cluster_with_bad_options_exits_2_with_a_clear_error(
 async def test_cluster_runs_nodes_on_one_device_port_and_stops_on_sigterm(
     redis_server: RedisServer,
 ) -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pushy", "cluster", "--nodes", "2", "--redis",
-         redis_server.url, "--secret", TEST_SECRET],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    cli = PushyProcess(
+        "cluster", "--nodes", "2", "--redis", redis_server.url,
+        "--secret", TEST_SECRET,
+    )  # fmt: skip
     try:
-        assert proc.stdout is not None
-        lines = []
-        while not any("cluster of 2 nodes" in line for line in lines):
-            line = proc.stdout.readline()
-            assert line, proc.stderr.read() if proc.stderr else ""
-            lines.append(line)
-        nodes = [re.search(r"node (\S+) listening: push (\S+), peer (\S+)", line)
-                 for line in lines]
-        found = [m for m in nodes if m]
-        assert [m[1] for m in found] == ["node-0", "node-1"]
-        assert len({m[2] for m in found}) == 2  # own push ports
-        url = re.search(r"devices (\S+)", lines[-1])[1]  # type: ignore[index]
+        url = cli.wait_line(r"cluster of 2 nodes, devices (\S+)", scaled(40))[1]
+        found = re.findall(r"node (\S+) listening: push (\S+), peer (\S+)", cli.output)
+        assert [m[0] for m in found] == ["node-0", "node-1"]
+        assert len({m[1] for m in found}) == 2  # own push ports
 
         # Devices on the shared port reach one node or the other, and a push
         # through the registry finds each.
         devices = [DeviceClient(url, token_for(f"d{i}")) for i in range(6)]
         for d in devices:
             await d.connect()
-        pushed = pushy_cmd("push", "--redis", redis_server.url, "--to", "d3",
-                           "--data", '{"hello": 1}')
+        pushed = await arun_pushy(
+            "push", "--redis", redis_server.url, "--to", "d3", "--data", '{"hello": 1}'
+        )
         assert pushed.returncode == 0, pushed.stderr
         answer = json.loads(pushed.stdout)
         assert answer["code"] == 200 and answer["node"] == devices[3].node
         assert (await devices[3].wait_for("push"))["data"] == {"hello": 1}
         for d in devices:
             await d.close()
+        code = cli.finish(signal.SIGTERM)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=scaled(30))
-    assert proc.returncode == 0, err
-    assert "cluster stopped" in out
+        cli.close()
+    assert code == 0, cli.output
+    assert "cluster stopped" in "".join(cli.stdout)
 
 
 def test_push_with_redis_to_an_unknown_device_exits_1(
     redis_server: RedisServer,
 ) -> None:
-    proc = pushy_cmd(
+    proc = run_pushy(
         "push", "--redis", redis_server.url, "--to", "ghost", "--data", "1"
     )
 
@@ -103,9 +77,9 @@ def test_push_with_redis_to_an_unknown_device_exits_1(
 
 
 def test_bench_push_writes_json_and_a_plot(tmp_path: Path) -> None:
-    proc = pushy_cmd(
+    proc = run_pushy(
         "bench", "push", "--devices", "300", "--pushes", "3000", "--batch", "500",
-        "--runs", "1", "--results", str(tmp_path), timeout=180,
+        "--runs", "1", "--results", str(tmp_path), timeout=scaled(180),
     )
 
     assert proc.returncode == 0, proc.stdout + proc.stderr

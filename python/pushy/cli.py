@@ -7,10 +7,10 @@ command                does
 ``pushy token``        print a device token
 ``pushy push``         push one message through a node's push API
 ``pushy demo``         run a node with simulated devices and show pushes
-``pushy cluster``      (not available yet)
+``pushy cluster``      run N nodes on one device port and one Redis registry
 ``pushy processor``    (not available yet)
 ``pushy devicelist``   (not available yet)
-``pushy bench``        (not available yet)
+``pushy bench``        run a benchmark (``pushy bench push``)
 =====================  =====================================================
 
 Every ``serve`` option can also come from the TOML file given with
@@ -57,6 +57,9 @@ _NOT_YET = {
 }
 
 # serve options: flag, field, type, help. Defaults come from NodeConfig.
+# One entry per NodeConfig field but public_key (--public-key-file) and
+# deflate (--deflate/--no-deflate); TOML keys and PUSHY_* variables follow
+# from the fields themselves (config.py).
 _SERVE_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--host", "host", str, "address of the device port [0.0.0.0]"),
     ("--port", "port", int, "device (WebSocket) port; 0 picks a free port [8080]"),
@@ -84,6 +87,9 @@ _SERVE_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--max-connections", "max_connections", int, "devices; 0 = unlimited [0]"),
     ("--allowed-origins", "allowed_origins", str, "comma list; empty = any"),
     ("--push-timeout-s", "push_timeout_s", float, "default ack timeout [5]"),
+    ("--d2d-rate", "d2d_rate", float, "d2d messages/s per connection [100]"),
+    ("--d2d-burst", "d2d_burst", int, "d2d burst above the rate [200]"),
+    ("--max-d2d-bytes", "max_d2d_bytes", int, "largest d2d data [16384]"),
 ]
 
 
@@ -93,6 +99,45 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:
         self.print_usage(sys.stderr)
         self.exit(2, f"pushy: error: {message}\n")
+
+
+#: serve options that ``pushy cluster`` sets itself (or defines its own way).
+_CLUSTER_OWNED = ("host", "port", "push_port", "peer_port", "node_id", "redis")
+
+
+def _add_node_options(
+    parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()
+) -> None:
+    """Add the node options of ``pushy serve`` to ``parser``, but ``skip``."""
+    for flag, dest, kind, text in _SERVE_OPTIONS:
+        if dest in skip:
+            continue
+        if dest.endswith("port"):
+            metavar = "PORT"
+        elif kind is float:
+            metavar = "S"
+        elif kind is int:
+            metavar = "N"
+        else:
+            metavar = flag.removeprefix("--").upper().replace("-", "_")
+        if dest == "algorithm":
+            parser.add_argument(flag, dest=dest, choices=ALGORITHMS, help=text)
+        else:
+            parser.add_argument(
+                flag, dest=dest, type=kind, metavar=metavar, help=text
+            )
+    parser.add_argument(
+        "--public-key-file",
+        metavar="PEM",
+        help="PEM public key file for RS256/ES256 tokens",
+    )
+    parser.add_argument(
+        "--deflate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="offer permessage-deflate [off]",
+    )
+    _add_log_level(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,31 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         "come from the --config TOML file and from PUSHY_* variables.",
     )
     serve.add_argument("--config", metavar="FILE", help="TOML configuration file")
-    for flag, dest, kind, text in _SERVE_OPTIONS:
-        if dest.endswith("port"):
-            metavar = "PORT"
-        elif kind is float:
-            metavar = "S"
-        elif kind is int:
-            metavar = "N"
-        else:
-            metavar = flag.removeprefix("--").upper().replace("-", "_")
-        if dest == "algorithm":
-            serve.add_argument(flag, dest=dest, choices=ALGORITHMS, help=text)
-        else:
-            serve.add_argument(flag, dest=dest, type=kind, metavar=metavar, help=text)
-    serve.add_argument(
-        "--public-key-file",
-        metavar="PEM",
-        help="PEM public key file for RS256/ES256 tokens",
-    )
-    serve.add_argument(
-        "--deflate",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="offer permessage-deflate [off]",
-    )
-    _add_log_level(serve)
+    _add_node_options(serve)
     serve.set_defaults(func=_serve)
 
     token = commands.add_parser(
@@ -209,27 +230,36 @@ def build_parser() -> argparse.ArgumentParser:
     cluster = commands.add_parser(
         "cluster",
         help="run several nodes sharing a Redis registry",
-        description="Run N node processes in the foreground, sharing one "
-        "device port (SO_REUSEPORT) and the Redis registry, each with its "
-        "own push port, peer port and node id; stop them all on Ctrl-C or "
-        "SIGTERM. The secret comes from --secret or PUSHY_SECRET.",
+        description="Run N 'pushy serve' processes in the foreground, sharing "
+        "one device port (SO_REUSEPORT) and the Redis registry, each with its "
+        "own push port, peer port and node id NAME-I; stop them all on Ctrl-C "
+        "or SIGTERM. Node options are those of 'pushy serve' and apply to "
+        "every node; PUSHY_* variables reach the nodes too. The nodes' logs "
+        "go to stderr, each line after '[NODE-ID] '.",
     )
-    cluster.add_argument("--nodes", type=int, required=True, metavar="N")
-    cluster.add_argument("--redis", required=True, metavar="URL",
-                         help="Redis URL of the registry")
-    cluster.add_argument("--host", default="127.0.0.1",
-                         help="address of the shared device port [127.0.0.1]")
-    cluster.add_argument("--port", type=int, default=0,
-                         help="shared device port; 0 picks one [0]")
+    cluster.add_argument(
+        "--nodes", type=int, required=True, metavar="N", help="number of nodes"
+    )
+    cluster.add_argument(
+        "--redis", required=True, metavar="URL", help="Redis URL of the registry"
+    )
+    cluster.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address of the shared device port [127.0.0.1]",
+    )
+    cluster.add_argument(
+        "--port",
+        type=int,
+        default=0,
+        metavar="PORT",
+        help="shared device port; 0 picks a free one [0]",
+    )
     cluster.add_argument("--secret", help="HS256 token secret [PUSHY_SECRET]")
-    cluster.add_argument("--name", default="node",
-                         help="node ids are NAME-0, NAME-1, ... [node]")
-    cluster.add_argument("--threads", type=int, help="io threads per node")
-    cluster.add_argument("--redis-prefix", help="prefix of Redis keys")
-    cluster.add_argument("--registry-ttl-s", type=float, metavar="S",
-                         help="device record TTL")
-    cluster.add_argument("--heartbeat-s", type=float, metavar="S")
-    cluster.add_argument("--log-level", choices=tuple(LOG_LEVELS))
+    cluster.add_argument(
+        "--name", default="node", help="node ids are NAME-0, NAME-1, ... [node]"
+    )
+    _add_node_options(cluster, skip=(*_CLUSTER_OWNED, "secret"))
     cluster.set_defaults(func=_cluster)
 
     for name, text in _NOT_YET.items():
@@ -345,22 +375,49 @@ def _cluster(args: argparse.Namespace) -> int:
 
     if args.nodes < 1:
         return _fail(f"--nodes must be at least 1, got {args.nodes}")
-    if not (args.secret or os.environ.get("PUSHY_SECRET")):
-        return _fail("a secret is needed: --secret or PUSHY_SECRET")
-    options = {
-        name: getattr(args, name)
-        for name in ("threads", "redis_prefix", "registry_ttl_s", "heartbeat_s",
-                     "log_level")
-        if getattr(args, name) is not None
+    options: dict[str, Any] = {
+        dest: getattr(args, dest)
+        for _, dest, _, _ in _SERVE_OPTIONS
+        if dest not in _CLUSTER_OWNED and dest != "secret"
     }
-    try:
-        NodeConfig(redis=args.redis, secret="x")  # checks the URL's form
-        cluster = Cluster(
-            args.nodes, args.redis, secret=args.secret, host=args.host,
-            port=args.port, name=args.name, **options,
-        )
-    except PushyError as exc:
-        return _fail(str(exc))
+    options["deflate"] = args.deflate
+    if args.public_key_file:
+        options["public_key"] = _read_text(args.public_key_file, "--public-key-file")
+    options = {k: v for k, v in options.items() if v is not None}
+    # Check what every node will run with (flags over PUSHY_* variables), so
+    # that a bad option is a usage error here rather than N failed starts.
+    config = NodeConfig.from_sources(
+        None,
+        **options,
+        host=args.host,
+        port=args.port,
+        push_port=0,
+        peer_port=0,
+        redis=args.redis,
+        secret=args.secret,
+    )
+    if config.algorithm.startswith("HS") and not config.secret:
+        return _fail("a secret is needed: --secret or PUSHY_SECRET")
+    config.validate()
+    if args.log_level is not None:
+        options["log_level"] = args.log_level
+    output = threading.Lock()
+
+    def echo(node_id: str, line: str) -> None:
+        with output:
+            sys.stderr.write(f"[{node_id}] {line}")
+            sys.stderr.flush()
+
+    cluster = Cluster(
+        args.nodes,
+        args.redis,
+        secret=args.secret,
+        host=args.host,
+        port=args.port,
+        name=args.name,
+        on_output=echo,
+        **options,
+    )
     stop = threading.Event()
     restore = _on_signals(lambda: stop.set())
     try:
@@ -374,13 +431,15 @@ def _cluster(args: argparse.Namespace) -> int:
                 f"peer {node.peer_address}",
                 flush=True,
             )
-        print(f"pushy: cluster of {len(cluster.nodes)} nodes, devices "
-              f"{cluster.url}", flush=True)
+        print(
+            f"pushy: cluster of {len(cluster.nodes)} nodes, devices {cluster.url}",
+            flush=True,
+        )
         while not stop.wait(0.5):
-            dead = [n for n in cluster.nodes if not n.running]
-            if dead:
-                print(dead[0].output[-2000:], file=sys.stderr)
-                return _fail(f"node {dead[0].node_id} exited", code=1)
+            for node in cluster.nodes:
+                if not node.running and not stop.is_set():
+                    code = node.process.returncode if node.process else None
+                    return _fail(f"node {node.node_id} exited with {code}", code=1)
     finally:
         cluster.stop()
         restore()

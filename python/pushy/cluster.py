@@ -9,7 +9,16 @@ them), and each has its own push port, peer port and node id::
         for node in c.nodes:
             print(node.node_id, node.push_url, node.peer_address)
 
-``pushy cluster --nodes N --redis URL`` runs one in the foreground.
+``pushy cluster --nodes N --redis URL`` runs one in the foreground; the
+``cluster_factory`` fixture of :mod:`pushy.testing` starts them in tests.
+
+Limitations:
+    The nodes run on this host only, with this interpreter. The device port
+    is shared with ``SO_REUSEPORT``: the kernel picks a node for each new
+    connection, so a test cannot choose the node a device lands on through
+    :attr:`Cluster.url` (each node's own push API and peer port are
+    distinct, though). A node's output is kept in memory, its last
+    :data:`OUTPUT_LINES` lines only.
 """
 
 from __future__ import annotations
@@ -22,13 +31,25 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
 from types import TracebackType
 from typing import Any, Self
 
+from .config import NodeConfig
 from .errors import ConfigError, PushyError
+from .node import http_host
 
-__all__ = ["Cluster", "NodeProcess", "free_port"]
+__all__ = ["OUTPUT_LINES", "Cluster", "NodeProcess", "free_port"]
+
+#: Lines of output kept per node process (see :attr:`NodeProcess.output`).
+OUTPUT_LINES = 2000
+
+#: Options that :class:`Cluster` sets itself for every node.
+_OWNED = ("host", "port", "push_port", "peer_port", "node_id", "redis", "secret")
+
+#: ``pushy serve`` options that are not :class:`NodeConfig` fields.
+_SERVE_ONLY = ("log_level",)
 
 _LISTENING = re.compile(
     r"pushy: node (?P<id>\S+) listening: devices (?P<url>\S+), "
@@ -46,6 +67,13 @@ def free_port(host: str = "127.0.0.1") -> int:
 class NodeProcess:
     """One ``pushy serve`` process of a :class:`Cluster`.
 
+    Args:
+        node_id: the node's id (also passed in ``args``).
+        args: the command line of the process.
+        env: its environment.
+        on_output: called with ``(node_id, line)`` for each line the process
+            writes after its start line (from a reader thread).
+
     Attributes:
         node_id: the node's id.
         url: the device WebSocket URL (the cluster's shared port).
@@ -54,7 +82,13 @@ class NodeProcess:
         process: the running process, or ``None``.
     """
 
-    def __init__(self, node_id: str, args: list[str], env: Mapping[str, str]):
+    def __init__(
+        self,
+        node_id: str,
+        args: list[str],
+        env: Mapping[str, str],
+        on_output: Callable[[str, str], None] | None = None,
+    ) -> None:
         self.node_id = node_id
         self.url: str | None = None
         self.push_url: str | None = None
@@ -62,8 +96,14 @@ class NodeProcess:
         self.process: subprocess.Popen[str] | None = None
         self._args = args
         self._env = dict(env)
-        self._output: list[str] = []
+        self._on_output = on_output
+        self._output: deque[str] = deque(maxlen=OUTPUT_LINES)
         self._reader: threading.Thread | None = None
+
+    @property
+    def args(self) -> list[str]:
+        """The command line of the process (the secret is not on it)."""
+        return list(self._args)
 
     @property
     def pid(self) -> int | None:
@@ -77,11 +117,14 @@ class NodeProcess:
 
     @property
     def output(self) -> str:
-        """Everything the process wrote (stdout and stderr) so far."""
-        return "".join(self._output)
+        """What the process wrote (stdout and stderr), its last lines only."""
+        return "".join(list(self._output))
 
     def start(self, timeout: float = 20.0) -> None:
-        """Start the process and wait until it listens.
+        """Start the process (again: same id, same ports) and wait until it listens.
+
+        Args:
+            timeout: seconds to wait for its start line.
 
         Raises:
             PushyError: it exited or did not listen within ``timeout``; the
@@ -89,7 +132,7 @@ class NodeProcess:
         """
         if self.running:
             return
-        self._output = []
+        self._output.clear()
         self.process = subprocess.Popen(
             self._args,
             stdout=subprocess.PIPE,
@@ -114,12 +157,20 @@ class NodeProcess:
         for line in process.stdout:
             self._output.append(line)
             if not ready.is_set():
+                # Until it listens, the output is for start() to report.
                 m = _LISTENING.search(line)
                 if m:
                     self.url = m["url"]
                     self.push_url = m["push"]
                     self.peer_address = m["peer"]
                     ready.set()
+                continue
+            if self._on_output is not None:
+                # An exception must not stop the reader: the pipe would fill.
+                try:
+                    self._on_output(self.node_id, line)
+                except Exception:  # noqa: BLE001
+                    self._on_output = None
         ready.set()  # exited: start() reports it
 
     def stop(self, timeout: float = 15.0) -> int | None:
@@ -156,18 +207,30 @@ class NodeProcess:
 class Cluster:
     """Several node processes on one Redis registry and one device port.
 
+    Every node is ``python -m pushy serve`` with ``--port PORT`` (the same
+    for all), ``--push-port 0 --peer-port 0``, ``--node-id NAME-I``,
+    ``--redis URL`` and the ``options``. The secret goes to the processes
+    in ``PUSHY_SECRET``, not on their command lines (which any local user
+    can read).
+
     Args:
         nodes: how many node processes.
         redis: Redis URL of the registry.
-        secret: HS256 secret of device tokens (or ``PUSHY_SECRET``).
+        secret: HS256 secret of device tokens; ``None`` leaves the nodes
+            the ``PUSHY_SECRET`` of this environment.
         host: address of the shared device port.
         port: the shared device port; 0 picks a free one.
         name: node ids are ``{name}-{i}``.
+        start_timeout: seconds each node has to print its start line.
+        on_output: called with ``(node_id, line)`` for every line a node
+            writes after its start line (its log), from a reader thread.
         **options: more ``pushy serve`` options, as NodeConfig field names
-            (``heartbeat_s=5``, ``registry_ttl_s=3``...).
+            (``heartbeat_s=5``, ``registry_ttl_s=3``, ``deflate=True``,
+            ``allowed_origins=[...]``) or ``log_level``.
 
     Raises:
-        ConfigError: ``nodes`` is below 1 or ``redis`` is empty.
+        ConfigError: ``nodes`` is below 1, ``redis`` is empty, an option is
+            unknown or set by the cluster itself, or a value is invalid.
         PushyError: a node did not start (from :meth:`start`).
     """
 
@@ -180,17 +243,25 @@ class Cluster:
         host: str = "127.0.0.1",
         port: int = 0,
         name: str = "node",
+        start_timeout: float = 20.0,
+        on_output: Callable[[str, str], None] | None = None,
         **options: Any,
     ) -> None:
-        if nodes < 1:
-            raise ConfigError(f"nodes must be at least 1, got {nodes}")
+        if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
+            raise ConfigError(f"nodes must be at least 1, got {nodes!r}")
         if not redis:
             raise ConfigError("a cluster needs redis (a redis:// URL)")
+        _check_options(options, redis=redis, host=host, port=port)
         self.port = port or free_port(host)
         self.host = host
+        self.start_timeout = start_timeout
         env = dict(os.environ)
         if secret is not None:
             env["PUSHY_SECRET"] = secret
+        public_key = options.pop("public_key", None)
+        if public_key is not None:
+            # pushy serve reads a key from a file or the environment only.
+            env["PUSHY_PUBLIC_KEY"] = public_key
         self.nodes: list[NodeProcess] = []
         for i in range(nodes):
             node_id = f"{name}-{i}"
@@ -213,14 +284,13 @@ class Cluster:
                 redis,
             ]
             for key, value in options.items():
-                args += [f"--{key.replace('_', '-')}", str(value)]
-            self.nodes.append(NodeProcess(node_id, args, env))
+                args += _flag(key, value)
+            self.nodes.append(NodeProcess(node_id, args, env, on_output))
 
     @property
     def url(self) -> str:
-        """The shared device WebSocket URL."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"ws://{host}:{self.port}/v1/connect"
+        """The shared device WebSocket URL (as each node prints it)."""
+        return f"ws://{http_host(self.host)}:{self.port}/v1/connect"
 
     def start(self) -> Self:
         """Start every node that is not running; wait until each listens.
@@ -230,7 +300,7 @@ class Cluster:
         """
         try:
             for node in self.nodes:
-                node.start()
+                node.start(self.start_timeout)
         except BaseException:
             self.stop()
             raise
@@ -270,3 +340,36 @@ class Cluster:
         running = sum(n.running for n in self.nodes)
         return f"<pushy.Cluster {running}/{len(self.nodes)} running, url={self.url!r}>"
 
+
+
+def _check_options(options: Mapping[str, Any], **given: Any) -> None:
+    """Check a cluster's node options as ``pushy serve`` would, before starting.
+
+    Raises:
+        ConfigError: an option is unknown, owned by the cluster, or invalid.
+    """
+    fields = set(NodeConfig.field_names())
+    for key in options:
+        if key in _OWNED:
+            raise ConfigError(
+                f"{key} is set by the cluster for each node; "
+                "expected another NodeConfig field"
+            )
+        if key not in fields and key not in _SERVE_ONLY:
+            raise ConfigError(
+                f"unknown option {key!r}; expected a NodeConfig field or log_level"
+            )
+    values = {k: v for k, v in options.items() if k in fields and v is not None}
+    NodeConfig(**values, **given)
+
+
+def _flag(key: str, value: Any) -> list[str]:
+    """Return the ``pushy serve`` arguments that set option ``key``."""
+    flag = "--" + key.replace("_", "-")
+    if value is None:
+        return []
+    if isinstance(value, bool):
+        return [flag] if value else ["--no-" + flag.removeprefix("--")]
+    if isinstance(value, (list, tuple)):
+        return [flag, ",".join(str(v) for v in value)]
+    return [flag, str(value)]

@@ -83,6 +83,12 @@ class NodeConfig:
         deflate: offer permessage-deflate (costs tens of KiB per connection).
         push_timeout_s: default timeout of a push that waits for the device's
             ack.
+        d2d_rate: device-to-device messages per second a connection may
+            send; above it messages are answered 429.
+        d2d_burst: messages a connection may send at once above the rate
+            (the size of its token bucket).
+        max_d2d_bytes: largest ``data`` of a device-to-device message
+            (413 above it).
 
     Raises:
         ConfigError: a field has the wrong type or is out of range.
@@ -116,6 +122,9 @@ class NodeConfig:
     allowed_origins: list[str] = field(default_factory=list)
     deflate: bool = False
     push_timeout_s: float = 5.0
+    d2d_rate: float = 100.0
+    d2d_burst: int = 200
+    max_d2d_bytes: int = 16 * 1024
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -227,6 +236,8 @@ _INT_RANGES: dict[str, tuple[int, int]] = {
     "max_header_bytes": (1, 2**20),
     "max_headers": (1, 1024),
     "max_connections": (0, 2**31 - 1),
+    "d2d_burst": (1, 1_000_000),
+    "max_d2d_bytes": (1, 8 * 2**20),
 }
 
 _POSITIVE_FLOATS = (
@@ -237,6 +248,7 @@ _POSITIVE_FLOATS = (
     "close_timeout_s",
     "push_timeout_s",
     "registry_ttl_s",
+    "d2d_rate",
 )
 
 _STRINGS = (

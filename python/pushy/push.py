@@ -139,9 +139,9 @@ class PushClient:
         self.sender = sender
         self._core: Any = None
         if redis is not None:
-            from . import _core
+            from .node import _core  # loads the engine with its log bridge
 
-            self._core = _core.PushClient(redis, prefix, float(timeout))
+            self._core = _core().PushClient(redis, prefix, float(timeout))
         self._client: httpx.Client | None = None
         self._aclient: httpx.AsyncClient | None = None
         self._aloop: asyncio.AbstractEventLoop | None = None

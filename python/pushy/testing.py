@@ -14,10 +14,12 @@ fixture                 gives
 ``device_factory``      async ``await factory(device="d1", account="acct",
                         node=None, **client_kwargs)`` -> a connected
                         :class:`pushy.DeviceClient` (needs pytest-asyncio)
-``redis_server``        a real ``redis-server`` on a free port
-                        (:class:`RedisServer`)
+``redis_server``        a started, empty :class:`RedisServer`: a real
+                        ``redis-server`` on a free loopback port, no
+                        persistence; ``.url``, ``.command(...)``
 ``cluster_factory``     ``factory(nodes, redis=URL, **options)`` -> a
-                        started :class:`Cluster` of node processes
+                        started :class:`Cluster` of ``pushy serve``
+                        processes sharing one device port
 ======================  ====================================================
 
 Everything started by a fixture is stopped or closed at teardown.
@@ -37,6 +39,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -190,6 +193,12 @@ class RedisServer:
 
         with RedisServer() as redis:
             node = pushy.Node(redis=redis.url, ...)
+            redis.command("KEYS", "pushy:*")
+
+    The server runs with ``--save "" --appendonly no`` in a temporary
+    directory (removed by the context manager or at interpreter exit), and
+    is killed at interpreter exit if it still runs. Its log is kept in that
+    directory and quoted when it does not start.
 
     Args:
         binary: the ``redis-server`` executable; found on ``PATH`` (or in
@@ -197,20 +206,25 @@ class RedisServer:
 
     Raises:
         PushyError: there is no ``redis-server`` (Debian package
-            ``redis-server``), or it did not answer within ``scaled(10)`` s.
+            ``redis-server``).
     """
 
     def __init__(self, binary: str | None = None) -> None:
         found = binary or shutil.which("redis-server") or "/usr/bin/redis-server"
-        if not os.path.exists(found):
+        if not os.access(found, os.X_OK):
             raise PushyError(
-                "redis-server not found; install the Debian package "
-                "redis-server (apt-get install redis-server)"
+                f"redis-server not found (looked for {found!r}); install the "
+                "Debian package redis-server (apt-get install redis-server)"
             )
         self.binary = found
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
         self._dir = tempfile.mkdtemp(prefix="pushy-redis-")
+        self._log = os.path.join(self._dir, "redis.log")
+        # At interpreter exit (or when forgotten) no server outlives its
+        # owner and no directory stays; the state holds no reference to self.
+        self._state: dict[str, Any] = {"dir": self._dir, "process": None}
+        self._finalizer = weakref.finalize(self, _cleanup_redis, self._state)
 
     @property
     def url(self) -> str:
@@ -223,82 +237,160 @@ class RedisServer:
         return self.process is not None and self.process.poll() is None
 
     def start(self) -> RedisServer:
-        """Start the server (empty) and wait until it answers PING."""
+        """Start the server (empty) and wait until it answers PING.
+
+        Returns:
+            The server itself.
+
+        Raises:
+            PushyError: it exited or did not answer within ``scaled(10)`` s
+                (the port was taken, say); the message quotes its log.
+        """
         if self.running:
             return self
-        self.process = subprocess.Popen(
-            [
-                self.binary,
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", self._dir,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + scaled(10)
-        while True:
+        with open(self._log, "ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    self.binary,
+                    "--port",
+                    str(self.port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    self._dir,
+                    "--logfile",
+                    self._log,
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+            )
+        self._state["process"] = process = self.process
+
+        def answers() -> bool:
+            if process.poll() is not None:
+                raise PushyError(
+                    f"redis-server exited with {process.returncode} on port "
+                    f"{self.port}:\n{self._tail_log()}"
+                )
             try:
-                if self.command("PING") == "PONG":
-                    return self
-            except OSError:
-                pass
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.kill()
-                raise PushyError(f"redis-server did not start on port {self.port}")
-            time.sleep(0.02)
+                # A short deadline: whatever else holds the port may not answer.
+                return bool(self.command("PING", timeout=scaled(0.5)) == "PONG")
+            except (OSError, PushyError):
+                return False
+
+        try:
+            wait_until(
+                answers,
+                timeout=scaled(10),
+                interval=0.02,
+                message=f"redis-server to answer PING on port {self.port}",
+            )
+        except TimeoutError as exc:
+            self.kill()
+            raise PushyError(f"{exc}:\n{self._tail_log()}") from None
+        except PushyError:
+            self.kill()
+            raise
+        return self
 
     def stop(self) -> None:
         """Stop the server with SIGTERM and wait for it to exit."""
         self._end(signal.SIGTERM)
 
     def kill(self) -> None:
-        """Kill the server with SIGKILL."""
+        """Kill the server with SIGKILL (a crash) and wait for it to exit."""
         self._end(signal.SIGKILL)
 
     def _end(self, sig: int) -> None:
-        if self.process is None:
+        process = self.process
+        if process is None:
             return
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
+        if process.poll() is None:
+            process.send_signal(sig)
             try:
-                self.process.wait(scaled(10))
+                process.wait(scaled(10))
             except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+                process.kill()
+                process.wait()
         self.process = None
 
-    def command(self, *args: Any) -> Any:
-        """Send one command (RESP) and return the decoded reply.
+    def command(self, *args: Any, timeout: float | None = None) -> Any:
+        """Send one command (RESP) on a new connection; return the decoded reply.
 
-        Strings come back as ``str``, nil as ``None``, arrays as lists; an
-        error reply raises :class:`PushyError`.
+        Enough for PING, GET, SET, DEL, EXISTS, KEYS, PTTL, FLUSHALL, CONFIG
+        and INFO: strings come back as ``str`` (bulk strings decoded as
+        UTF-8), integers as ``int``, nil as ``None``, arrays as lists.
+
+        Args:
+            *args: the command and its arguments; ``bytes`` go as they are,
+                anything else as ``str(arg)``.
+            timeout: seconds to connect and to wait for the reply;
+                ``scaled(5)`` by default.
+
+        Raises:
+            PushyError: the server answered with an error.
+            OSError: the server is not reachable.
         """
-        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
-            parts = [str(a).encode() if not isinstance(a, bytes) else a for a in args]
-            out = b"*%d\r\n" % len(parts)
-            for p in parts:
-                out += b"$%d\r\n%s\r\n" % (len(p), p)
+        parts = [a if isinstance(a, bytes) else str(a).encode() for a in args]
+        out = b"*%d\r\n" % len(parts)
+        for part in parts:
+            out += b"$%d\r\n%s\r\n" % (len(part), part)
+        address = ("127.0.0.1", self.port)
+        limit = scaled(5) if timeout is None else timeout
+        with socket.create_connection(address, timeout=limit) as s:
             s.sendall(out)
-            return _read_resp(s.makefile("rb"))
+            with s.makefile("rb") as f:
+                return _read_resp(f)
+
+    def _tail_log(self, lines: int = 20) -> str:
+        try:
+            with open(self._log, errors="replace") as f:
+                return "".join(f.readlines()[-lines:]) or "(empty log)"
+        except OSError:
+            return "(no log)"
 
     def __enter__(self) -> RedisServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-        shutil.rmtree(self._dir, ignore_errors=True)
+        self._finalizer()
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
         return f"<pushy.testing.RedisServer {self.url} {state}>"
 
 
-def redis_server() -> RedisServer:
-    """Return a :class:`RedisServer` to use in a ``with`` block."""
-    return RedisServer()
+def _cleanup_redis(state: dict[str, Any]) -> None:
+    """Kill a server still running and remove its directory (finalizer)."""
+    process = state["process"]
+    if process is not None and process.poll() is None:
+        process.kill()
+        process.wait()
+    shutil.rmtree(state["dir"], ignore_errors=True)
+
+
+def redis_server(binary: str | None = None) -> RedisServer:
+    """Return a new, not yet started :class:`RedisServer`.
+
+    Use it in a ``with`` block (started on entry, stopped on exit), or call
+    ``start()`` and ``stop()`` yourself::
+
+        with redis_server() as redis:
+            print(redis.url, redis.command("PING"))
+
+    Args:
+        binary: the ``redis-server`` executable; found on ``PATH`` by default.
+
+    Raises:
+        PushyError: there is no ``redis-server``.
+    """
+    return RedisServer(binary)
 
 
 def _read_resp(f: Any) -> Any:
@@ -389,12 +481,19 @@ if pytest is not None:
 
     @pytest.fixture
     def cluster_factory(pushy_secret: str) -> Iterator[Callable[..., Cluster]]:
-        """``factory(nodes, redis=URL, **options)`` -> a started
-        :class:`Cluster` of node processes; all stopped at teardown."""
+        """A ``factory(nodes, redis=URL, **options)`` of started clusters.
+
+        Each is a :class:`Cluster` of ``nodes`` node processes with the
+        ``pushy_secret``, sharing one free device port; ``options`` are the
+        :class:`Cluster` arguments and NodeConfig fields of every node. Each
+        node has ``scaled(20)`` s to start. All are stopped at teardown.
+        """
         clusters: list[Cluster] = []
 
         def factory(nodes: int, redis: str, **options: Any) -> Cluster:
-            cluster = Cluster(nodes, redis, secret=pushy_secret, **options)
+            options.setdefault("secret", pushy_secret)
+            options.setdefault("start_timeout", scaled(20))
+            cluster = Cluster(nodes, redis, **options)
             clusters.append(cluster)
             return cluster.start()
 
