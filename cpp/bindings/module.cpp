@@ -89,6 +89,7 @@ pushy::node_config config_from(const py::dict& d) {
         else if (key == "close_timeout_s") num(c.close_timeout_s);
         else if (key == "push_timeout_s") num(c.push_timeout_s);
         else if (key == "d2d_rate") num(c.d2d_rate);
+        else if (key == "route_cache_ttl_s") num(c.route_cache_ttl_s);
         else if (key == "d2d_burst") size(c.d2d_burst);
         else if (key == "max_d2d_bytes") size(c.max_d2d_bytes);
         else if (key == "max_message_bytes") size(c.max_message_bytes);

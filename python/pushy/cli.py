@@ -90,6 +90,7 @@ _SERVE_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--d2d-rate", "d2d_rate", float, "d2d messages/s per connection [100]"),
     ("--d2d-burst", "d2d_burst", int, "d2d burst above the rate [200]"),
     ("--max-d2d-bytes", "max_d2d_bytes", int, "largest d2d data [16384]"),
+    ("--route-cache-ttl-s", "route_cache_ttl_s", float, "trust a route this long [10]"),
 ]
 
 

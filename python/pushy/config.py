@@ -89,6 +89,10 @@ class NodeConfig:
             (the size of its token bucket).
         max_d2d_bytes: largest ``data`` of a device-to-device message
             (413 above it).
+        route_cache_ttl_s: how long a device's route (its node) and a
+            sender's permission to reach another account's device are
+            trusted without asking Redis; while Redis cannot answer, older
+            entries still serve device-to-device messages.
 
     Raises:
         ConfigError: a field has the wrong type or is out of range.
@@ -125,6 +129,7 @@ class NodeConfig:
     d2d_rate: float = 100.0
     d2d_burst: int = 200
     max_d2d_bytes: int = 16 * 1024
+    route_cache_ttl_s: float = 10.0
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -249,6 +254,7 @@ _POSITIVE_FLOATS = (
     "push_timeout_s",
     "registry_ttl_s",
     "d2d_rate",
+    "route_cache_ttl_s",
 )
 
 _STRINGS = (

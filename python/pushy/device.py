@@ -207,10 +207,35 @@ class DeviceClient:
         """
         if self._ws is None:
             return None
-        with contextlib.suppress(Exception):  # it may be gone already
-            await self._ws.close(code, reason)
+        # Messages not read yet would hold the node's close frame back (the
+        # library stops reading when max_queue messages wait): keep reading
+        # them, for receive(), while the closing handshake runs.
+        drain = None
+        if not self._read_lock.locked():
+            drain = asyncio.create_task(self._drain())
+        try:
+            with contextlib.suppress(Exception):  # it may be gone already
+                await self._ws.close(code, reason)
+        finally:
+            if drain is not None:
+                drain.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await drain
         self._note_closed()
         return self.close_code
+
+    async def _drain(self) -> None:
+        """Read messages into the pending queue until the connection ends."""
+        async with self._read_lock:
+            with contextlib.suppress(Exception):
+                while True:
+                    data = await self._ws.recv()
+                    with contextlib.suppress(PushyError):
+                        message = _decode(data)
+                        if message.get("t") == "pong":
+                            self._pongs_received += 1
+                        else:
+                            self._pending.append(message)
 
     async def __aenter__(self) -> Self:
         await self.connect()
@@ -345,23 +370,47 @@ class DeviceClient:
         """Acknowledge the push with this id."""
         await self.send({"t": "ack", "id": id})
 
-    async def send_d2d(self, to: str, data: Any, id: int | None = None) -> int:
-        """Send a message to another device of the same account.
+    async def send_d2d(self, to: str, data: Any, id: str | None = None) -> str:
+        """Send a device-to-device message (``{"t":"d2d"}``) to device ``to``.
 
-        The node answers with a ``status`` message carrying the same id; see
-        :meth:`wait_for` (``wait_for("status", id=...)``).
+        The node answers with a ``status`` message carrying the same id:
+        200 delivered, 403 not allowed, 404 not connected, 413 too large,
+        429 rate limited, 503 unavailable, 504 not written in time (see
+        :meth:`wait_for`, ``wait_for("status", id=mid)``, or :meth:`d2d`).
 
         Args:
             to: the target device id.
             data: any JSON value.
-            id: message id; a fresh one when ``None``.
+            id: the message id, a string; a fresh one when ``None``.
 
         Returns:
             The message id.
         """
-        mid = next(self._ids) if id is None else id
+        mid = str(next(self._ids)) if id is None else id
         await self.send({"t": "d2d", "id": mid, "to": to, "data": data})
         return mid
+
+    async def d2d(
+        self, to: str, data: Any, timeout: float | None = None
+    ) -> _Message:
+        """Send a device-to-device message and return the node's status.
+
+        Messages received meanwhile are kept for :meth:`receive`.
+
+        Args:
+            to: the target device id.
+            data: any JSON value.
+            timeout: seconds to wait for the status; ``None`` waits for ever.
+
+        Returns:
+            The ``status`` message: ``{"t":"status","id":M,"code":C, ...}``.
+
+        Raises:
+            TimeoutError: no status arrived in time.
+            ConnectionClosed: the connection closed first.
+        """
+        mid = await self.send_d2d(to, data)
+        return await self.wait_for("status", id=mid, timeout=timeout)
 
     async def send_to_service(
         self, service: str, data: Any, id: int | None = None

@@ -80,6 +80,11 @@ struct node_config {
     std::size_t d2d_burst = 200;
     std::size_t max_d2d_bytes = 16 * 1024;
 
+    // How long a device's route (its node) and a sender's permission to
+    // reach a device of another account are trusted without asking Redis.
+    // While Redis cannot answer, older entries still serve d2d messages.
+    double route_cache_ttl_s = 10;
+
     // Throws config_error naming the first invalid field.
     void validate() const;
 };

@@ -42,6 +42,8 @@ void node_config::validate() const {
     require(close_timeout_s > 0, "close_timeout_s must be positive");
     require(push_timeout_s > 0, "push_timeout_s must be positive");
     require(d2d_rate > 0, "d2d_rate must be positive");
+    require(route_cache_ttl_s > 0 && route_cache_ttl_s <= 3600,
+            "route_cache_ttl_s must be above 0 and at most 3600");
     require(d2d_burst >= 1 && d2d_burst <= 1000000,
             "d2d_burst must be between 1 and 1000000");
     require(max_d2d_bytes >= 1 && max_d2d_bytes <= (8u << 20),

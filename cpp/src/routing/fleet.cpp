@@ -93,22 +93,30 @@ struct fleet::impl {
         bump(auth_misses);
         bump(store_calls);
         auto set = node.config().redis_prefix + "allow:{" + sender + "}";
-        redis->command({"SISMEMBER", set, target},
-                       [this, key = std::move(key),
-                        done = std::move(done)](redisReply* r) {
-                           if (!r || redis::reply_is_error(r)) return done(-1);
-                           bool yes = redis::reply_integer(r) == 1;
-                           if (allow_cache.size() >= 100000) {
-                               allow_cache.erase(allow_cache.begin());
-                           }
-                           // A refusal is kept briefly, so an entry
-                           // added to the allow-list counts within 1 s.
-                           auto ttl = yes ? std::chrono::seconds(10)
-                                          : std::chrono::seconds(1);
-                           allow_cache[key] = verdict{
-                               yes, std::chrono::steady_clock::now() + ttl};
-                           done(yes ? 1 : 0);
-                       });
+        redis->command(
+            {"SISMEMBER", set, target},
+            [this, key = std::move(key), done = std::move(done)](redisReply* r) {
+                auto it = allow_cache.find(key);
+                if (!r || redis::reply_is_error(r)) {
+                    // Redis cannot answer: an older verdict still holds.
+                    if (it != allow_cache.end()) {
+                        return done(it->second.allowed ? 1 : 0);
+                    }
+                    return done(-1);
+                }
+                bool yes = redis::reply_integer(r) == 1;
+                if (it == allow_cache.end() && allow_cache.size() >= 100000) {
+                    allow_cache.erase(allow_cache.begin());
+                }
+                // A refusal is kept briefly, so an entry added to the
+                // allow-list counts within a second.
+                auto ttl = yes ? milliseconds(static_cast<long>(
+                                     node.config().route_cache_ttl_s * 1000))
+                               : milliseconds(1000);
+                allow_cache[key] =
+                    verdict{yes, std::chrono::steady_clock::now() + ttl};
+                done(yes ? 1 : 0);
+            });
     }
 
     registry::record record_of(const session& s, const std::string& addr) {
@@ -363,8 +371,9 @@ void fleet::bind() {
     // Made before any io thread runs: sessions and pushes use them at once.
     f.redis = std::make_unique<redis::client>(f.home.ioc, f.url, "registry");
     f.store = std::make_unique<registry::store>(*f.redis, cfg.redis_prefix);
-    f.router = std::make_unique<routing::router>(f.home.ioc, *f.store,
-                                                 f.node.node_id());
+    f.router = std::make_unique<routing::router>(
+        f.home.ioc, *f.store, f.node.node_id(),
+        milliseconds(static_cast<long>(cfg.route_cache_ttl_s * 1000)));
 }
 
 void fleet::start() {
@@ -510,7 +519,7 @@ void fleet::d2d(io_thread& caller, d2d_message m, d2d_done done) {
             if (found == registry::found::no || r.node == f.node.node_id()) {
                 return answer(404, "target is not connected");
             }
-            auto forward = [&f, m, answer]() {
+            auto forward = [&f, m, answer, r]() {
                 peer::request req;
                 req.what = peer::kind::d2d;
                 req.device = m.to;
@@ -520,10 +529,10 @@ void fleet::d2d(io_thread& caller, d2d_message m, d2d_done done) {
                 req.msg_id = m.msg_id;
                 auto timeout = milliseconds(static_cast<long>(
                     f.node.config().push_timeout_s * 1000 + 1000));
-                f.router->push(std::move(req), timeout,
-                               [answer](const peer::reply& rep) {
-                                   answer(rep.code, rep.reason);
-                               });
+                f.router->send_via(r, std::move(req), timeout,
+                                   [answer](const peer::reply& rep) {
+                                       answer(rep.code, rep.reason);
+                                   });
             };
             if (r.account == m.account) return forward();
             f.check_allowed(m.from, m.to, [answer, forward](int v) {

@@ -8,8 +8,8 @@ using clock = std::chrono::steady_clock;
 
 const route* route_cache::find(const std::string& device) {
     auto it = map_.find(device);
+    // An expired entry stays (bounded by max_) for find_stale().
     if (it == map_.end() || it->second.expires <= clock::now()) {
-        if (it != map_.end()) map_.erase(it);
         misses.store(misses.load(std::memory_order_relaxed) + 1,
                      std::memory_order_relaxed);
         return nullptr;
@@ -17,6 +17,11 @@ const route* route_cache::find(const std::string& device) {
     hits.store(hits.load(std::memory_order_relaxed) + 1,
                std::memory_order_relaxed);
     return &it->second;
+}
+
+const route* route_cache::find_stale(const std::string& device) const {
+    auto it = map_.find(device);
+    return it == map_.end() ? nullptr : &it->second;
 }
 
 void route_cache::put(const std::string& device, std::string node,
@@ -28,8 +33,9 @@ void route_cache::put(const std::string& device, std::string node,
 }
 
 router::router(boost::asio::io_context& ioc, registry::store& store,
-               std::string self)
-    : store_(store), self_(std::move(self)), pool_(ioc) {}
+               std::string self, std::chrono::milliseconds cache_ttl)
+    : store_(store), self_(std::move(self)), pool_(ioc),
+      cache_(100000, cache_ttl) {}
 
 void router::push(peer::request req, std::chrono::milliseconds timeout,
                   peer::reply_fn done) {
@@ -98,6 +104,11 @@ void router::resolve(const std::string& device,
     }
     store_.lookup(device, [this, device, done = std::move(done)](
                               registry::found f, registry::record rec) {
+        if (f == registry::found::unavailable) {
+            if (const route* stale = cache_.find_stale(device)) {
+                return done(registry::found::yes, *stale);
+            }
+        }
         if (f != registry::found::yes) return done(f, route{});
         cache_.put(device, rec.node, rec.peer, rec.account);
         done(f, route{rec.node, rec.peer, rec.account, {}});

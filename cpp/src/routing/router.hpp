@@ -35,7 +35,12 @@ public:
     route_cache(std::size_t max_entries, std::chrono::milliseconds ttl)
         : max_(max_entries), ttl_(ttl) {}
 
+    // The device's route while it is fresh, or null (a miss).
     const route* find(const std::string& device);
+    // The device's route even if it is older than the TTL, or null. For
+    // when the registry cannot answer: a stale route is corrected by the
+    // 404/409 of the node it leads to.
+    const route* find_stale(const std::string& device) const;
     void put(const std::string& device, std::string node, std::string peer,
              std::string account);
     void evict(const std::string& device) { map_.erase(device); }
@@ -56,17 +61,27 @@ public:
     // answered 404 at once: the caller has already looked locally), or
     // empty in a push client.
     router(boost::asio::io_context& ioc, registry::store& store,
-           std::string self);
+           std::string self,
+           std::chrono::milliseconds cache_ttl = std::chrono::seconds(10));
 
     // Sends `req` (a push) to the device's node; `done` runs once.
     void push(peer::request req, std::chrono::milliseconds timeout,
               peer::reply_fn done);
 
-    // Finds the device's route: the cache, or the registry when `fresh` or
-    // not cached. `done` gets found::yes with the route, found::no, or
-    // found::unavailable (Redis cannot answer).
+    // Finds the device's route: the cache, or the registry when not cached
+    // (or no longer fresh). `done` gets found::yes with the route,
+    // found::no, or found::unavailable (Redis cannot answer and no route
+    // was ever cached; a stale one is used while Redis is away).
     void resolve(const std::string& device,
                  std::function<void(registry::found, const route&)> done);
+
+    // Sends `req` along `r` (from resolve()); a 404/409 from that node
+    // evicts the route and tries once more with a fresh lookup.
+    void send_via(const route& r, peer::request req,
+                  std::chrono::milliseconds timeout, peer::reply_fn done) {
+        send_to(r.node, r.peer, std::move(req), timeout, std::move(done),
+                false);
+    }
 
     // Asks the node at `peer` to close connection `conn` of `device` (4001).
     void kick(const std::string& peer, const std::string& device,
@@ -86,7 +101,7 @@ private:
     registry::store& store_;
     std::string self_;
     peer::client_pool pool_;
-    route_cache cache_{100000, std::chrono::seconds(10)};
+    route_cache cache_;
 };
 
 }  // namespace pushy::routing
