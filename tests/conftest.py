@@ -18,6 +18,7 @@ import pytest
 
 if TYPE_CHECKING:
     from pushy import Node
+    from pushy.testing import RedisServer
     from wsraw import RawWebSocket
 
 # pushy.testing (and wsraw, which uses it) is imported only inside the
@@ -123,3 +124,27 @@ def raw_device() -> Iterator[Callable[..., tuple[RawWebSocket, Any]]]:
     yield open_one
     for ws in sockets:
         ws.close()
+
+
+#: registry_ttl_s of the ``fleet`` nodes: records refresh every 0.67 s.
+FLEET_TTL = 2.0
+
+
+@pytest.fixture
+def fleet(
+    redis_server: RedisServer, pushy_node_factory: Callable[..., Node]
+) -> Callable[..., Node]:
+    """``fleet(node_id, **overrides)`` -> a started node on the test's Redis.
+
+    The nodes run in this process with a ``FLEET_TTL`` registry TTL.
+    """
+
+    def make(node_id: str, **overrides: Any) -> Node:
+        return pushy_node_factory(
+            node_id=node_id,
+            redis=redis_server.url,
+            registry_ttl_s=FLEET_TTL,
+            **overrides,
+        )
+
+    return make

@@ -30,20 +30,6 @@ NodeFactory = Callable[..., Node]
 
 
 @pytest.fixture
-def fleet(
-    redis_server: RedisServer, pushy_node_factory: NodeFactory
-) -> Callable[..., Node]:
-    """``fleet(node_id, **overrides)`` -> a node on the test's Redis."""
-
-    def make(node_id: str, **overrides: Any) -> Node:
-        return pushy_node_factory(
-            node_id=node_id, redis=redis_server.url, registry_ttl_s=2.0, **overrides
-        )
-
-    return make
-
-
-@pytest.fixture
 async def devices() -> Any:
     """``await devices(node, device, account="acct")`` -> a connected client."""
     clients: list[DeviceClient] = []

@@ -17,7 +17,6 @@ from pathlib import Path
 import nbclient
 import nbformat
 import pytest
-
 from pushy.testing import scaled
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,6 +14,7 @@ from typing import Any
 
 import pushy
 import pytest
+from conftest import FLEET_TTL as TTL
 from pushy import Cluster, DeviceClient, Node, PushClient
 from pushy.testing import (
     TEST_SECRET,
@@ -26,21 +27,6 @@ from pushy.testing import (
 DeviceFactory = Callable[..., Awaitable[DeviceClient]]
 NodeFactory = Callable[..., Node]
 
-TTL = 2.0  # registry_ttl_s of the nodes here: records refresh every 0.67 s
-
-
-@pytest.fixture
-def fleet(
-    redis_server: RedisServer, pushy_node_factory: NodeFactory
-) -> Callable[..., Node]:
-    """``fleet(node_id)`` -> a node on the test's Redis registry."""
-
-    def make(node_id: str, **overrides: Any) -> Node:
-        return pushy_node_factory(
-            node_id=node_id, redis=redis_server.url, registry_ttl_s=TTL, **overrides
-        )
-
-    return make
 
 
 def record(redis: RedisServer, device: str) -> list[str] | None:
