@@ -14,9 +14,16 @@
 // SIGTERM/SIGINT, every connection sends a close frame and is closed, and
 // a report goes to stdout.
 //
+// With --d2d-rate, the connections send device-to-device messages during
+// the hold instead of idling: open loop at R messages/s in all, round robin
+// over the connections, to targets PREFIX0..PREFIX(N-1) (--d2d-to
+// PREFIX:N), each message's id its intended send time (CLOCK_MONOTONIC
+// ns), so the latency of its status counts from when it was due, not from
+// when a late loop sent it (no coordinated omission).
+//
 // Limitations: targets loopback (127.0.0.0/8) only; at most 19,000
-// connections per process (the host allows 20,000 open files); a pong that
-// cannot be written at once counts as a dropped connection.
+// connections per process (the host allows 20,000 open files); a pong or
+// a d2d message that cannot be written at once counts as dropped.
 
 #include <arpa/inet.h>
 #include <fcntl.h>
@@ -236,6 +243,11 @@ struct options {
     double handshake_timeout_s = 10;
     double close_wait_s = 2;
     bool json = false;
+    double d2d_rate = 0;     // messages/s in all; 0: idle connections
+    double d2d_s = 10;       // how long to send
+    std::string d2d_prefix;  // targets are prefix + 0 .. prefix + (n - 1)
+    std::size_t d2d_targets = 0;
+    std::size_t d2d_data_bytes = 16;
 };
 
 // Prints the usage text to `f`.
@@ -245,12 +257,17 @@ void usage(std::FILE* f) {
         "                     [--host 127.0.0.1] [--source-addrs A,B,...]\n"
         "                     [--rate R] [--hold-s S] [--json]\n"
         "                     [--handshake-timeout-s S] [--close-wait-s S]\n"
+        "                     [--d2d-rate R --d2d-to PREFIX:N [--d2d-s S]\n"
+        "                      [--d2d-data-bytes B]]\n"
         "\n"
         "Opens N idle WebSocket connections to a Pushy node (GET /v1/connect,\n"
         "subprotocol pushy.v1, line i of FILE as the bearer token of\n"
         "connection i), paced at R connects/s, holds them S seconds after\n"
         "the last handshake (answering pings), closes them and reports.\n"
-        "Loopback (127.0.0.0/8) only; N <= 19000. SIGTERM ends the hold.\n",
+        "Loopback (127.0.0.0/8) only; N <= 19000. SIGTERM ends the hold.\n"
+        "With --d2d-rate the hold sends R d2d messages/s for S seconds\n"
+        "(open loop, round robin over the connections) to PREFIX0 ..\n"
+        "PREFIX(N-1) and reports the latency of their status answers.\n",
         f);
 }
 
@@ -316,6 +333,23 @@ options parse_options(int argc, char** argv) {
             o.handshake_timeout_s = parse_number(argv[i - 1], v);
         } else if (a == "--close-wait-s") {
             o.close_wait_s = parse_number(argv[i - 1], v);
+        } else if (a == "--d2d-rate") {
+            o.d2d_rate = parse_number(argv[i - 1], v);
+        } else if (a == "--d2d-s") {
+            o.d2d_s = parse_number(argv[i - 1], v);
+        } else if (a == "--d2d-data-bytes") {
+            o.d2d_data_bytes = std::size_t(parse_number(argv[i - 1], v));
+        } else if (a == "--d2d-to") {
+            std::string_view to = v;
+            auto colon = to.rfind(':');
+            if (colon == std::string_view::npos) {
+                std::fprintf(stderr, "pushy-loadgen: --d2d-to expects "
+                                     "PREFIX:N\n");
+                std::exit(2);
+            }
+            o.d2d_prefix = std::string(to.substr(0, colon));
+            o.d2d_targets = std::size_t(parse_number(
+                argv[i - 1], std::string(to.substr(colon + 1)).c_str()));
         } else {
             std::fprintf(stderr, "pushy-loadgen: unknown option %s\n",
                          argv[i - 1]);
@@ -335,6 +369,10 @@ options parse_options(int argc, char** argv) {
     }
     if (o.tokens.empty()) bad("--tokens FILE is required");
     if (o.rate <= 0) bad("--rate must be above 0");
+    if (o.d2d_rate > 0 && o.d2d_targets == 0) {
+        bad("--d2d-rate needs --d2d-to PREFIX:N with N >= 1");
+    }
+    if (o.d2d_data_bytes > 4096) bad("--d2d-data-bytes must be at most 4096");
     return o;
 }
 
@@ -514,8 +552,16 @@ class load_generator {
 
     // Waits for events up to `timeout_ms` and dispatches them.
     void poll_once(int timeout_ms) {
+        poll_once_ns(std::uint64_t(timeout_ms) * 1'000'000u);
+    }
+
+    // Waits for events up to `timeout_ns` (epoll_pwait2: finer than a
+    // millisecond, for pacing) and dispatches them.
+    void poll_once_ns(std::uint64_t timeout_ns) {
         epoll_event events[256];
-        int n = epoll_wait(ep_, events, 256, timeout_ms);
+        timespec ts{time_t(timeout_ns / 1'000'000'000u),
+                    long(timeout_ns % 1'000'000'000u)};
+        int n = epoll_pwait2(ep_, events, 256, &ts, nullptr);
         for (int k = 0; k < n; ++k) {
             if (events[k].data.u64 == signal_tag) {
                 signalfd_siginfo si;
@@ -566,9 +612,11 @@ class load_generator {
         std::fflush(stderr);
     }
 
-    // Holds the connections for --hold-s seconds or until a signal.
+    // Holds the connections for --hold-s seconds or until a signal; with
+    // --d2d-rate, sends the d2d messages first.
     void hold_phase() {
-        std::uint64_t end = t_connected_ + std::uint64_t(opt_.hold_s * 1e9);
+        if (opt_.d2d_rate > 0) d2d_phase();
+        std::uint64_t end = now_ns() + std::uint64_t(opt_.hold_s * 1e9);
         for (;;) {
             std::uint64_t now = now_ns();
             if (stop_ || now >= end) break;
@@ -576,6 +624,118 @@ class load_generator {
             poll_once(int(std::min<std::uint64_t>(left_ms, 1000)));
         }
         t_hold_end_ = now_ns();
+    }
+
+    // Sends d2d messages open loop for --d2d-s seconds, then waits up to
+    // 5 s for the statuses still due.
+    void d2d_phase() {
+        std::string data = "\"" + std::string(
+                                      opt_.d2d_data_bytes > 2
+                                          ? opt_.d2d_data_bytes - 2
+                                          : 0,
+                                      'x') +
+                           "\"";
+        d2d_lat_.reserve(std::size_t(opt_.d2d_rate * opt_.d2d_s) + 16);
+        double gap_ns = 1e9 / opt_.d2d_rate;
+        std::uint64_t total = std::uint64_t(opt_.d2d_rate * opt_.d2d_s);
+        t_d2d_begin_ = now_ns();
+        std::size_t next_conn = 0;
+        std::string frame;
+        while (!stop_ && d2d_sent_ + d2d_dropped_ < total) {
+            std::uint64_t now = now_ns();
+            int burst = 0;
+            std::uint64_t k = d2d_sent_ + d2d_dropped_;
+            while (k < total && burst < 64) {
+                std::uint64_t due = t_d2d_begin_ + std::uint64_t(double(k) * gap_ns);
+                if (due > now) break;
+                // The next open connection, round robin.
+                std::size_t tries = 0;
+                while (conns_[next_conn].st != state::idle &&
+                       tries++ < conns_.size()) {
+                    next_conn = (next_conn + 1) % conns_.size();
+                }
+                conn& c = conns_[next_conn];
+                next_conn = (next_conn + 1) % conns_.size();
+                if (c.st != state::idle) {
+                    stop_ = true;  // nothing left to send on
+                    break;
+                }
+                send_d2d(c, due, k % opt_.d2d_targets, data, frame);
+                ++k;
+                ++burst;
+            }
+            std::uint64_t timeout = 0;
+            if (k < total) {
+                auto due = t_d2d_begin_ + std::uint64_t(double(k) * gap_ns);
+                timeout = due <= now ? 0 : due - now;
+            }
+            poll_once_ns(std::min<std::uint64_t>(timeout, 100'000'000u));
+        }
+        t_d2d_end_ = now_ns();
+        std::uint64_t wait_end = t_d2d_end_ + 5'000'000'000u;
+        while (!stop_ && d2d_answered_ < d2d_sent_ && now_ns() < wait_end) {
+            poll_once(10);
+        }
+    }
+
+    // Writes one masked d2d text frame on `c` (RFC 6455 section 5.3).
+    void send_d2d(conn& c, std::uint64_t due, std::size_t target,
+                  const std::string& data, std::string& frame) {
+        std::string payload = "{\"t\":\"d2d\",\"id\":\"";
+        payload += std::to_string(due);
+        payload += "\",\"to\":\"";
+        payload += opt_.d2d_prefix;
+        payload += std::to_string(target);
+        payload += "\",\"data\":";
+        payload += data;
+        payload += "}";
+        frame.clear();
+        frame += char(0x81);
+        if (payload.size() < 126) {
+            frame += char(0x80 | payload.size());
+        } else {
+            frame += char(0x80 | 126);
+            frame += char(payload.size() >> 8);
+            frame += char(payload.size() & 0xff);
+        }
+        std::uint32_t mask = masks_.next();
+        char m[4];
+        std::memcpy(m, &mask, 4);
+        frame.append(m, 4);
+        for (std::size_t k = 0; k < payload.size(); ++k) {
+            frame += char(payload[k] ^ m[k % 4]);
+        }
+        if (send(c.fd, frame.data(), frame.size(), MSG_NOSIGNAL) !=
+            ssize_t(frame.size())) {
+            ++d2d_dropped_;
+            return;
+        }
+        ++d2d_sent_;
+    }
+
+    // Reads a status answer: its id (the due time) and code.
+    void on_status(std::string_view payload) {
+        auto id_at = payload.find("\"id\":\"");
+        auto code_at = payload.find("\"code\":");
+        if (payload.find("\"t\":\"status\"") == std::string_view::npos ||
+            id_at == std::string_view::npos ||
+            code_at == std::string_view::npos) {
+            ++frames_ignored_;
+            return;
+        }
+        std::uint64_t due = 0;
+        auto id = payload.substr(id_at + 6);
+        std::from_chars(id.data(), id.data() + id.size(), due);
+        int code = 0;
+        auto cs = payload.substr(code_at + 7);
+        std::from_chars(cs.data(), cs.data() + cs.size(), code);
+        std::uint64_t now = now_ns();
+        ++d2d_answered_;
+        ++d2d_codes_[code];
+        if (code == 200 && now >= due) {
+            d2d_lat_.push_back(std::uint32_t(
+                std::min<std::uint64_t>((now - due) / 1000, UINT32_MAX)));
+        }
     }
 
     // Sends a close frame (1000) on every open connection, waits up to
@@ -882,6 +1042,12 @@ class load_generator {
             return head + std::size_t(len);
         }
 
+        if (!control && opt_.d2d_rate > 0 && len <= 1024) {
+            // A status answer (or a small message): read it whole.
+            if (data.size() < head + len) return 0;
+            on_status(data.substr(head, std::size_t(len)));
+            return head + std::size_t(len);
+        }
         if (!control) {
             // A push, reconnect or other message: skip its payload.
             ++frames_ignored_;
@@ -1034,6 +1200,29 @@ class load_generator {
         s += ",\"handshake_latency_us\":" + lat(lat_101_);
         s += ",\"hello_latency_us\":" + lat(lat_hello_);
         s += ",\"hold_s\":" + num(hold_s);
+        if (opt_.d2d_rate > 0) {
+            std::sort(d2d_lat_.begin(), d2d_lat_.end());
+            double d2d_s = double(t_d2d_end_ - t_d2d_begin_) / 1e9;
+            s += ",\"d2d\":{\"rate_target_per_s\":" + num(opt_.d2d_rate);
+            s += ",\"send_s\":" + num(d2d_s);
+            s += ",\"sent\":" + std::to_string(d2d_sent_);
+            s += ",\"dropped\":" + std::to_string(d2d_dropped_);
+            s += ",\"answered\":" + std::to_string(d2d_answered_);
+            s += ",\"codes\":{";
+            bool first = true;
+            for (auto& [code, n] : d2d_codes_) {
+                if (!first) s += ",";
+                first = false;
+                s += "\"" + std::to_string(code) + "\":" + std::to_string(n);
+            }
+            s += "},\"latency_us\":{\"count\":" + std::to_string(d2d_lat_.size());
+            s += ",\"p50\":" + std::to_string(percentile(d2d_lat_, 0.50));
+            s += ",\"p99\":" + std::to_string(percentile(d2d_lat_, 0.99));
+            s += ",\"p99.9\":" + std::to_string(percentile(d2d_lat_, 0.999));
+            s += ",\"max\":" +
+                 std::to_string(d2d_lat_.empty() ? 0 : d2d_lat_.back());
+            s += "}}";
+        }
         s += "}";
         if (opt_.json) {
             std::printf("%s\n", s.c_str());
@@ -1087,6 +1276,13 @@ class load_generator {
     std::uint64_t t_begin_ = 0;
     std::uint64_t t_connected_ = 0;
     std::uint64_t t_hold_end_ = 0;
+    std::uint64_t t_d2d_begin_ = 0;
+    std::uint64_t t_d2d_end_ = 0;
+    std::uint64_t d2d_sent_ = 0;
+    std::uint64_t d2d_dropped_ = 0;
+    std::uint64_t d2d_answered_ = 0;
+    std::map<int, std::size_t> d2d_codes_;
+    std::vector<std::uint32_t> d2d_lat_;
 };
 
 }  // namespace

@@ -92,3 +92,26 @@ def test_bench_push_writes_json_and_a_plot(tmp_path: Path) -> None:
     assert 0 < run["latency_us"]["p50"] <= run["latency_us"]["p99"]
     assert (tmp_path / "push.png").stat().st_size > 0
     assert "delivered_per_s" in proc.stdout
+
+
+def test_bench_d2d_writes_latencies_codes_and_a_plot(tmp_path: Path) -> None:
+    proc = run_pushy(
+        "bench", "d2d", "--rates", "500,2000", "--seconds", "1", "--pairs", "50",
+        "--runs", "1", "--results", str(tmp_path), timeout=scaled(180),
+    )  # fmt: skip
+
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads((tmp_path / "d2d.json").read_text())
+    assert [p["rate"] for p in result["phases"]] == [500, 2000]
+    for phase in result["phases"]:
+        (run,) = phase["runs"]
+        assert run["sent"] == phase["rate"] * 1
+        assert run["codes"] == {"200": run["sent"]}
+        assert run["target_node_delivered"] >= run["sent"]
+        latency = run["latency_us"]
+        assert latency["count"] == run["sent"]
+        assert 0 < latency["p50"] <= latency["p99"] <= latency["p99.9"]
+        assert run["node_latency_us"]["count"] >= run["sent"]
+        assert run["node_cpu_s"] > 0
+    assert (tmp_path / "d2d.png").stat().st_size > 0
+    assert "p99.9_us" in proc.stdout

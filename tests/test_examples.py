@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ from pushy.testing import scaled
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "examples" / "quickstart.py"
+REMOTE_CONTROL = ROOT / "examples" / "remote_control.py"
 NOTEBOOK = ROOT / "notebooks" / "quickstart.ipynb"
 
 
@@ -33,6 +35,36 @@ def _child_env() -> dict[str, str]:
     paths = [package_parent, *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
     env["PYTHONPATH"] = os.pathsep.join(paths)
     return env
+
+
+def test_remote_control_example_drives_the_tv_across_two_nodes() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(REMOTE_CONTROL)],
+        capture_output=True,
+        text=True,
+        timeout=scaled(90),
+        env=_child_env(),
+        cwd=ROOT,
+        check=False,
+    )
+
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    tv_node, phone_node = re.search(
+        r"living-room-tv on (\S+), phone-1 on (\S+)", out
+    ).groups()  # type: ignore[union-attr]
+    assert tv_node != phone_node
+    answers = re.findall(r"phone -> living-room-tv (.*): 200; tv answered (.*) \(", out)
+    assert [a[0] for a in answers] == [
+        "{'cmd': 'play'}",
+        "{'cmd': 'pause'}",
+        "{'cmd': 'seek', 'to': 42}",
+        "{'cmd': 'play'}",
+    ], out
+    assert "'state': 'paused', 'position': 42.0" in answers[2][1]
+    assert "phone -> kitchen-tv {'cmd': 'play'}: 404" in out
+    assert "phone -> neighbour-tv {'cmd': 'play'}: 403" in out
+    assert out.rstrip().endswith("cluster stopped")
 
 
 def test_quickstart_script_pushes_to_two_devices_and_exits_0() -> None:

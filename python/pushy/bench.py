@@ -37,7 +37,7 @@ from .errors import PushyError
 from .push import PushClient
 from .tokens import issue_token
 
-__all__ = ["add_parser", "loadgen_path", "run_push"]
+__all__ = ["add_parser", "loadgen_path", "run_d2d", "run_push"]
 
 _SECRET = "pushy-bench-secret-" + "0123456789abcdef" * 3
 _PER_PROCESS = 5000
@@ -67,6 +67,23 @@ def add_parser(commands: Any) -> None:
                       help="an existing Redis [start a redis-server]")
     push.add_argument("--results", default="bench-results", metavar="DIR")
     push.set_defaults(func=_run_push_cli)
+
+    d2d = scenarios.add_parser(
+        "d2d",
+        help="device-to-device latency across two nodes, open loop",
+        description=_D2D_DOC,
+    )
+    d2d.add_argument("--rates", default="1000,20000", metavar="R,R",
+                     help="messages/s to send, one phase each [1000,20000]")
+    d2d.add_argument("--seconds", type=float, default=10, metavar="S",
+                     help="seconds of sending per run [10]")
+    d2d.add_argument("--pairs", type=int, default=1000, metavar="N",
+                     help="sender and target devices [1000]")
+    d2d.add_argument("--runs", type=int, default=3, metavar="N")
+    d2d.add_argument("--redis", metavar="URL",
+                     help="an existing Redis [start a redis-server]")
+    d2d.add_argument("--results", default="bench-results", metavar="DIR")
+    d2d.set_defaults(func=_run_d2d_cli)
     bench.set_defaults(func=lambda args: _usage(bench))
 
 
@@ -307,6 +324,234 @@ def _plot(runs: list[dict[str, Any]], path: Path) -> None:
 def _run_push_cli(args: argparse.Namespace) -> int:
     try:
         run_push(args)
+    except PushyError as exc:
+        print(f"pushy: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+_D2D_DOC = """\
+Device-to-device latency across two nodes: node A holds N sender devices,
+node B N targets (both on one Redis registry, each held by a pushy-loadgen
+process). The senders send {"t":"d2d"} messages open loop at each rate of
+--rates, round robin, to the targets; each message's id is its intended send
+time, so the latency from then to its status at the sender includes every
+wait (no coordinated omission). A warm-up second fills the route cache
+first. Each run starts fresh nodes; it reports the sender-side p50/p99/
+p99.9, the node-side histogram of A (arrival to status sent), codes and
+node CPU-seconds per million messages, to RESULTS/d2d.json and d2d.png."""
+
+
+def _start_loadgen(
+    loadgen: str, port: int, tokens: list[str], tmp: Path, name: str, *extra: str
+) -> subprocess.Popen[str]:
+    """Start a pushy-loadgen holding one connection per token."""
+    path = tmp / f"{name}.tokens"
+    path.write_text("".join(t + "\n" for t in tokens))
+    return subprocess.Popen(
+        [loadgen, "--port", str(port), "--connections", str(len(tokens)),
+         "--tokens", str(path), "--rate", "5000", "--json", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def _wait_ready(proc: subprocess.Popen[str], what: str) -> None:
+    """Wait for the loadgen's ready line; fail if not every device connected."""
+    assert proc.stderr is not None
+    line = proc.stderr.readline()
+    if not line:
+        raise PushyError(f"{what} load generator exited: {proc.communicate()}")
+    ready = json.loads(line)
+    if ready.get("failed"):
+        raise PushyError(f"{what}: {ready['failed']} devices failed to connect")
+
+
+def _finish(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
+    out, err = proc.communicate(timeout=timeout)
+    try:
+        return json.loads(out.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        raise PushyError(f"load generator gave no report: {err[-2000:]}") from None
+
+
+def _node_stats(node: Any) -> dict[str, Any]:
+    with urllib.request.urlopen(node.push_url + "/v1/stats", timeout=5) as r:
+        return json.load(r)
+
+
+def _d2d_run(
+    url: str, rate: float, args: argparse.Namespace, tmp: Path, say: Any
+) -> dict[str, Any]:
+    loadgen = loadgen_path()
+    a = Cluster(1, url, secret=_SECRET, name="a").start()
+    b = Cluster(1, url, secret=_SECRET, name="b").start()
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        def tokens(prefix: str) -> list[str]:
+            return [issue_token(_SECRET, f"{prefix}{i}", "bench", ttl=86400)
+                    for i in range(args.pairs)]
+
+        targets = _start_loadgen(loadgen, b.port, tokens("t"), tmp, "targets",
+                                 "--hold-s", "86400")
+        procs.append(targets)
+        _wait_ready(targets, "targets")
+        to = ["--d2d-to", f"t:{args.pairs}"]
+        warm = _start_loadgen(
+            loadgen, a.port, tokens("w"), tmp, "warm", "--hold-s", "0",
+            "--d2d-rate", str(max(2000, args.pairs * 2)), "--d2d-s", "1", *to,
+        )
+        procs.append(warm)
+        _finish(warm, 60)
+        node_a, node_b = a.nodes[0], b.nodes[0]
+        pids = [p for p in (node_a.pid, node_b.pid) if p is not None]
+        before = _node_stats(node_a)["d2d"]
+        senders = _start_loadgen(
+            loadgen, a.port, tokens("s"), tmp, "senders", "--hold-s", "0",
+            "--d2d-rate", str(rate), "--d2d-s", str(args.seconds), *to,
+        )
+        procs.append(senders)
+        _wait_ready(senders, "senders")
+        cpu0 = sum(_cpu_seconds(p) for p in pids)
+        report = _finish(senders, args.seconds + 60)["d2d"]
+        cpu = sum(_cpu_seconds(p) for p in pids) - cpu0
+        after = _node_stats(node_a)["d2d"]
+        delivered = _node_stats(node_b)["d2d"]["delivered"]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        a.stop()
+        b.stop()
+    codes = report["codes"]
+    ok = int(codes.get("200", 0))
+    run = {
+        "rate": rate,
+        "sent": report["sent"],
+        "dropped_by_sender": report["dropped"],
+        "answered": report["answered"],
+        "codes": codes,
+        "send_s": report["send_s"],
+        "achieved_per_s": report["sent"] / max(report["send_s"], 1e-9),
+        "latency_us": report["latency_us"],
+        "node_latency_us": after["latency_us"],
+        "node_received": after["received"] - before["received"],
+        "target_node_delivered": delivered,
+        "node_cpu_s": cpu,
+        "node_cpu_s_per_1m": cpu / max(ok, 1) * 1e6,
+    }
+    lat = run["latency_us"]
+    say(f"  {rate:>8,.0f}/s: {ok:,}/{run['sent']:,} answered 200, p50 "
+        f"{lat['p50']} us, p99 {lat['p99']} us, p99.9 {lat['p99.9']} us; node "
+        f"p50 {after['latency_us']['p50']:.0f} us, p99 "
+        f"{after['latency_us']['p99']:.0f} us; node CPU "
+        f"{run['node_cpu_s_per_1m']:.2f} s per 1M")
+    return run
+
+
+def run_d2d(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
+    """Run the d2d scenario; return the results (also written as JSON)."""
+    from .testing import RedisServer
+
+    try:
+        rates = [float(r) for r in str(args.rates).split(",") if r.strip()]
+    except ValueError:
+        raise PushyError(f"--rates must be numbers, got {args.rates!r}") from None
+    if not rates or min(rates) <= 0 or args.seconds <= 0 or args.runs < 1:
+        raise PushyError("--rates, --seconds and --runs must be above 0")
+    if not 1 <= args.pairs <= 18000:
+        raise PushyError("--pairs must be between 1 and 18000")
+    tmp = Path(tempfile.mkdtemp(prefix="pushy-bench-"))
+    redis = None if args.redis else RedisServer().start()
+    url = args.redis or redis.url  # type: ignore[union-attr]
+    phases: list[dict[str, Any]] = []
+    try:
+        for rate in rates:
+            say(f"d2d at {rate:,.0f}/s, {args.pairs:,} senders on node a, "
+                f"{args.pairs:,} targets on node b, {args.runs} runs")
+            runs = [_d2d_run(url, rate, args, tmp, say) for _ in range(args.runs)]
+            phases.append({"rate": rate, "runs": runs, "summary": _d2d_summary(runs)})
+    finally:
+        if redis is not None:
+            redis.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    result = {
+        "scenario": "d2d",
+        "pairs": args.pairs,
+        "seconds": args.seconds,
+        "phases": phases,
+        "machine": {"cpus": os.cpu_count()},
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    out = Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "d2d.json").write_text(json.dumps(result, indent=2) + "\n")
+    _d2d_plot(phases, out / "d2d.png")
+    say("over the runs (median [min, max]):")
+    for phase in phases:
+        say(f"  at {phase['rate']:,.0f}/s:")
+        for key, s in phase["summary"].items():
+            if isinstance(s, dict):
+                say(f"    {key:<22} {s['median']:>10,.1f} "
+                    f"[{s['min']:,.1f}, {s['max']:,.1f}]")
+            else:
+                say(f"    {key:<22} {s:>10,}")
+    say(f"results written to {out / 'd2d.json'} and {out / 'd2d.png'}")
+    return result
+
+
+def _d2d_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    def stat(get: Any) -> dict[str, float]:
+        values = [float(get(r)) for r in runs]
+        return {"median": statistics.median(values), "min": min(values),
+                "max": max(values)}
+
+    return {
+        "p50_us": stat(lambda r: r["latency_us"]["p50"]),
+        "p99_us": stat(lambda r: r["latency_us"]["p99"]),
+        "p99.9_us": stat(lambda r: r["latency_us"]["p99.9"]),
+        "node_p50_us": stat(lambda r: r["node_latency_us"]["p50"]),
+        "node_p99_us": stat(lambda r: r["node_latency_us"]["p99"]),
+        "node_p99.9_us": stat(lambda r: r["node_latency_us"]["p99.9"]),
+        "achieved_per_s": stat(lambda r: r["achieved_per_s"]),
+        "node_cpu_s_per_1m": stat(lambda r: r["node_cpu_s_per_1m"]),
+        "not_200": sum(r["sent"] - int(r["codes"].get("200", 0)) for r in runs),
+        "dropped_by_sender": sum(r["dropped_by_sender"] for r in runs),
+    }
+
+
+def _d2d_plot(phases: list[dict[str, Any]], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plots are optional
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    labels = ("p50", "p99", "p99.9")
+    width = 0.8 / max(len(phases), 1)
+    for k, phase in enumerate(phases):
+        values = [phase["summary"][f"{q}_us"]["median"] for q in labels]
+        ax.bar([i + k * width for i in range(len(labels))], values, width,
+               label=f"{phase['rate']:,.0f}/s")
+    ax.set_xticks([i + width * (len(phases) - 1) / 2 for i in range(len(labels))])
+    ax.set_xticklabels(labels)
+    ax.set(yscale="log", ylabel="send to status, at the sender (us)",
+           title="pushy bench d2d (two nodes, median of runs)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _run_d2d_cli(args: argparse.Namespace) -> int:
+    try:
+        run_d2d(args)
     except PushyError as exc:
         print(f"pushy: error: {exc}", file=sys.stderr)
         return 1
