@@ -37,16 +37,21 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def test_remote_control_example_drives_the_tv_across_two_nodes() -> None:
-    proc = subprocess.run(
-        [sys.executable, str(REMOTE_CONTROL)],
+def run_example(path: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run an example script as a user would, from the clone's root."""
+    return subprocess.run(
+        [sys.executable, str(path)],
         capture_output=True,
         text=True,
-        timeout=scaled(90),
+        timeout=timeout,
         env=_child_env(),
         cwd=ROOT,
         check=False,
     )
+
+
+def test_remote_control_example_drives_the_tv_across_two_nodes() -> None:
+    proc = run_example(REMOTE_CONTROL, scaled(90))
 
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
@@ -68,14 +73,7 @@ def test_remote_control_example_drives_the_tv_across_two_nodes() -> None:
 
 
 def test_quickstart_script_pushes_to_two_devices_and_exits_0() -> None:
-    proc = subprocess.run(
-        [sys.executable, str(QUICKSTART)],
-        capture_output=True,
-        text=True,
-        timeout=scaled(60),
-        env=_child_env(),
-        cwd=ROOT,
-    )
+    proc = run_example(QUICKSTART, scaled(60))
 
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()

@@ -272,11 +272,31 @@ def _push_run(
     return run
 
 
-def _summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+def _spread(runs: list[dict[str, Any]]) -> Any:
+    """Return ``stat(get)``: the median, min and max of ``get(run)``."""
+
     def stat(get: Any) -> dict[str, float]:
-        values = [get(r) for r in runs]
+        values = [float(get(r)) for r in runs]
         return {"median": statistics.median(values), "min": min(values),
                 "max": max(values)}
+
+    return stat
+
+
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend, or None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plots are optional
+        return None
+    return plt
+
+
+def _summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    stat = _spread(runs)
 
     return {
         "delivered_per_s": stat(lambda r: r["delivered_per_s"]),
@@ -301,12 +321,8 @@ def _table(summary: dict[str, Any], say: Any) -> None:
 
 
 def _plot(runs: list[dict[str, Any]], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # plots are optional
+    plt = _pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, run in enumerate(runs):
@@ -505,10 +521,7 @@ def run_d2d(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
 
 
 def _d2d_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    def stat(get: Any) -> dict[str, float]:
-        values = [float(get(r)) for r in runs]
-        return {"median": statistics.median(values), "min": min(values),
-                "max": max(values)}
+    stat = _spread(runs)
 
     return {
         "p50_us": stat(lambda r: r["latency_us"]["p50"]),
@@ -525,12 +538,8 @@ def _d2d_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _d2d_plot(phases: list[dict[str, Any]], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # plots are optional
+    plt = _pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 4))
     labels = ("p50", "p99", "p99.9")
