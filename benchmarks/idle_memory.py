@@ -17,9 +17,10 @@ printed and written as JSON (default ``bench-results/idle_memory.json``).
 Example::
 
     benchmarks/build.sh
-    python benchmarks/idle_memory.py --connections 10000 --runs 3
+    .venv/bin/python benchmarks/idle_memory.py --connections 10000 --runs 3
 
-Needs PyJWT and httpx, the built extension in ``python/pushy`` and the load
+Needs PyJWT and httpx, the pushy package this interpreter imports (with its
+built extension; else ``python/pushy`` of the source tree) and the load
 generator (built with ``benchmarks/build.sh`` when missing or stale). The
 package is copied once per invocation, so every run measures the same build
 even if the working tree is rebuilt meanwhile. Each run also records the
@@ -349,14 +350,28 @@ def summarize(values: list[float]) -> dict[str, float]:
 # --------------------------------------------------------------- processes
 
 
+def package_dir() -> Path:
+    """The pushy package to measure: the one this interpreter imports (a
+    virtual environment's, after ``scripts/dev.sh install``), else the
+    source tree's ``python/pushy`` when it holds a built extension."""
+    try:
+        import pushy
+    except ImportError:
+        return ROOT / "python" / "pushy"
+    installed = Path(pushy.__file__).resolve().parent
+    if list(installed.glob("_core*.so")):
+        return installed
+    return ROOT / "python" / "pushy"
+
+
 def snapshot_package(dest: Path) -> dict[str, str]:
-    """Copy ``python/pushy`` (with its built extension) under ``dest``.
+    """Copy the pushy package (with its built extension) under ``dest``.
 
     Every node of the invocation imports this copy, so all runs measure the
     same build and a rebuild of the working tree during a run cannot change
     (or crash) a running node. Returns the extension's name and SHA-256.
     """
-    src = ROOT / "python" / "pushy"
+    src = package_dir()
     shutil.copytree(src, dest / "pushy", ignore=shutil.ignore_patterns("__pycache__"))
     found = sorted((dest / "pushy").glob("_core*.so"))
     if not found:
