@@ -4,8 +4,8 @@
 #   scripts/dev.sh demo [ARGS]   install, then `pushy demo ARGS`
 #   scripts/dev.sh test [ARGS]   install, then the C++ unit tests (ctest,
 #                                under ASan/UBSan) and pytest ARGS
-#   scripts/dev.sh sanitize      install, then pytest against an engine
-#                                built with ASan/UBSan
+#   scripts/dev.sh sanitize      install into .venv-sanitize an engine
+#                                built with ASan/UBSan, then pytest ARGS
 #   scripts/dev.sh install       install only
 #
 # Installing means: the Debian packages the build and tests need (only the
@@ -46,14 +46,16 @@ install_debs() {
         --no-install-recommends "${missing[@]}" >/dev/null
 }
 
-# Makes .venv and builds the package into it. The CMake build directory is
-# kept in build/, so a second install only recompiles what changed.
+# Makes the virtual environment $venv (.venv unless set) and builds the
+# package into it. The CMake build directory is kept in build/, so a second
+# install only recompiles what changed.
+venv=.venv
 install_package() {
-    if [ ! -x .venv/bin/python ]; then
-        python3 -m venv .venv
+    if [ ! -x "$venv/bin/python" ]; then
+        python3 -m venv "$venv"
     fi
-    echo "pushy: building and installing the package into .venv"
-    .venv/bin/python -m pip install -q --disable-pip-version-check \
+    echo "pushy: building and installing the package into $venv"
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check \
         ".[test]" "$@"
 }
 
@@ -82,13 +84,16 @@ case "$job" in
         exec .venv/bin/python -m pytest "$@"
         ;;
     sanitize)
+        # A virtual environment of its own: an engine built with ASan runs
+        # only with the runtime preloaded, so .venv keeps the plain build.
         install_debs
+        venv=.venv-sanitize
         install_package --config-settings=cmake.define.PUSHY_SANITIZE=ON \
             --config-settings=build-dir=build/sanitize
         asan="$(gcc -print-file-name=libasan.so)"
         ubsan="$(gcc -print-file-name=libubsan.so)"
         LD_PRELOAD="$asan:$ubsan" ASAN_OPTIONS=detect_leaks=0 \
-            exec .venv/bin/python -m pytest "$@"
+            PATH="$PWD/$venv/bin:$PATH" exec "$venv/bin/python" -m pytest "$@"
         ;;
     *)
         echo "usage: scripts/dev.sh demo|test|sanitize|install [ARGS]" >&2

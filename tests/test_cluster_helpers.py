@@ -41,6 +41,7 @@ def node_directory(redis: RedisServer, prefix: str = "pushy:") -> dict[str, str]
         (0, UNUSED_REDIS, {}, "nodes must be at least 1"),
         (1, "", {}, "needs redis"),
         (1, "http://127.0.0.1:6379", {}, "redis must be a url"),
+        (1, "redis://127.0.0.1:99999", {}, "port that is not 1-65535"),
         (1, UNUSED_REDIS, {"port": 70000}, "port must be between"),
         (1, UNUSED_REDIS, {"heartbeat": 5}, "unknown option 'heartbeat'"),
         (1, UNUSED_REDIS, {"push_port": 9000}, "push_port is set by the cluster"),
@@ -51,6 +52,7 @@ def node_directory(redis: RedisServer, prefix: str = "pushy:") -> dict[str, str]
         "no-nodes",
         "no-redis",
         "not-a-redis-url",
+        "redis-port-out-of-range",
         "port-out-of-range",
         "unknown-option",
         "option-owned-by-the-cluster",
@@ -152,7 +154,7 @@ def test_node_that_cannot_start_is_reported_with_its_output(
             start_timeout=scaled(20),
         )
 
-        with pytest.raises(pushy.PushyError, match="node-0 did not start") as err:
+        with pytest.raises(pushy.PushyError, match="node-0 exited with code 2 before listening") as err:
             cluster.start()
 
     assert f"127.0.0.1:{port}" in str(err.value)  # the node's own error

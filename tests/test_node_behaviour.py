@@ -531,3 +531,16 @@ async def _drain(device: DeviceClient) -> list[int]:
             return ids
         if message["t"] == "push":
             ids.append(message["id"])
+
+
+def test_second_node_on_a_device_port_in_use_fails_unless_both_share_it(
+    pushy_node_factory: Callable[..., Node],
+) -> None:
+    first = pushy_node_factory()
+    with pytest.raises(pushy.ConfigError, match="cannot listen on device port"):
+        pushy_node_factory(port=first.port)
+
+    shared = pushy_node_factory(reuse_port=True)
+    second = pushy_node_factory(port=shared.port, reuse_port=True)
+
+    assert second.port == shared.port and second.running

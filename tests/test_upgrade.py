@@ -308,6 +308,10 @@ BAD_TOKENS = {
     "no-sub": BadToken(
         lambda: jwt.encode({"acc": "acct", "exp": 2**31 - 1}, TEST_SECRET), "sub"
     ),
+    # A device no push could name (device ids are at most 256 bytes).
+    "sub-over-256-bytes": BadToken(
+        lambda: hs_token(TEST_SECRET, sub="d" * 257), "longer than 256 bytes"
+    ),
 }
 
 

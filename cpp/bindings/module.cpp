@@ -102,6 +102,8 @@ pushy::node_config config_from(const py::dict& d) {
                 key, v, "a list of strings");
         } else if (key == "deflate") {
             c.deflate = as<bool>(key, v, "a boolean");
+        } else if (key == "reuse_port") {
+            c.reuse_port = as<bool>(key, v, "a boolean");
         } else {
             throw pushy::config_error("unknown config key '" + key + "'");
         }

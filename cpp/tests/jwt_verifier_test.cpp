@@ -459,6 +459,13 @@ TEST_CASE("a token without a usable sub has no device") {
           token_error::no_device);
 }
 
+TEST_CASE("a device id longer than 256 bytes is refused, 256 accepted") {
+    CHECK(hs_error(hs256_token(defaults.with_sub(std::string(257, 'd')))) ==
+          token_error::long_device);
+    CHECK(hs_error(hs256_token(defaults.with_sub(std::string(256, 'd')))) ==
+          token_error::none);
+}
+
 TEST_CASE("acc is optional and must be a string") {
     const claim_set no_acc = defaults.with_acc(std::nullopt);
     const verify_result result = hs_verifier().verify(hs256_token(no_acc), now);

@@ -57,8 +57,8 @@ _NOT_YET = {
 }
 
 # serve options: flag, field, type, help. Defaults come from NodeConfig.
-# One entry per NodeConfig field but public_key (--public-key-file) and
-# deflate (--deflate/--no-deflate); TOML keys and PUSHY_* variables follow
+# One entry per NodeConfig field but public_key (--public-key-file),
+# deflate (--deflate/--no-deflate) and reuse_port (--reuse-port); TOML keys and PUSHY_* variables follow
 # from the fields themselves (config.py).
 _SERVE_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--host", "host", str, "address of the device port [0.0.0.0]"),
@@ -103,7 +103,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 #: serve options that ``pushy cluster`` sets itself (or defines its own way).
-_CLUSTER_OWNED = ("host", "port", "push_port", "peer_port", "node_id", "redis")
+_CLUSTER_OWNED = (
+    "host", "port", "push_port", "peer_port", "node_id", "redis", "reuse_port",
+)
 
 
 def _add_node_options(
@@ -138,6 +140,13 @@ def _add_node_options(
         default=None,
         help="offer permessage-deflate [off]",
     )
+    if "reuse_port" not in skip:
+        parser.add_argument(
+            "--reuse-port",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="share the device port with other nodes (SO_REUSEPORT) [off]",
+        )
     _add_log_level(parser)
 
 
@@ -301,6 +310,7 @@ def _serve(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level)
     overrides = {dest: getattr(args, dest) for _, dest, _, _ in _SERVE_OPTIONS}
     overrides["deflate"] = args.deflate
+    overrides["reuse_port"] = args.reuse_port
     if args.public_key_file:
         overrides["public_key"] = _read_text(args.public_key_file, "--public-key-file")
     config = NodeConfig.from_sources(args.config, **overrides)
@@ -320,6 +330,8 @@ def _serve(args: argparse.Namespace) -> int:
             if not node.running:
                 return _fail("node stopped unexpectedly", code=1)
     finally:
+        # The handlers stay until the node is down: a second SIGTERM during
+        # the shutdown is not a reason to skip the rest of it.
         node.stop()
         restore()
     print(f"pushy: node {node.node_id} stopped", flush=True)

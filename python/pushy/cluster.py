@@ -23,6 +23,7 @@ Limitations:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -46,7 +47,16 @@ __all__ = ["OUTPUT_LINES", "Cluster", "NodeProcess", "free_port"]
 OUTPUT_LINES = 2000
 
 #: Options that :class:`Cluster` sets itself for every node.
-_OWNED = ("host", "port", "push_port", "peer_port", "node_id", "redis", "secret")
+_OWNED = (
+    "host",
+    "port",
+    "push_port",
+    "peer_port",
+    "node_id",
+    "redis",
+    "secret",
+    "reuse_port",
+)
 
 #: ``pushy serve`` options that are not :class:`NodeConfig` fields.
 _SERVE_ONLY = ("log_level",)
@@ -145,12 +155,19 @@ class NodeProcess:
             target=self._read, args=(self.process, ready), daemon=True
         )
         self._reader.start()
-        if not ready.wait(timeout) or self.push_url is None:
+        started = ready.wait(timeout)
+        if not started or self.push_url is None:
+            code = None
+            if started:  # its output ended: it exited, or is about to
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    code = self.process.wait(5)
             self.kill()
-            raise PushyError(
-                f"node {self.node_id} did not start within {timeout:g} s:\n"
-                f"{self.output[-4000:]}"
+            why = (
+                f"did not start within {timeout:g} s"
+                if code is None
+                else f"exited with code {code} before listening"
             )
+            raise PushyError(f"node {self.node_id} {why}:\n{self.output[-4000:]}")
 
     def _read(self, process: subprocess.Popen[str], ready: threading.Event) -> None:
         assert process.stdout is not None
@@ -181,12 +198,14 @@ class NodeProcess:
         """Kill with SIGKILL (a crash: nothing is cleaned up); return the code."""
         return self._end(signal.SIGKILL, 10.0)
 
-    def _end(self, sig: int, timeout: float) -> int | None:
+    def _end(self, sig: int | None, timeout: float) -> int | None:
+        """Send ``sig`` (None: it was sent already), wait, kill at the timeout."""
         process = self.process
         if process is None:
             return None
         if process.poll() is None:
-            process.send_signal(sig)
+            if sig is not None:
+                process.send_signal(sig)
             try:
                 process.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -274,6 +293,7 @@ class Cluster:
                 host,
                 "--port",
                 str(self.port),
+                "--reuse-port",
                 "--push-port",
                 "0",
                 "--peer-port",
@@ -312,8 +332,9 @@ class Cluster:
             if node.running:
                 assert node.process is not None
                 node.process.send_signal(signal.SIGTERM)
+        # Once is enough: a second SIGTERM could end a node mid-shutdown.
         for node in self.nodes:
-            node.stop()
+            node._end(None, 15.0)
 
     def wait(self) -> Iterator[NodeProcess]:
         """Yield each node that exits, as it exits, while any runs."""

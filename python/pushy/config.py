@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -81,6 +82,10 @@ class NodeConfig:
         allowed_origins: ``Origin`` values allowed for browsers; empty allows
             any. A string is split on commas.
         deflate: offer permessage-deflate (costs tens of KiB per connection).
+        reuse_port: bind the device port with ``SO_REUSEPORT`` so that
+            several node processes on this host share it (the kernel spreads
+            new connections over them); :class:`pushy.Cluster` sets it. Off,
+            a second node on a port in use fails to start.
         push_timeout_s: default timeout of a push that waits for the device's
             ack.
         d2d_rate: device-to-device messages per second a connection may
@@ -125,6 +130,7 @@ class NodeConfig:
     max_connections: int = 0
     allowed_origins: list[str] = field(default_factory=list)
     deflate: bool = False
+    reuse_port: bool = False
     push_timeout_s: float = 5.0
     d2d_rate: float = 100.0
     d2d_burst: int = 200
@@ -271,6 +277,38 @@ _STRINGS = (
 )
 
 
+def _check_redis_url(url: str) -> None:
+    """Check the form of a Redis URL (the node checks it again, and connects).
+
+    Raises:
+        ConfigError: not ``redis://[[user]:password@]host[:port][/db]``, or a
+            port or database out of range. The message hides the password.
+    """
+    from urllib.parse import urlsplit
+
+    shown = re.sub(r"(//[^/@]*:)[^/@]*@", r"\1***@", url)
+    form = "redis://[[user]:password@]host[:port][/db]"
+    if not url.startswith("redis://"):
+        raise ConfigError(f"redis must be a url like {form}, got {shown!r}")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise ConfigError(
+            f"redis url {shown!r} has a port that is not 1-65535"
+        ) from None
+    if not parts.hostname:
+        raise ConfigError(f"redis url {shown!r} names no host; expected {form}")
+    if port == 0:
+        raise ConfigError(f"redis url {shown!r} has a port that is not 1-65535")
+    db = parts.path.lstrip("/")
+    if db and (not db.isdigit() or int(db) > 1_000_000):
+        raise ConfigError(
+            f"redis url {shown!r} has a database that is not a number; "
+            f"expected {form}"
+        )
+
+
 def _check_field(name: str, value: Any) -> Any:
     if name in _INT_RANGES:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -299,11 +337,8 @@ def _check_field(name: str, value: Any) -> Any:
             raise ConfigError(
                 f"algorithm must be one of {', '.join(ALGORITHMS)}, got {value!r}"
             )
-        if name == "redis" and value and not value.startswith("redis://"):
-            raise ConfigError(
-                "redis must be a url like redis://[:password@]host[:port][/db], "
-                f"got {value!r}"
-            )
+        if name == "redis" and value:
+            _check_redis_url(value)
         if name == "peer_host" and not value:
             raise ConfigError("peer_host must be a host address, got ''")
         if name == "redis_prefix" and (
@@ -314,9 +349,9 @@ def _check_field(name: str, value: Any) -> Any:
                 f"braces, got {value!r}"
             )
         return value
-    if name == "deflate":
+    if name in ("deflate", "reuse_port"):
         if not isinstance(value, bool):
-            raise ConfigError(f"deflate must be true or false, got {value!r}")
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
         return value
     if name == "allowed_origins":
         if isinstance(value, str):

@@ -230,7 +230,7 @@ def _instructions(node: Node, secret: str) -> None:
     _say("try it yourself, in another terminal:")
     _say("  # connect a device of your own")
     _say(
-        f"  TOKEN=$({pushy} token --secret {shlex.quote(secret)} "
+        f"  TOKEN=$({pushy} token --secret={shlex.quote(secret)} "
         f"--device my-device --account {DEMO_ACCOUNT})"
     )
     _say(f'  {python} -m websockets "{node.url}?token=$TOKEN"')

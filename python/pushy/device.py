@@ -59,8 +59,9 @@ class DeviceClient:
             ``None``.
         token_in_query: send the token as ``?token=`` (as browsers must)
             instead of an ``Authorization: Bearer`` header.
-        auto_ack: acknowledge every push that asks for an ack as soon as it
-            is received.
+        auto_ack: acknowledge every push that asks for an ack when the app
+            reads it (:meth:`receive`, :meth:`wait_for`...); a push that the
+            app never reads is never acked.
         respond_to_pings: answer the node's WebSocket pings with pongs. Set it
             to ``False`` (at any time) to play a silent device that the node's
             heartbeat must detect.

@@ -68,6 +68,11 @@ struct node_config {
     // Allowed Origin values for browsers; empty allows any.
     std::vector<std::string> allowed_origins;
 
+    // Bind the device port with SO_REUSEPORT, so that several node
+    // processes on one host share it (the kernel spreads connections over
+    // them). Off by default: a second node on the same port is an error.
+    bool reuse_port = false;
+
     // permessage-deflate costs tens of KiB per connection; off by default.
     bool deflate = false;
 

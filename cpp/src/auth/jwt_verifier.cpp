@@ -327,6 +327,8 @@ std::string_view describe(token_error e) noexcept {
         case token_error::wrong_algorithm: return "wrong algorithm";
         case token_error::expired: return "token expired";
         case token_error::no_device: return "token has no sub (device id)";
+        case token_error::long_device:
+            return "token sub (device id) is longer than 256 bytes";
         case token_error::bad_audience: return "wrong audience";
     }
     return "invalid token";
@@ -342,6 +344,7 @@ std::string_view metric_name(token_error e) noexcept {
         case token_error::wrong_algorithm: return "token_wrong_algorithm";
         case token_error::expired: return "token_expired";
         case token_error::no_device: return "token_no_device";
+        case token_error::long_device: return "token_no_device";
         case token_error::bad_audience: return "token_bad_audience";
     }
     return "token_invalid";
@@ -446,6 +449,9 @@ verify_result jwt_verifier::verify(std::string_view token,
     std::string_view device;
     if (!raw.has_sub || raw.sub.get_string().get(device) || device.empty()) {
         return reject(token_error::no_device);
+    }
+    if (device.size() > max_device_bytes) {
+        return reject(token_error::long_device);
     }
     if (!audience_.empty() &&
         (!raw.has_aud || !audience_matches(raw.aud, audience_))) {

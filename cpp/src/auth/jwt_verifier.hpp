@@ -20,7 +20,8 @@
 //      counts from the next whole second. A token without `exp` is
 //      accepted and reported with expires_at 0; the node's connection
 //      lifetime still bounds how long it is used.
-//   7. no_device: `sub` is absent, not a string or empty.
+//   7. no_device: `sub` is absent, not a string or empty; long_device: it
+//      is longer than max_device_bytes (a push could not name it).
 //   8. bad_audience: an audience is configured and `aud` (a string or an
 //      array of strings) does not contain it.
 //
@@ -48,8 +49,12 @@ enum class token_error {
     wrong_algorithm,// "wrong algorithm"
     expired,        // "token expired"
     no_device,      // "token has no sub (device id)"
+    long_device,    // "token sub (device id) is longer than 256 bytes"
     bad_audience,   // "wrong audience"
 };
+
+// The longest device id: pushes and d2d messages name at most this many.
+inline constexpr std::size_t max_device_bytes = 256;
 
 // The reason text for an error (lower case, no trailing period).
 std::string_view describe(token_error e) noexcept;

@@ -164,7 +164,15 @@ void node_impl::send_d2d(io_thread& home, d2d_message m, d2d_done done) {
 
 node_impl::~node_impl() {
     stop();
-    // Sessions left (only if stop timed out) die with their io_contexts.
+    release();
+}
+
+// Frees what start() made, in dependency order: everything bound to an
+// io_context (the fleet's timers and sockets, the listeners) before the
+// io_contexts themselves. Sessions left (only if stop timed out) die with
+// their io_contexts.
+void node_impl::release() noexcept {
+    fleet_.reset();
     table_.clear();
     devices_.reset();
     pushes_.reset();
@@ -199,16 +207,22 @@ void node_impl::start() {
         threads_.back()->index = i;
     }
     auto& io0 = threads_[0]->ioc;
-    devices_ = std::make_unique<device_server>(io0, cfg_.host, cfg_.port,
-                                               "device port", true);
-    pushes_ = std::make_unique<push_server>(io0, cfg_.push_host,
-                                            cfg_.push_port, "push port",
-                                            false);
-    port_ = devices_->port();
-    push_port_ = pushes_->port();
-    if (!cfg_.redis.empty()) {
-        fleet_ = std::make_unique<pushy::fleet>(*this, *threads_[0]);
-        fleet_->bind();
+    try {
+        devices_ = std::make_unique<device_server>(
+            io0, cfg_.host, cfg_.port, "device port", cfg_.reuse_port);
+        pushes_ = std::make_unique<push_server>(io0, cfg_.push_host,
+                                                cfg_.push_port, "push port",
+                                                false);
+        port_ = devices_->port();
+        push_port_ = pushes_->port();
+        if (!cfg_.redis.empty()) {
+            fleet_ = std::make_unique<pushy::fleet>(*this, *threads_[0]);
+            fleet_->bind();
+        }
+    } catch (...) {
+        // A port in use, a bad Redis URL or refused AUTH: nothing runs yet.
+        release();
+        throw;
     }
 
     auto pick = [this]() -> net::io_context& { return next_thread().ioc; };

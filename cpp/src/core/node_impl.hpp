@@ -98,6 +98,8 @@ public:
     }
 
 private:
+    void release() noexcept;
+
     node_config cfg_;
     std::string node_id_;
     std::unique_ptr<auth::jwt_verifier> verifier_;

@@ -38,7 +38,8 @@ reject reject_for(auth::token_error e) {
         case token_error::wrong_algorithm:
             return reject::token_wrong_algorithm;
         case token_error::expired: return reject::token_expired;
-        case token_error::no_device: return reject::token_no_device;
+        case token_error::no_device:
+        case token_error::long_device: return reject::token_no_device;
         default: return reject::token_bad_audience;
     }
 }
