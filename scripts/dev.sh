@@ -92,7 +92,7 @@ case "$job" in
             --config-settings=build-dir=build/sanitize
         asan="$(gcc -print-file-name=libasan.so)"
         ubsan="$(gcc -print-file-name=libubsan.so)"
-        LD_PRELOAD="$asan:$ubsan" ASAN_OPTIONS=detect_leaks=0 \
+        LD_PRELOAD="$asan:$ubsan" ASAN_OPTIONS=detect_leaks=0 PUSHY_SANITIZED=1 \
             PATH="$PWD/$venv/bin:$PATH" exec "$venv/bin/python" -m pytest "$@"
         ;;
     *)
