@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -434,3 +435,91 @@ async def test_flood_to_an_offline_target_is_answered_and_memory_stays_flat(
     # And it still serves.
     async with DeviceClient(cluster.url, token_for("after")) as device:
         assert (await device.d2d("offline-tv", 1, timeout=scaled(5)))["code"] == 404
+
+
+# Accounts, threads and deadlines.
+
+
+async def test_tokens_without_an_account_reach_only_themselves(
+    fleet: Callable[..., Node], devices: Any
+) -> None:
+    a, b = fleet("a"), fleet("b")
+    lonely = await devices(a, "lonely", account=None)
+    near = await devices(a, "near", account=None)
+    far = await devices(b, "far", account=None)
+
+    assert (await lonely.d2d("near", 1, timeout=scaled(5)))["code"] == 403
+    assert (await lonely.d2d("far", 1, timeout=scaled(5)))["code"] == 403
+    assert (await lonely.d2d("lonely", "me", timeout=scaled(5)))["code"] == 200
+    assert (await lonely.wait_for("d2d", timeout=scaled(5)))["data"] == "me"
+    assert await nothing_received(near)
+    assert await nothing_received(far)
+
+
+async def test_many_devices_on_nodes_with_several_threads_all_get_200(
+    fleet: Callable[..., Node],
+) -> None:
+    # Peer links and devices share each io thread's read buffer: a peer
+    # request must never be read from bytes a device wrote.
+    a, b = fleet("a", threads=3), fleet("b", threads=3)
+    pairs = 100
+    senders = [DeviceClient(a.url, token_for(f"s{i}")) for i in range(pairs)]
+    targets = [DeviceClient(b.url, token_for(f"t{i}")) for i in range(pairs)]
+    await asyncio.gather(*(c.connect() for c in senders + targets))
+    try:
+
+        async def send_all(i: int) -> list[int]:
+            ids = [await senders[i].send_d2d(f"t{i}", {"n": k}) for k in range(8)]
+            return [
+                (await senders[i].wait_for("status", id=mid, timeout=scaled(10)))[
+                    "code"
+                ]
+                for mid in ids
+            ]
+
+        codes = Counter(
+            c for got in await asyncio.gather(*map(send_all, range(pairs))) for c in got
+        )
+        assert codes == {200: 8 * pairs}, codes
+        for i in range(pairs):
+            got = [(await targets[i].wait_for("d2d", timeout=scaled(5)))["data"]["n"]
+                   for _ in range(8)]  # fmt: skip
+            assert got == list(range(8))
+        assert a.stats()["fleet"]["forward_failed"] == 0
+    finally:
+        await asyncio.gather(*(c.close() for c in senders + targets))
+
+
+@pytest.mark.timeout(scaled(60))
+async def test_message_to_a_stalled_node_is_answered_504_and_never_delivered_late(
+    redis_server: RedisServer,
+    fleet: Callable[..., Node],
+    cluster_factory: Callable[..., Any],
+    devices: Any,
+) -> None:
+    sender_node = fleet("a", push_timeout_s=1.0)
+    cluster = cluster_factory(1, redis_server.url, push_timeout_s=1.0)
+    (target_node,) = cluster.nodes
+    assert target_node.process is not None
+    phone = await devices(sender_node, "phone")
+    tv = DeviceClient(cluster.url, token_for("tv"))
+    await tv.connect()
+    try:
+        assert (await phone.d2d("tv", "warm", timeout=scaled(5)))["code"] == 200
+        assert (await tv.wait_for("d2d", timeout=scaled(5)))["data"] == "warm"
+
+        target_node.process.send_signal(signal.SIGSTOP)
+        try:
+            status = await phone.d2d("tv", "late", timeout=scaled(10))
+            assert status["code"] == 504, status
+            await asyncio.sleep(scaled(1.0))
+        finally:
+            target_node.process.send_signal(signal.SIGCONT)
+
+        # The stalled node wakes up with the message in its socket: past its
+        # deadline, it is not delivered; the next message is.
+        assert (await phone.d2d("tv", "after", timeout=scaled(5)))["code"] == 200
+        assert (await tv.wait_for("d2d", timeout=scaled(5)))["data"] == "after"
+        assert await nothing_received(tv)
+    finally:
+        await tv.close()

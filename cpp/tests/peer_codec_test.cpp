@@ -16,6 +16,7 @@ TEST_CASE("a request and a reply survive encoding, byte by byte") {
     req.want_ack = true;
     req.timeout_ms = 1500;
     req.from = "billing";
+    req.deadline_ms = 1'790'000'000'123;
     peer::reply rep;
     rep.id = 7;
     rep.code = 504;
@@ -50,6 +51,7 @@ TEST_CASE("a request and a reply survive encoding, byte by byte") {
     CHECK(got_req.want_ack);
     CHECK(got_req.timeout_ms == 1500);
     CHECK(got_req.from == "billing");
+    CHECK(got_req.deadline_ms == 1'790'000'000'123);
     CHECK(got_rep.id == 7);
     CHECK(got_rep.code == 504);
     CHECK(got_rep.status == "timeout");

@@ -88,7 +88,7 @@ _SERVE_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--allowed-origins", "allowed_origins", str, "comma list; empty = any"),
     ("--push-timeout-s", "push_timeout_s", float, "default ack timeout [5]"),
     ("--d2d-rate", "d2d_rate", float, "d2d messages/s per connection [100]"),
-    ("--d2d-burst", "d2d_burst", int, "d2d burst above the rate [200]"),
+    ("--d2d-burst", "d2d_burst", int, "d2d token bucket size [200]"),
     ("--max-d2d-bytes", "max_d2d_bytes", int, "largest d2d data [16384]"),
     ("--route-cache-ttl-s", "route_cache_ttl_s", float, "trust a route this long [10]"),
 ]
@@ -118,7 +118,7 @@ def _add_node_options(
         if dest.endswith("port"):
             metavar = "PORT"
         elif kind is float:
-            metavar = "S"
+            metavar = "S" if dest.endswith("_s") else "R"
         elif kind is int:
             metavar = "N"
         else:

@@ -319,7 +319,8 @@ def _check_field(name: str, value: Any) -> Any:
         return value
     if name in _POSITIVE_FLOATS:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{name} must be a number of seconds, got {value!r}")
+            unit = "seconds" if name.endswith("_s") else "messages per second"
+            raise ConfigError(f"{name} must be a number of {unit}, got {value!r}")
         value = float(value)
         if not (math.isfinite(value) and value > 0):
             raise ConfigError(f"{name} must be a positive number, got {value}")
@@ -425,9 +426,7 @@ def _parse_env(var: str, text: str, type_name: str) -> Any:
         try:
             return float(text)
         except ValueError:
-            raise ConfigError(
-                f"{var} must be a number of seconds, got {text!r}"
-            ) from None
+            raise ConfigError(f"{var} must be a number, got {text!r}") from None
     if type_name == "bool":
         low = text.lower()
         if low in _TRUE:

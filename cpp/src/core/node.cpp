@@ -114,13 +114,15 @@ std::string d2d_frame(const d2d_message& m) {
 }
 
 bool node_impl::deliver_d2d(io_thread& home, const d2d_message& m,
-                            d2d_done done) {
+                            d2d_done done,
+                            std::optional<std::chrono::milliseconds> within) {
     auto s = table_.find(m.to);
     if (!s) return false;
     push_request req;
     req.frame = d2d_frame(m);
     req.timeout = std::chrono::milliseconds(
         static_cast<long>(cfg_.push_timeout_s * 1000));
+    if (within && *within < req.timeout) req.timeout = *within;
     deliver_to(home, std::move(s), std::move(req),
                [home = &home, done = std::move(done)](
                    push_outcome o, std::uint64_t, std::string_view why) {
@@ -138,7 +140,11 @@ bool node_impl::deliver_d2d(io_thread& home, const d2d_message& m,
 
 void node_impl::send_d2d(io_thread& home, d2d_message m, d2d_done done) {
     if (auto target = table_.find(m.to)) {
-        if (target->account() == m.account) {
+        // A token without `acc` belongs to no account: it reaches only
+        // itself and its allow-list.
+        bool same = target->account() == m.account &&
+                    (!m.account.empty() || m.to == m.from);
+        if (same) {
             deliver_d2d(home, m, std::move(done));
             return;
         }

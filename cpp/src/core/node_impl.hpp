@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -66,7 +67,9 @@ public:
     // Delivers a d2d message to its target if it is connected here (the
     // sender is already authorized); `done` runs on `home`. Returns false
     // (and never calls `done`) when the target is not connected here.
-    bool deliver_d2d(io_thread& home, const d2d_message& m, d2d_done done);
+    // `within` bounds the write (push_timeout_s otherwise).
+    bool deliver_d2d(io_thread& home, const d2d_message& m, d2d_done done,
+                     std::optional<std::chrono::milliseconds> within = {});
     bool running() const noexcept { return running_; }
 
     // The io thread for the next accepted socket (round robin).

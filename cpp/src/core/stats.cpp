@@ -164,7 +164,21 @@ std::string stats_json(std::string_view node_id, std::size_t connections,
     json::append_number(s, percentile(0.99));
     s += ",\"p99.9\":";
     json::append_number(s, percentile(0.999));
-    s += "}}}";
+    // The non-empty buckets, [upper edge in us, count], so that a reader
+    // can subtract two readings and take percentiles of an interval.
+    s += ",\"buckets\":[";
+    bool first = true;
+    for (std::size_t i = 0; i < h.size(); ++i) {
+        if (!h[i]) continue;
+        if (!first) s += ',';
+        first = false;
+        s += '[';
+        json::append_number(s, latency_histogram::upper_us(i));
+        s += ',';
+        s += std::to_string(h[i]);
+        s += ']';
+    }
+    s += "]}}}";
     return s;
 }
 

@@ -1,5 +1,7 @@
 #include "routing/fleet.hpp"
 
+#include <optional>
+
 #include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/write.hpp>
@@ -67,6 +69,7 @@ struct fleet::impl {
     std::atomic<std::uint64_t> forwarded{0};
     std::atomic<std::uint64_t> forward_failed{0};
     std::atomic<std::uint64_t> peer_pushes{0};
+    std::atomic<std::uint64_t> peer_late{0};
     std::atomic<bool> redis_up{false};
     std::atomic<std::uint64_t> auth_hits{0};
     std::atomic<std::uint64_t> auth_misses{0};
@@ -79,12 +82,19 @@ struct fleet::impl {
         std::chrono::steady_clock::time_point expires;
     };
     std::unordered_map<std::string, verdict> allow_cache;
+    std::unordered_map<std::string, std::vector<std::function<void(int)>>>
+        allow_waiting;
 
     // Looks the sender's allow-list up (cached); done(1/0/-1) on home.
     void check_allowed(const std::string& sender, const std::string& target,
                        std::function<void(int)> done) {
         auto key = sender + '\n' + target;
         auto now = std::chrono::steady_clock::now();
+        if (auto w = allow_waiting.find(key); w != allow_waiting.end()) {
+            // Behind the check in flight, so the messages keep their order.
+            w->second.push_back(std::move(done));
+            return;
+        }
         if (auto it = allow_cache.find(key);
             it != allow_cache.end() && it->second.expires > now) {
             bump(auth_hits);
@@ -92,10 +102,15 @@ struct fleet::impl {
         }
         bump(auth_misses);
         bump(store_calls);
+        allow_waiting[key].push_back(std::move(done));
         auto set = node.config().redis_prefix + "allow:{" + sender + "}";
         redis->command(
-            {"SISMEMBER", set, target},
-            [this, key = std::move(key), done = std::move(done)](redisReply* r) {
+            {"SISMEMBER", set, target}, [this, key](redisReply* r) {
+                auto waiting = std::move(allow_waiting[key]);
+                allow_waiting.erase(key);
+                auto done = [&waiting](int v) {
+                    for (auto& w : waiting) w(v);
+                };
                 auto it = allow_cache.find(key);
                 if (!r || redis::reply_is_error(r)) {
                     // Redis cannot answer: an older verdict still holds.
@@ -187,21 +202,40 @@ public:
     void run() {
         error_code ec;
         socket_.set_option(tcp::no_delay(true), ec);
+        socket_.non_blocking(true, ec);
         do_read();
     }
 
 private:
+    // Waits for readability, then reads into the io thread's shared buffer
+    // and consumes it at once. An async_read_some into that buffer would
+    // let the sessions of this thread overwrite it between the read and
+    // its handler.
     void do_read() {
-        socket_.async_read_some(
-            net::buffer(thread_.read_buffer),
-            [self = shared_from_this()](error_code ec, std::size_t n) {
-                self->on_read(ec, n);
-            });
+        socket_.async_wait(tcp::socket::wait_read,
+                           [self = shared_from_this()](error_code ec) {
+                               self->on_readable(ec);
+                           });
     }
 
-    void on_read(error_code ec, std::size_t n) {
+    void on_readable(error_code ec) {
         if (ec) return close();
-        reader_.feed(thread_.read_buffer.data(), n);
+        auto& buf = thread_.read_buffer;
+        for (;;) {
+            std::size_t n = socket_.read_some(net::buffer(buf), ec);
+            if (ec == net::error::would_block || ec == net::error::try_again) {
+                return do_read();
+            }
+            if (ec) return close();
+            if (!consume(buf.data(), n)) return;
+            if (n < buf.size()) return do_read();
+        }
+    }
+
+    // Feeds `n` bytes to the frame reader and handles every whole request;
+    // false when the link was closed for a bad frame.
+    bool consume(const char* data, std::size_t n) {
+        reader_.feed(data, n);
         peer::request req;
         peer::reply rep;
         for (;;) {
@@ -212,12 +246,13 @@ private:
                            got == peer::frame_reader::result::error
                                ? reader_.error_text()
                                : "a reply where a request was expected");
-                return close();
+                close();
+                return false;
             }
             handle(std::move(req));
             req = {};
         }
-        do_read();
+        return true;
     }
 
     void handle(peer::request req) {
@@ -236,7 +271,16 @@ private:
             r.node = node_.node_id();
             return send(r);
         }
-        if (req.what == peer::kind::d2d) return handle_d2d(std::move(req));
+        // Time left before the sender gives up; none left: not delivered.
+        std::optional<milliseconds> left;
+        if (req.deadline_ms != 0) {
+            auto now = peer::wall_ms();
+            if (now >= req.deadline_ms) return too_late(req);
+            left = milliseconds(req.deadline_ms - now);
+        }
+        if (req.what == peer::kind::d2d) {
+            return handle_d2d(std::move(req), left);
+        }
         bump(fleet_.peer_pushes);
         if (req.data.size() > node_.config().max_push_bytes) {
             thread_.stats.count(push_outcome::too_large);
@@ -253,6 +297,7 @@ private:
             req.timeout_ms ? req.timeout_ms
                            : static_cast<std::uint32_t>(
                                  node_.config().push_timeout_s * 1000));
+        if (left && *left < timeout) timeout = *left;
         auto id = req.id;
         bool here = node_.deliver_local(
             thread_, req.device, req.data, req.from, req.want_ack, timeout,
@@ -281,9 +326,25 @@ private:
         }
     }
 
+    // Answers a request that arrived after its deadline (this node was
+    // stalled, or the link was slow): 504, and nothing is delivered.
+    void too_late(const peer::request& req) {
+        bump(fleet_.peer_late);
+        if (req.what == peer::kind::push) {
+            thread_.stats.count(push_outcome::timeout);
+        }
+        peer::reply r;
+        r.id = req.id;
+        r.code = 504;
+        r.status = std::string(status_name(push_outcome::timeout));
+        r.node = node_.node_id();
+        r.reason = "arrived after its deadline; not delivered";
+        send(r);
+    }
+
     // A d2d message for a device connected here, already authorized by
-    // the sender's node.
-    void handle_d2d(peer::request req) {
+    // the sender's node; `left` is the time before the sender gives up.
+    void handle_d2d(peer::request req, std::optional<milliseconds> left) {
         d2d_message m;
         m.msg_id = std::move(req.msg_id);
         m.from = std::move(req.from);
@@ -301,7 +362,7 @@ private:
             r.reason = std::string(why);
             self->send(r);
         };
-        if (!node_.deliver_d2d(thread_, m, answer)) {
+        if (!node_.deliver_d2d(thread_, m, answer, left)) {
             answer(404, "target is not connected");
         }
     }
@@ -534,7 +595,9 @@ void fleet::d2d(io_thread& caller, d2d_message m, d2d_done done) {
                                        answer(rep.code, rep.reason);
                                    });
             };
-            if (r.account == m.account) return forward();
+            if (r.account == m.account && !m.account.empty()) {
+                return forward();
+            }
             f.check_allowed(m.from, m.to, [answer, forward](int v) {
                 if (v < 0) return answer(503, "registry unavailable");
                 if (v == 0) {
@@ -569,6 +632,7 @@ std::string fleet::stats_json() const {
     field("forwarded", load(f.forwarded));
     field("forward_failed", load(f.forward_failed));
     field("peer_pushes", load(f.peer_pushes));
+    field("peer_late", load(f.peer_late));
     field("route_cache_hits", f.router ? load(f.router->cache().hits) : 0);
     field("route_cache_misses",
           f.router ? load(f.router->cache().misses) : 0);

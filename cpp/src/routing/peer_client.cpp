@@ -176,6 +176,13 @@ client_pool::~client_pool() { stop(); }
 void client_pool::send(const std::string& address, request req,
                        std::chrono::milliseconds timeout, reply_fn done) {
     req.id = next_id_++;
+    if (req.deadline_ms == 0 && timeout.count() > 0) {
+        // The receiver must not deliver once this side has given up: it
+        // stops a margin before the timeout, so that its answer arrives.
+        auto margin = std::min<std::int64_t>(timeout.count() / 4, 500);
+        req.deadline_ms = wall_ms() + static_cast<std::uint64_t>(
+                                          timeout.count() - margin);
+    }
     if (stopped_) {
         auto r = local_reply(503, "unavailable", "push client is stopped");
         r.id = req.id;

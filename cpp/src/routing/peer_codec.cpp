@@ -1,5 +1,7 @@
 #include "routing/peer_codec.hpp"
 
+#include <chrono>
+
 #include <msgpack.hpp>
 
 namespace pushy::peer {
@@ -49,7 +51,7 @@ bool get_uint(const msgpack::object& o, T& out) {
 
 void encode(std::string& out, const request& r) {
     frame(out, [&](auto& pk) {
-        pk.pack_array(11);
+        pk.pack_array(12);
         pk.pack_uint8(1);
         pk.pack_uint64(r.id);
         pk.pack_uint8(static_cast<std::uint8_t>(r.what));
@@ -65,7 +67,15 @@ void encode(std::string& out, const request& r) {
         pk.pack_uint64(r.conn);
         pack_str(pk, r.account);
         pack_str(pk, r.msg_id);
+        pk.pack_uint64(r.deadline_ms);
     });
+}
+
+std::uint64_t wall_ms() noexcept {
+    return static_cast<std::uint64_t>(
+        std::chrono::duration_cast<std::chrono::milliseconds>(
+            std::chrono::system_clock::now().time_since_epoch())
+            .count());
 }
 
 void encode(std::string& out, const reply& r) {
@@ -125,7 +135,8 @@ frame_reader::result frame_reader::next(request& req, reply& rep) {
                   a[5].type == msgpack::type::BOOLEAN &&
                   get_uint(a[6], req.timeout_ms) && get_str(a[7], req.from) &&
                   get_uint(a[8], req.conn) && get_str(a[9], req.account) &&
-                  get_str(a[10], req.msg_id) && k >= 1 && k <= 3;
+                  get_str(a[10], req.msg_id) && k >= 1 && k <= 3 &&
+                  (size < 12 || get_uint(a[11], req.deadline_ms));
         if (ok) {
             req.want_ack = a[5].via.boolean;
             req.what = static_cast<kind>(k);

@@ -3,7 +3,8 @@
 //
 // A frame is a 4-byte big-endian length and a msgpack array:
 //   request: [1, id, kind, device, data, ack, timeout_ms, from, conn,
-//             account, msg_id]
+//             account, msg_id, deadline_ms]
+// (deadline_ms may be absent: a request of an older sender has none).
 //   reply:   [2, id, code, status, node, push_id, reason]
 // `data` is the push's JSON text, passed through unchanged. Requests are
 // pipelined; replies carry the request id and may come in any order.
@@ -37,7 +38,13 @@ struct request {
     std::uint64_t conn = 0;
     std::string account;   // d2d: the sender's account
     std::string msg_id;    // d2d: the message id as JSON text
+    // Wall-clock ms since the epoch after which the receiver must not
+    // deliver (the sender has answered 504 by then); 0: none.
+    std::uint64_t deadline_ms = 0;
 };
+
+// The wall clock in ms since the epoch, as deadlines use it.
+std::uint64_t wall_ms() noexcept;
 
 struct reply {
     std::uint64_t id = 0;

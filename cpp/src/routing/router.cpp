@@ -97,21 +97,31 @@ void router::send_to(const std::string& node, const std::string& peer,
                });
 }
 
-void router::resolve(const std::string& device,
-                     std::function<void(registry::found, const route&)> done) {
+void router::resolve(const std::string& device, resolve_fn done) {
+    if (auto it = resolving_.find(device); it != resolving_.end()) {
+        // Behind the lookup in flight, even if the cache would answer now.
+        it->second.push_back(std::move(done));
+        return;
+    }
     if (const route* r = cache_.find(device)) {
         return done(registry::found::yes, *r);
     }
-    store_.lookup(device, [this, device, done = std::move(done)](
-                              registry::found f, registry::record rec) {
+    resolving_[device].push_back(std::move(done));
+    store_.lookup(device, [this, device](registry::found f,
+                                         registry::record rec) {
+        route r;
         if (f == registry::found::unavailable) {
             if (const route* stale = cache_.find_stale(device)) {
-                return done(registry::found::yes, *stale);
+                f = registry::found::yes;
+                r = *stale;
             }
+        } else if (f == registry::found::yes) {
+            cache_.put(device, rec.node, rec.peer, rec.account);
+            r = route{rec.node, rec.peer, rec.account, {}};
         }
-        if (f != registry::found::yes) return done(f, route{});
-        cache_.put(device, rec.node, rec.peer, rec.account);
-        done(f, route{rec.node, rec.peer, rec.account, {}});
+        auto waiting = std::move(resolving_[device]);
+        resolving_.erase(device);
+        for (auto& w : waiting) w(f, r);
     });
 }
 

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <string>
 #include <unordered_map>
+#include <vector>
 
 #include "registry/registry.hpp"
 #include "routing/peer_client.hpp"
@@ -98,10 +99,15 @@ private:
                  peer::request req, std::chrono::milliseconds timeout,
                  peer::reply_fn done, bool fresh);
 
+    using resolve_fn = std::function<void(registry::found, const route&)>;
+
     registry::store& store_;
     std::string self_;
     peer::client_pool pool_;
     route_cache cache_;
+    // Lookups in flight, by device: later callers wait for the same answer,
+    // in order, so messages between two devices keep their order.
+    std::unordered_map<std::string, std::vector<resolve_fn>> resolving_;
 };
 
 }  // namespace pushy::routing
