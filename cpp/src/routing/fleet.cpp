@@ -284,14 +284,10 @@ private:
         bump(fleet_.peer_pushes);
         if (req.data.size() > node_.config().max_push_bytes) {
             thread_.stats.count(push_outcome::too_large);
-            peer::reply r;
-            r.id = req.id;
-            r.code = 413;
-            r.status = std::string(status_name(push_outcome::too_large));
-            r.node = node_.node_id();
-            r.reason = "'data' is larger than " +
-                       std::to_string(node_.config().max_push_bytes) + " bytes";
-            return send(r);
+            return answer(req.id, push_outcome::too_large,
+                          "'data' is larger than " +
+                              std::to_string(node_.config().max_push_bytes) +
+                              " bytes");
         }
         auto timeout = milliseconds(
             req.timeout_ms ? req.timeout_ms
@@ -316,13 +312,7 @@ private:
             });
         if (!here) {
             thread_.stats.count(push_outcome::not_connected);
-            peer::reply r;
-            r.id = id;
-            r.code = 404;
-            r.status = std::string(status_name(push_outcome::not_connected));
-            r.node = node_.node_id();
-            r.reason = "device is not connected";
-            send(r);
+            answer(id, push_outcome::not_connected, "device is not connected");
         }
     }
 
@@ -333,12 +323,18 @@ private:
         if (req.what == peer::kind::push) {
             thread_.stats.count(push_outcome::timeout);
         }
+        answer(req.id, push_outcome::timeout,
+               "arrived after its deadline; not delivered");
+    }
+
+    // Answers request `id` with outcome `o` and `reason`, from this node.
+    void answer(std::uint64_t id, push_outcome o, std::string reason) {
         peer::reply r;
-        r.id = req.id;
-        r.code = 504;
-        r.status = std::string(status_name(push_outcome::timeout));
+        r.id = id;
+        r.code = static_cast<std::uint16_t>(status_code(o));
+        r.status = std::string(status_name(o));
         r.node = node_.node_id();
-        r.reason = "arrived after its deadline; not delivered";
+        r.reason = std::move(reason);
         send(r);
     }
 
