@@ -8,6 +8,7 @@ and real HTTP. Every timing is scaled by ``pushy.testing.TIME_UNIT``.
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -250,6 +251,37 @@ async def test_killed_node_records_expire_and_its_devices_are_reachable_elsewher
             await d.close()
         for d in devices:
             await d.close()
+
+
+@pytest.mark.timeout(scaled(60))
+async def test_push_to_a_stalled_node_is_answered_504_and_never_delivered_late(
+    redis_server: RedisServer,
+    cluster_factory: Callable[..., Cluster],
+) -> None:
+    cluster = cluster_factory(1, redis_server.url)
+    (node,) = cluster.nodes
+    assert node.process is not None
+    async with (
+        PushClient(redis=redis_server.url, timeout=1.0) as client,
+        DeviceClient(cluster.url, token_for("tv")) as tv,
+    ):
+        assert (await client.apush("tv", "warm")).code == 200
+        assert (await tv.wait_for("push", timeout=scaled(5)))["data"] == "warm"
+
+        node.process.send_signal(signal.SIGSTOP)
+        try:
+            result = await client.apush("tv", "late")
+            assert result.code == 504, result
+            await asyncio.sleep(scaled(1.0))
+        finally:
+            node.process.send_signal(signal.SIGCONT)
+
+        # Woken up past the push's deadline, the node does not deliver it.
+        assert (await client.apush("tv", "after")).code == 200
+        assert (await tv.wait_for("push", timeout=scaled(5)))["data"] == "after"
+        await tv.ping(timeout=scaled(5))
+        with pytest.raises(TimeoutError):
+            await tv.receive(timeout=scaled(0.2))
 
 
 async def test_redis_outage_keeps_devices_and_local_pushes_then_reregisters_all(
