@@ -398,6 +398,9 @@ def test_demo_exits_0_after_showing_delivered_pushes_and_a_curl_command() -> Non
     assert re.search(r"ack=client\s+-> 200 delivered", out), out
     assert re.search(r"ghost-device .* 404 not_connected", out), out
     assert "received push" in out
+    assert re.search(r"device living-room-tv\s+received d2d from car: ", out), out
+    assert re.search(r"device car\s+got status 200 for message", out), out
+    assert re.search(r"device car\s+got status 404 for message", out), out
     curl = re.search(r"curl -s -X POST (http://127\.0\.0\.1:\d+)/v1/push", out)
     assert curl, out
     assert "stopped" in out.splitlines()[-1]

@@ -124,6 +124,7 @@ async def _demo(
 
     async with PushClient(node.push_url) as pusher:
         await _pushes(pusher, list(clients))
+        await _device_to_device(clients)
         _instructions(node, secret)
 
         if not args.no_wait:
@@ -163,6 +164,20 @@ async def _pushes(pusher: PushClient, devices: list[str]) -> None:
             return
         for (device, _), result in zip(items, results, strict=True):
             _say(f"  batch  {_outcome(device, 'written', result)}")
+
+
+async def _device_to_device(clients: dict[str, DeviceClient]) -> None:
+    """A phone sends a message to a TV and to a device that is not there."""
+    names = list(clients)
+    if len(names) < 2:
+        return
+    sender, target = clients[names[-1]], names[0]
+    _say(f"device to device ({names[-1]} -> node -> {target}):")
+    for to, data in ((target, {"cmd": "play"}), ("ghost-device", {"cmd": "play"})):
+        mid = await sender.send_d2d(to, data)
+        _say(f"  device {names[-1]:<15} sent d2d {mid} to {to}: {_short(data)}")
+        # The listeners print the target's message and the sender's status.
+        await asyncio.sleep(0.2)
 
 
 async def _push_one(
