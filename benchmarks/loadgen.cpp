@@ -678,10 +678,12 @@ class load_generator {
         }
     }
 
-    // Writes one masked d2d text frame on `c` (RFC 6455 section 5.3).
+    // Writes one masked d2d text frame on `c` (RFC 6455 section 5.3);
+    // `frame` is a scratch buffer kept across calls.
     void send_d2d(conn& c, std::uint64_t due, std::size_t target,
                   const std::string& data, std::string& frame) {
-        std::string payload = "{\"t\":\"d2d\",\"id\":\"";
+        std::string& payload = d2d_payload_;
+        payload = "{\"t\":\"d2d\",\"id\":\"";
         payload += std::to_string(due);
         payload += "\",\"to\":\"";
         payload += opt_.d2d_prefix;
@@ -1283,6 +1285,7 @@ class load_generator {
     std::uint64_t d2d_answered_ = 0;
     std::map<int, std::size_t> d2d_codes_;
     std::vector<std::uint32_t> d2d_lat_;
+    std::string d2d_payload_;  // scratch of send_d2d
 };
 
 }  // namespace

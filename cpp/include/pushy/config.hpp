@@ -12,6 +12,10 @@
 
 namespace pushy {
 
+// The longest device id, in bytes: tokens, pushes and d2d messages name at
+// most this many.
+inline constexpr std::size_t max_device_bytes = 256;
+
 // Thrown for a configuration that cannot run (bad value, unsupported
 // option, port in use). The bindings map it to pushy.ConfigError.
 class config_error : public std::runtime_error {

@@ -53,9 +53,6 @@ enum class token_error {
     bad_audience,   // "wrong audience"
 };
 
-// The longest device id: pushes and d2d messages name at most this many.
-inline constexpr std::size_t max_device_bytes = 256;
-
 // The reason text for an error (lower case, no trailing period).
 std::string_view describe(token_error e) noexcept;
 

@@ -24,8 +24,6 @@ using clock = std::chrono::steady_clock;
 
 namespace {
 
-constexpr std::size_t max_device_id_bytes = 256;
-
 push_result local_result(int code, std::string status, std::string reason) {
     push_result r;
     r.code = code;
@@ -38,7 +36,7 @@ push_result local_result(int code, std::string status, std::string reason) {
 // (a node passes it to the device as it is). Returns the reason, or empty.
 std::string check(const push_spec_in& s) {
     if (s.device.empty()) return "'device' must not be empty";
-    if (s.device.size() > max_device_id_bytes) {
+    if (s.device.size() > max_device_bytes) {
         return "'device' is longer than 256 bytes";
     }
     thread_local simdjson::dom::parser parser;

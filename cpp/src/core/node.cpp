@@ -140,11 +140,7 @@ bool node_impl::deliver_d2d(io_thread& home, const d2d_message& m,
 
 void node_impl::send_d2d(io_thread& home, d2d_message m, d2d_done done) {
     if (auto target = table_.find(m.to)) {
-        // A token without `acc` belongs to no account: it reaches only
-        // itself and its allow-list.
-        bool same = target->account() == m.account &&
-                    (!m.account.empty() || m.to == m.from);
-        if (same) {
+        if (m.to == m.from || same_account(m.account, target->account())) {
             deliver_d2d(home, m, std::move(done));
             return;
         }

@@ -31,7 +31,6 @@ namespace {
 // A batch body may carry this many bytes; a single push is held to
 // max_push_bytes of data on top.
 constexpr std::size_t max_body_bytes = 16 << 20;
-constexpr std::size_t max_device_id_bytes = 256;
 constexpr double max_timeout_ms = 3'600'000;
 
 // One push as a service asked for it.
@@ -85,7 +84,7 @@ std::string read_push(od::object obj, push_spec& p, std::size_t max_data,
     }
     if (!has_device) return "missing 'device'";
     if (p.device.empty()) return "'device' must not be empty";
-    if (p.device.size() > max_device_id_bytes) {
+    if (p.device.size() > max_device_bytes) {
         return "'device' is longer than 256 bytes";
     }
     if (!has_data) return "missing 'data'";

@@ -345,12 +345,14 @@ void session::handle_d2d(std::string_view text, simdjson::dom::object obj,
                          const std::string& id_json) {
     auto arrived = clock::now();
     counters::bump(thread_.stats.d2d_received);
+    // Counted before the status is written: a sender that has its
+    // status sees it in the stats.
     auto answer = [this, &id_json, arrived](int code, std::string_view why) {
         thread_.stats.count_d2d_status(code);
-        send_status(id_json, code, why);
         thread_.stats.d2d_latency.record(
             std::chrono::duration<double, std::micro>(clock::now() - arrived)
                 .count());
+        send_status(id_json, code, why);
     };
     std::string_view id, to;
     if (obj["id"].get_string().get(id)) {
@@ -359,7 +361,9 @@ void session::handle_d2d(std::string_view text, simdjson::dom::object obj,
     if (obj["to"].get_string().get(to) || to.empty()) {
         return answer(400, "d2d needs a device id string 'to'");
     }
-    if (to.size() > 256) return answer(400, "'to' is longer than 256 bytes");
+    if (to.size() > max_device_bytes) {
+        return answer(400, "'to' is longer than 256 bytes");
+    }
     // The data passes through as the device wrote it: find its exact text.
     std::string_view data;
     simdjson::ondemand::document doc;
@@ -390,13 +394,13 @@ void session::handle_d2d(std::string_view text, simdjson::dom::object obj,
             int code, std::string_view why) {
             auto& stats = self->thread_.stats;
             stats.count_d2d_status(code);
-            if (self->state_ == state::open) {
-                self->send_status(id, code, why);
-            }
             stats.d2d_latency.record(
                 std::chrono::duration<double, std::micro>(clock::now() -
                                                           arrived)
                     .count());
+            if (self->state_ == state::open) {
+                self->send_status(id, code, why);
+            }
         });
 }
 

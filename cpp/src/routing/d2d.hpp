@@ -21,6 +21,13 @@ struct d2d_message {
 // and, for a failure, a reason. Runs on the sender's io thread.
 using d2d_done = std::function<void(int code, std::string_view reason)>;
 
+// True when a sender of account `a` may reach a target of account `b`
+// without an allow-list: the same account. A token without `acc` (an empty
+// account) belongs to no account, so it shares none.
+inline bool same_account(std::string_view a, std::string_view b) noexcept {
+    return !a.empty() && a == b;
+}
+
 // The frame the target receives: {"t":"d2d","id":M,"from":F,"data":D}.
 std::string d2d_frame(const d2d_message& m);
 

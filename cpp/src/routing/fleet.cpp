@@ -14,6 +14,7 @@
 
 #include "core/logging.hpp"
 #include "core/node_impl.hpp"
+#include "detail/single_flight.hpp"
 #include "detail/json_out.hpp"
 #include "net/acceptor.hpp"
 #include "net/session.hpp"
@@ -73,7 +74,7 @@ struct fleet::impl {
     std::atomic<bool> redis_up{false};
     std::atomic<std::uint64_t> auth_hits{0};
     std::atomic<std::uint64_t> auth_misses{0};
-    std::atomic<std::uint64_t> store_calls{0};
+    std::atomic<std::uint64_t> auth_store_calls{0};
 
     // (sender, target) -> allowed, for targets of another account. Home
     // thread only.
@@ -82,32 +83,27 @@ struct fleet::impl {
         std::chrono::steady_clock::time_point expires;
     };
     std::unordered_map<std::string, verdict> allow_cache;
-    std::unordered_map<std::string, std::vector<std::function<void(int)>>>
-        allow_waiting;
+    detail::single_flight<std::function<void(int)>> allow_waiting;
 
     // Looks the sender's allow-list up (cached); done(1/0/-1) on home.
     void check_allowed(const std::string& sender, const std::string& target,
                        std::function<void(int)> done) {
         auto key = sender + '\n' + target;
         auto now = std::chrono::steady_clock::now();
-        if (auto w = allow_waiting.find(key); w != allow_waiting.end()) {
-            // Behind the check in flight, so the messages keep their order.
-            w->second.push_back(std::move(done));
-            return;
-        }
+        // Behind a check in flight, so the messages keep their order.
+        if (allow_waiting.join(key, done)) return;
         if (auto it = allow_cache.find(key);
             it != allow_cache.end() && it->second.expires > now) {
             bump(auth_hits);
             return done(it->second.allowed ? 1 : 0);
         }
         bump(auth_misses);
-        bump(store_calls);
-        allow_waiting[key].push_back(std::move(done));
+        bump(auth_store_calls);
+        allow_waiting.start(key, std::move(done));
         auto set = node.config().redis_prefix + "allow:{" + sender + "}";
         redis->command(
             {"SISMEMBER", set, target}, [this, key](redisReply* r) {
-                auto waiting = std::move(allow_waiting[key]);
-                allow_waiting.erase(key);
+                auto waiting = allow_waiting.finish(key);
                 auto done = [&waiting](int v) {
                     for (auto& w : waiting) w(v);
                 };
@@ -564,12 +560,10 @@ void fleet::d2d(io_thread& caller, d2d_message m, d2d_done done) {
         });
     };
     net::post(f.home.ioc, [&f, m = std::move(m), answer]() mutable {
-        auto cached = f.router->cache().hits.load();
         std::string to = m.to;  // not m.to: m moves into the handler
-        f.router->resolve(to, [&f, m = std::move(m), answer, cached](
+        f.router->resolve(to, [&f, m = std::move(m), answer](
                                     registry::found found,
                                     const routing::route& r) mutable {
-            if (f.router->cache().hits == cached) bump(f.store_calls);
             if (found == registry::found::unavailable) {
                 return answer(503, "registry unavailable");
             }
@@ -591,9 +585,7 @@ void fleet::d2d(io_thread& caller, d2d_message m, d2d_done done) {
                                        answer(rep.code, rep.reason);
                                    });
             };
-            if (r.account == m.account && !m.account.empty()) {
-                return forward();
-            }
+            if (same_account(m.account, r.account)) return forward();
             f.check_allowed(m.from, m.to, [answer, forward](int v) {
                 if (v < 0) return answer(503, "registry unavailable");
                 if (v == 0) {
@@ -634,7 +626,9 @@ std::string fleet::stats_json() const {
           f.router ? load(f.router->cache().misses) : 0);
     field("auth_cache_hits", load(f.auth_hits));
     field("auth_cache_misses", load(f.auth_misses));
-    field("store_calls", load(f.store_calls));
+    field("store_calls",
+          load(f.auth_store_calls) +
+              (f.router ? load(f.router->resolve_lookups) : 0));
     s += '}';
     return s;
 }

@@ -98,15 +98,14 @@ void router::send_to(const std::string& node, const std::string& peer,
 }
 
 void router::resolve(const std::string& device, resolve_fn done) {
-    if (auto it = resolving_.find(device); it != resolving_.end()) {
-        // Behind the lookup in flight, even if the cache would answer now.
-        it->second.push_back(std::move(done));
-        return;
-    }
+    // Behind a lookup in flight, even if the cache would answer now.
+    if (resolving_.join(device, done)) return;
     if (const route* r = cache_.find(device)) {
         return done(registry::found::yes, *r);
     }
-    resolving_[device].push_back(std::move(done));
+    resolving_.start(device, std::move(done));
+    resolve_lookups.store(resolve_lookups.load(std::memory_order_relaxed) + 1,
+                          std::memory_order_relaxed);
     store_.lookup(device, [this, device](registry::found f,
                                          registry::record rec) {
         route r;
@@ -119,9 +118,7 @@ void router::resolve(const std::string& device, resolve_fn done) {
             cache_.put(device, rec.node, rec.peer, rec.account);
             r = route{rec.node, rec.peer, rec.account, {}};
         }
-        auto waiting = std::move(resolving_[device]);
-        resolving_.erase(device);
-        for (auto& w : waiting) w(f, r);
+        for (auto& w : resolving_.finish(device)) w(f, r);
     });
 }
 

@@ -16,8 +16,8 @@
 #include <cstdint>
 #include <string>
 #include <unordered_map>
-#include <vector>
 
+#include "detail/single_flight.hpp"
 #include "registry/registry.hpp"
 #include "routing/peer_client.hpp"
 
@@ -73,8 +73,8 @@ public:
     // (or no longer fresh). `done` gets found::yes with the route,
     // found::no, or found::unavailable (Redis cannot answer and no route
     // was ever cached; a stale one is used while Redis is away).
-    void resolve(const std::string& device,
-                 std::function<void(registry::found, const route&)> done);
+    using resolve_fn = std::function<void(registry::found, const route&)>;
+    void resolve(const std::string& device, resolve_fn done);
 
     // Sends `req` along `r` (from resolve()); a 404/409 from that node
     // evicts the route and tries once more with a fresh lookup.
@@ -92,6 +92,10 @@ public:
 
     route_cache& cache() noexcept { return cache_; }
 
+    // Registry lookups resolve() has made (the d2d path's store calls).
+    // Written on the router's thread only; read from any.
+    std::atomic<std::uint64_t> resolve_lookups{0};
+
 private:
     void attempt(peer::request req, std::chrono::milliseconds timeout,
                  peer::reply_fn done, bool fresh);
@@ -99,15 +103,11 @@ private:
                  peer::request req, std::chrono::milliseconds timeout,
                  peer::reply_fn done, bool fresh);
 
-    using resolve_fn = std::function<void(registry::found, const route&)>;
-
     registry::store& store_;
     std::string self_;
     peer::client_pool pool_;
     route_cache cache_;
-    // Lookups in flight, by device: later callers wait for the same answer,
-    // in order, so messages between two devices keep their order.
-    std::unordered_map<std::string, std::vector<resolve_fn>> resolving_;
+    detail::single_flight<resolve_fn> resolving_;
 };
 
 }  // namespace pushy::routing
