@@ -154,7 +154,9 @@ def test_node_that_cannot_start_is_reported_with_its_output(
             start_timeout=scaled(20),
         )
 
-        with pytest.raises(pushy.PushyError, match="node-0 exited with code 2 before listening") as err:
+        with pytest.raises(
+            pushy.PushyError, match="node-0 exited with code 2 before listening"
+        ) as err:
             cluster.start()
 
     assert f"127.0.0.1:{port}" in str(err.value)  # the node's own error

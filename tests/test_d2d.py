@@ -31,22 +31,6 @@ from pushy.testing import (
 NodeFactory = Callable[..., Node]
 
 
-@pytest.fixture
-async def devices() -> Any:
-    """``await devices(node, device, account="acct")`` -> a connected client."""
-    clients: list[DeviceClient] = []
-
-    async def connect(node: Node, device: str, account: str = "acct") -> DeviceClient:
-        client = DeviceClient(node.url, token_for(device, account))
-        await client.connect()
-        clients.append(client)
-        return client
-
-    yield connect
-    for client in reversed(clients):
-        await asyncio.wait_for(client.close(), timeout=scaled(5))
-
-
 async def nothing_received(device: DeviceClient) -> bool:
     """True if nothing but the pong of a ping round trip reaches ``device``."""
     await device.ping(timeout=scaled(5))
@@ -65,10 +49,10 @@ def d2d_stats(node: Node) -> dict[str, Any]:
 
 
 async def test_message_to_a_device_on_the_same_node_is_delivered_with_200(
-    pushy_node: Node, devices: Any
+    pushy_node: Node, device_factory: Any
 ) -> None:
-    phone = await devices(pushy_node, "phone")
-    tv = await devices(pushy_node, "tv")
+    phone = await device_factory("phone", node=pushy_node)
+    tv = await device_factory("tv", node=pushy_node)
 
     status = await phone.d2d("tv", {"cmd": "play", "at": 12.5}, timeout=scaled(5))
     got = await tv.wait_for("d2d", timeout=scaled(5))
@@ -83,10 +67,10 @@ async def test_message_to_a_device_on_the_same_node_is_delivered_with_200(
 
 
 async def test_message_data_passes_through_as_the_sender_wrote_it(
-    pushy_node: Node, devices: Any
+    pushy_node: Node, device_factory: Any
 ) -> None:
-    phone = await devices(pushy_node, "phone")
-    tv = await devices(pushy_node, "tv")
+    phone = await device_factory("phone", node=pushy_node)
+    tv = await device_factory("tv", node=pushy_node)
     raw = '{"t":"d2d","id":"m-1","to":"tv","data":{"b": [1,2.50,"\\u00e9"], "a":null}}'
 
     await phone.send_raw(raw)
@@ -100,11 +84,11 @@ async def test_message_data_passes_through_as_the_sender_wrote_it(
 
 
 async def test_message_to_a_device_on_another_node_is_delivered_with_200(
-    fleet: Callable[..., Node], devices: Any
+    fleet: Callable[..., Node], device_factory: Any
 ) -> None:
     a, b = fleet("a"), fleet("b")
-    phone = await devices(a, "phone")
-    tv = await devices(b, "tv")
+    phone = await device_factory("phone", node=a)
+    tv = await device_factory("tv", node=b)
 
     status = await phone.d2d("tv", [1, "two"], timeout=scaled(5))
     got = await tv.wait_for("d2d", timeout=scaled(5))
@@ -117,11 +101,11 @@ async def test_message_to_a_device_on_another_node_is_delivered_with_200(
 
 
 async def test_repeated_messages_between_the_same_devices_touch_no_store(
-    fleet: Callable[..., Node], devices: Any
+    fleet: Callable[..., Node], device_factory: Any
 ) -> None:
     a, b = fleet("a"), fleet("b")
-    phone = await devices(a, "phone")
-    await devices(b, "tv")
+    phone = await device_factory("phone", node=a)
+    await device_factory("tv", node=b)
     assert (await phone.d2d("tv", 0, timeout=scaled(5)))["code"] == 200
     calls = a.stats()["fleet"]["store_calls"]
     hits = a.stats()["fleet"]["route_cache_hits"]
@@ -138,12 +122,12 @@ async def test_repeated_messages_between_the_same_devices_touch_no_store(
 
 
 async def test_target_of_another_account_is_refused_403_and_gets_nothing(
-    fleet: Callable[..., Node], devices: Any
+    fleet: Callable[..., Node], device_factory: Any
 ) -> None:
     a, b = fleet("a"), fleet("b")
-    phone = await devices(a, "phone", account="alice")
-    near = await devices(a, "tv-near", account="bob")
-    far = await devices(b, "tv-far", account="bob")
+    phone = await device_factory("phone", account="alice", node=a)
+    near = await device_factory("tv-near", account="bob", node=a)
+    far = await device_factory("tv-far", account="bob", node=b)
 
     same_node = await phone.d2d("tv-near", "hi", timeout=scaled(5))
     other_node = await phone.d2d("tv-far", "hi", timeout=scaled(5))
@@ -155,13 +139,13 @@ async def test_target_of_another_account_is_refused_403_and_gets_nothing(
 
 
 async def test_target_of_another_account_on_the_senders_allow_list_is_reached(
-    redis_server: RedisServer, fleet: Callable[..., Node], devices: Any
+    redis_server: RedisServer, fleet: Callable[..., Node], device_factory: Any
 ) -> None:
     a, b = fleet("a"), fleet("b")
     redis_server.command("SADD", "pushy:allow:{phone}", "tv-near", "tv-far")
-    phone = await devices(a, "phone", account="alice")
-    near = await devices(a, "tv-near", account="bob")
-    far = await devices(b, "tv-far", account="bob")
+    phone = await device_factory("phone", account="alice", node=a)
+    near = await device_factory("tv-near", account="bob", node=a)
+    far = await device_factory("tv-far", account="bob", node=b)
 
     assert (await phone.d2d("tv-near", 1, timeout=scaled(5)))["code"] == 200
     assert (await phone.d2d("tv-far", 2, timeout=scaled(5)))["code"] == 200
@@ -172,10 +156,10 @@ async def test_target_of_another_account_on_the_senders_allow_list_is_reached(
 
 
 async def test_node_without_redis_refuses_other_accounts(
-    pushy_node: Node, devices: Any
+    pushy_node: Node, device_factory: Any
 ) -> None:
-    phone = await devices(pushy_node, "phone", account="alice")
-    tv = await devices(pushy_node, "tv", account="bob")
+    phone = await device_factory("phone", account="alice", node=pushy_node)
+    tv = await device_factory("tv", account="bob", node=pushy_node)
 
     assert (await phone.d2d("tv", 1, timeout=scaled(5)))["code"] == 403
     assert await nothing_received(tv)
@@ -189,11 +173,11 @@ async def test_offline_or_unknown_target_is_answered_404(
     on_fleet: bool,
     pushy_node: Node,
     fleet: Callable[..., Node],
-    devices: Any,
+    device_factory: Any,
 ) -> None:
     node = fleet("a") if on_fleet else pushy_node
-    phone = await devices(node, "phone")
-    tv = await devices(node, "tv")
+    phone = await device_factory("phone", node=node)
+    tv = await device_factory("tv", node=node)
     await tv.close()
 
     gone = await phone.d2d("tv", 1, timeout=scaled(5))
@@ -207,11 +191,11 @@ async def test_offline_or_unknown_target_is_answered_404(
 
 
 async def test_messages_over_the_rate_are_answered_429_and_the_rest_delivered(
-    pushy_node_factory: NodeFactory, devices: Any
+    pushy_node_factory: NodeFactory, device_factory: Any
 ) -> None:
     node = pushy_node_factory(d2d_rate=2.0, d2d_burst=5)
-    phone = await devices(node, "phone")
-    tv = await devices(node, "tv")
+    phone = await device_factory("phone", node=node)
+    tv = await device_factory("tv", node=node)
 
     ids = [await phone.send_d2d("tv", i) for i in range(30)]
     codes = {}
@@ -262,11 +246,11 @@ async def test_bad_d2d_message_gets_its_status_and_the_connection_is_kept(
     code: int,
     reason: str,
     pushy_node_factory: NodeFactory,
-    devices: Any,
+    device_factory: Any,
 ) -> None:
     node = pushy_node_factory(max_d2d_bytes=1024)
-    phone = await devices(node, "phone")
-    tv = await devices(node, "tv")
+    phone = await device_factory("phone", node=node)
+    tv = await device_factory("tv", node=node)
 
     await phone.send(message)
     status = await phone.wait_for("status", timeout=scaled(5))
@@ -280,11 +264,11 @@ async def test_bad_d2d_message_gets_its_status_and_the_connection_is_kept(
 
 
 async def test_data_of_exactly_max_d2d_bytes_is_delivered(
-    pushy_node_factory: NodeFactory, devices: Any
+    pushy_node_factory: NodeFactory, device_factory: Any
 ) -> None:
     node = pushy_node_factory(max_d2d_bytes=1024)
-    phone = await devices(node, "phone")
-    tv = await devices(node, "tv")
+    phone = await device_factory("phone", node=node)
+    tv = await device_factory("tv", node=node)
     data = "y" * (1024 - 2)  # with its quotes
 
     assert (await phone.d2d("tv", data, timeout=scaled(5)))["code"] == 200
@@ -295,16 +279,16 @@ async def test_data_of_exactly_max_d2d_bytes_is_delivered(
 
 
 async def test_target_that_moved_to_another_node_is_reached_there(
-    fleet: Callable[..., Node], devices: Any
+    fleet: Callable[..., Node], device_factory: Any
 ) -> None:
     a, b, c = fleet("a"), fleet("b"), fleet("c")
-    phone = await devices(a, "phone")
-    tv_on_b = await devices(b, "tv")
+    phone = await device_factory("phone", node=a)
+    tv_on_b = await device_factory("tv", node=b)
     assert (await phone.d2d("tv", "first", timeout=scaled(5)))["code"] == 200
 
     # The tv reconnects on c: b closes its old connection with 4001, and a's
     # cached route (to b) is now stale.
-    tv_on_c = await devices(c, "tv")
+    tv_on_c = await device_factory("tv", node=c)
     assert await tv_on_b.wait_closed(timeout=scaled(5)) == 4001
 
     status = await phone.d2d("tv", "second", timeout=scaled(5))
@@ -313,13 +297,13 @@ async def test_target_that_moved_to_another_node_is_reached_there(
 
 
 async def test_cached_routes_and_permissions_deliver_while_redis_is_down(
-    redis_server: RedisServer, fleet: Callable[..., Node], devices: Any
+    redis_server: RedisServer, fleet: Callable[..., Node], device_factory: Any
 ) -> None:
     a, b = fleet("a", route_cache_ttl_s=1.0), fleet("b")
     redis_server.command("SADD", "pushy:allow:{phone}", "guest-tv")
-    phone = await devices(a, "phone", account="alice")
-    tv = await devices(b, "tv", account="alice")
-    guest = await devices(b, "guest-tv", account="bob")
+    phone = await device_factory("phone", account="alice", node=a)
+    tv = await device_factory("tv", account="alice", node=b)
+    guest = await device_factory("guest-tv", account="bob", node=b)
     assert (await phone.d2d("tv", 0, timeout=scaled(5)))["code"] == 200
     assert (await phone.d2d("guest-tv", 0, timeout=scaled(5)))["code"] == 200
     await tv.wait_for("d2d", timeout=scaled(5))
@@ -346,12 +330,12 @@ async def test_cached_routes_and_permissions_deliver_while_redis_is_down(
 
 
 async def test_stats_count_d2d_by_outcome_with_a_latency_histogram(
-    fleet: Callable[..., Node], devices: Any
+    fleet: Callable[..., Node], device_factory: Any
 ) -> None:
     a, b = fleet("a"), fleet("b")
-    phone = await devices(a, "phone")
-    await devices(b, "tv")
-    await devices(a, "other", account="else")
+    phone = await device_factory("phone", node=a)
+    await device_factory("tv", node=b)
+    await device_factory("other", account="else", node=a)
 
     for _ in range(3):
         assert (await phone.d2d("tv", 1, timeout=scaled(5)))["code"] == 200
@@ -441,12 +425,12 @@ async def test_flood_to_an_offline_target_is_answered_and_memory_stays_flat(
 
 
 async def test_tokens_without_an_account_reach_only_themselves(
-    fleet: Callable[..., Node], devices: Any
+    fleet: Callable[..., Node], device_factory: Any
 ) -> None:
     a, b = fleet("a"), fleet("b")
-    lonely = await devices(a, "lonely", account=None)
-    near = await devices(a, "near", account=None)
-    far = await devices(b, "far", account=None)
+    lonely = await device_factory("lonely", account=None, node=a)
+    near = await device_factory("near", account=None, node=a)
+    far = await device_factory("far", account=None, node=b)
 
     assert (await lonely.d2d("near", 1, timeout=scaled(5)))["code"] == 403
     assert (await lonely.d2d("far", 1, timeout=scaled(5)))["code"] == 403
@@ -495,13 +479,13 @@ async def test_message_to_a_stalled_node_is_answered_504_and_never_delivered_lat
     redis_server: RedisServer,
     fleet: Callable[..., Node],
     cluster_factory: Callable[..., Any],
-    devices: Any,
+    device_factory: Any,
 ) -> None:
     sender_node = fleet("a", push_timeout_s=1.0)
     cluster = cluster_factory(1, redis_server.url, push_timeout_s=1.0)
     (target_node,) = cluster.nodes
     assert target_node.process is not None
-    phone = await devices(sender_node, "phone")
+    phone = await device_factory("phone", node=sender_node)
     tv = DeviceClient(cluster.url, token_for("tv"))
     await tv.connect()
     try:

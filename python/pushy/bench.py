@@ -66,7 +66,7 @@ def add_parser(commands: Any) -> None:
     push.add_argument("--redis", metavar="URL",
                       help="an existing Redis [start a redis-server]")
     push.add_argument("--results", default="bench-results", metavar="DIR")
-    push.set_defaults(func=_run_push_cli)
+    push.set_defaults(func=_cli(run_push))
 
     d2d = scenarios.add_parser(
         "d2d",
@@ -83,7 +83,7 @@ def add_parser(commands: Any) -> None:
     d2d.add_argument("--redis", metavar="URL",
                      help="an existing Redis [start a redis-server]")
     d2d.add_argument("--results", default="bench-results", metavar="DIR")
-    d2d.set_defaults(func=_run_d2d_cli)
+    d2d.set_defaults(func=_cli(run_d2d))
     bench.set_defaults(func=lambda args: _usage(bench))
 
 
@@ -116,13 +116,15 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / ticks
 
 
+def _node_stats(node: Any) -> dict[str, Any]:
+    """``GET /v1/stats`` of a cluster node."""
+    assert node.push_url is not None
+    with urllib.request.urlopen(node.push_url + "/v1/stats", timeout=5) as r:
+        return json.load(r)
+
+
 def _connections(cluster: Cluster) -> int:
-    total = 0
-    for node in cluster.nodes:
-        assert node.push_url is not None
-        with urllib.request.urlopen(node.push_url + "/v1/stats", timeout=5) as r:
-            total += int(json.load(r)["connections"])
-    return total
+    return sum(int(_node_stats(node)["connections"]) for node in cluster.nodes)
 
 
 def _percentile(values: list[float], p: float) -> float:
@@ -295,6 +297,14 @@ def _pyplot() -> Any:
     return plt
 
 
+def _save(plt: Any, fig: Any, ax: Any, path: Path) -> None:
+    """Add the legend, write the figure to ``path`` and free it."""
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def _summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     stat = _spread(runs)
 
@@ -331,19 +341,21 @@ def _plot(runs: list[dict[str, Any]], path: Path) -> None:
                 label=f"run {i}")
     ax.set(xscale="log", xlabel="push latency, call to answer (us)",
            ylabel="fraction of pushes", title="pushy bench push")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(plt, fig, ax, path)
 
 
-def _run_push_cli(args: argparse.Namespace) -> int:
-    try:
-        run_push(args)
-    except PushyError as exc:
-        print(f"pushy: error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+def _cli(run: Any) -> Any:
+    """The ``pushy bench`` handler of scenario ``run``: exit 1 on a failure."""
+
+    def handler(args: argparse.Namespace) -> int:
+        try:
+            run(args)
+        except PushyError as exc:
+            print(f"pushy: error: {exc}", file=sys.stderr)
+            return 1
+        return 0
+
+    return handler
 
 
 _D2D_DOC = """\
@@ -388,11 +400,6 @@ def _finish(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
         return json.loads(out.strip().splitlines()[-1])
     except (IndexError, ValueError):
         raise PushyError(f"load generator gave no report: {err[-2000:]}") from None
-
-
-def _node_stats(node: Any) -> dict[str, Any]:
-    with urllib.request.urlopen(node.push_url + "/v1/stats", timeout=5) as r:
-        return json.load(r)
 
 
 def _d2d_run(
@@ -580,16 +587,4 @@ def _d2d_plot(phases: list[dict[str, Any]], path: Path) -> None:
     ax.set_xticklabels(labels)
     ax.set(yscale="log", ylabel="send to status, at the sender (us)",
            title="pushy bench d2d (two nodes, median of runs)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def _run_d2d_cli(args: argparse.Namespace) -> int:
-    try:
-        run_d2d(args)
-    except PushyError as exc:
-        print(f"pushy: error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    _save(plt, fig, ax, path)

@@ -58,8 +58,8 @@ _NOT_YET = {
 
 # serve options: flag, field, type, help. Defaults come from NodeConfig.
 # One entry per NodeConfig field but public_key (--public-key-file),
-# deflate (--deflate/--no-deflate) and reuse_port (--reuse-port); TOML keys and PUSHY_* variables follow
-# from the fields themselves (config.py).
+# deflate (--deflate/--no-deflate) and reuse_port (--reuse-port); TOML keys
+# and PUSHY_* variables follow from the fields themselves (config.py).
 _SERVE_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--host", "host", str, "address of the device port [0.0.0.0]"),
     ("--port", "port", int, "device (WebSocket) port; 0 picks a free port [8080]"),
