@@ -199,15 +199,11 @@ def run_push(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
         "batch": args.batch,
         "runs": runs,
         "summary": summary,
-        "machine": {"cpus": os.cpu_count()},
-        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    out = Path(args.results)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "push.json").write_text(json.dumps(result, indent=2) + "\n")
-    _plot(runs, out / "push.png")
+    written = _write_results(result, Path(args.results), "push",
+                             lambda path: _plot(runs, path))
     _table(summary, say)
-    say(f"results written to {out / 'push.json'} and {out / 'push.png'}")
+    say(written)
     return result
 
 
@@ -295,6 +291,19 @@ def _pyplot() -> Any:
     except ImportError:  # plots are optional
         return None
     return plt
+
+
+def _write_results(
+    result: dict[str, Any], out: Path, name: str, plot: Any
+) -> str:
+    """Stamp ``result`` with the machine and time, write ``out/NAME.json``
+    and the plot ``out/NAME.png``; returns the line that says so."""
+    result["machine"] = {"cpus": os.cpu_count()}
+    result["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(out / f"{name}.png")
+    return f"results written to {out / (name + '.json')} and {out / (name + '.png')}"
 
 
 def _save(plt: Any, fig: Any, ax: Any, path: Path) -> None:
@@ -535,13 +544,9 @@ def run_d2d(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
         "pairs": args.pairs,
         "seconds": args.seconds,
         "phases": phases,
-        "machine": {"cpus": os.cpu_count()},
-        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    out = Path(args.results)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "d2d.json").write_text(json.dumps(result, indent=2) + "\n")
-    _d2d_plot(phases, out / "d2d.png")
+    written = _write_results(result, Path(args.results), "d2d",
+                             lambda path: _d2d_plot(phases, path))
     say("over the runs (median [min, max]):")
     for phase in phases:
         say(f"  at {phase['rate']:,.0f}/s:")
@@ -551,7 +556,7 @@ def run_d2d(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
                     f"[{s['min']:,.1f}, {s['max']:,.1f}]")
             else:
                 say(f"    {key:<22} {s:>10,}")
-    say(f"results written to {out / 'd2d.json'} and {out / 'd2d.png'}")
+    say(written)
     return result
 
 
