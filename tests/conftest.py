@@ -137,16 +137,13 @@ def fleet(
 ) -> Callable[..., Node]:
     """``fleet(node_id, **overrides)`` -> a started node on the test's Redis.
 
-    The nodes run in this process with a ``FLEET_TTL`` registry TTL.
+    The nodes run in this process with a ``FLEET_TTL`` registry TTL unless
+    ``registry_ttl_s`` is overridden.
     """
 
     def make(node_id: str, **overrides: Any) -> Node:
-        return pushy_node_factory(
-            node_id=node_id,
-            redis=redis_server.url,
-            registry_ttl_s=FLEET_TTL,
-            **overrides,
-        )
+        options = {"registry_ttl_s": FLEET_TTL, **overrides}
+        return pushy_node_factory(node_id=node_id, redis=redis_server.url, **options)
 
     return make
 

@@ -178,6 +178,36 @@ async def test_connecting_on_b_closes_the_connection_on_a_with_4001(
     assert (await new.wait_for("push"))["data"] == "to the new one"
 
 
+async def test_simultaneous_connections_on_two_nodes_leave_exactly_one_open(
+    fleet: Callable[..., Node],
+    device_factory: DeviceFactory,
+    redis_server: RedisServer,
+) -> None:
+    # A long TTL: the periodic refresh (every third of it) must not be what
+    # closes the extra connections.
+    a = fleet("node-a", registry_ttl_s=60.0)
+    b = fleet("node-b", registry_ttl_s=60.0)
+
+    async def still_open_after(client: pushy.DeviceClient, seconds: float) -> bool:
+        try:
+            assert await client.wait_closed(timeout=seconds) == 4001
+            return False
+        except TimeoutError:
+            return True
+
+    devices = [f"tv-{i}" for i in range(40)]
+    clients = await asyncio.gather(
+        *(device_factory(d, node=node) for d in devices for node in (a, b, a, b))
+    )
+    left = await asyncio.gather(*(still_open_after(c, scaled(2)) for c in clients))
+
+    for i, device in enumerate(devices):
+        mine = clients[4 * i : 4 * i + 4]
+        still = [c for c, open_ in zip(mine, left[4 * i : 4 * i + 4]) if open_]
+        assert len(still) == 1, f"{device}: {len(still)} connections open"
+        assert record(redis_server, device)[0] == still[0].node  # type: ignore[index]
+
+
 @pytest.mark.parametrize("race", [False, True])
 async def test_late_cleanup_of_the_old_connection_never_removes_the_new_record(
     fleet: Callable[..., Node],

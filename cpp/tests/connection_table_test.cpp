@@ -3,6 +3,8 @@
 
 #include "core/connection_table.hpp"
 
+#include <map>
+
 namespace pushy {
 // The table only stores and compares pointers; a stand-in type is enough.
 class session {};
@@ -49,4 +51,37 @@ TEST_CASE("snapshot and clear cover every shard") {
     t.clear();
     CHECK(t.size() == 0);
     CHECK(t.find("device-7") == nullptr);
+}
+
+namespace {
+// Connection numbers of the stand-in sessions, by address.
+std::uint64_t id_in_test(const session& s);
+std::map<const session*, std::uint64_t> test_ids;
+std::uint64_t id_in_test(const session& s) { return test_ids.at(&s); }
+}  // namespace
+
+TEST_CASE("a kick for the live connection returns it") {
+    connection_table t;
+    auto a = std::make_shared<session>();
+    test_ids[a.get()] = 7;
+    t.insert("d1", a, 7);
+    CHECK(t.supersede("d1", 7, id_in_test) == a);
+    CHECK(t.supersede("d1", 6, id_in_test) == nullptr);
+}
+
+TEST_CASE("a kick that arrives before its connection is kept for it") {
+    connection_table t;
+    auto old = std::make_shared<session>();
+    test_ids[old.get()] = 1;
+    t.insert("d1", old, 1);
+    // Connection 2 is kicked while connection 1 still holds the entry.
+    CHECK(t.supersede("d1", 2, id_in_test) == nullptr);
+    bool kicked = false;
+    auto next = std::make_shared<session>();
+    CHECK(t.insert("d1", next, 2, &kicked) == old);
+    CHECK(kicked);
+    // The kick is used once: a later connection 3 starts normally.
+    kicked = true;
+    t.insert("d1", std::make_shared<session>(), 3, &kicked);
+    CHECK_FALSE(kicked);
 }

@@ -8,6 +8,8 @@
 
 #include <array>
 #include <atomic>
+#include <chrono>
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -25,10 +27,24 @@ public:
     // Looks a device up. Returns null when it is not connected here.
     std::shared_ptr<session> find(std::string_view device) const;
 
-    // Registers `s` under `device`. Returns the session it replaced (to be
-    // closed with 4001 by the caller), or null.
+    // Registers `s`, connection number `conn`, under `device`. Returns the
+    // session it replaced (to be closed with 4001 by the caller), or null.
+    // Sets `*kicked` when a newer connection elsewhere superseded `conn`
+    // before it got here (see supersede()): the caller closes it with 4001.
     std::shared_ptr<session> insert(const std::string& device,
-                                    std::shared_ptr<session> s);
+                                    std::shared_ptr<session> s,
+                                    std::uint64_t conn = 0,
+                                    bool* kicked = nullptr);
+
+    // A newer connection of `device` on another node supersedes connection
+    // `conn` of this node. Returns that session when it is the live one (the
+    // caller closes it with 4001), else null and remembers `conn` for a
+    // while: its registry write can finish, and the other node's kick
+    // arrive, before the session enters the table. `id_of` reads a
+    // session's connection number.
+    std::shared_ptr<session> supersede(std::string_view device,
+                                       std::uint64_t conn,
+                                       std::uint64_t (*id_of)(const session&));
 
     // Removes `device` only if it maps to `s`. Returns true if removed.
     bool remove(std::string_view device, const session* s);
@@ -50,11 +66,15 @@ private:
             return std::hash<std::string_view>{}(s);
         }
     };
+    using clock = std::chrono::steady_clock;
     struct shard {
         mutable std::mutex mutex;
         std::unordered_map<std::string, std::shared_ptr<session>,
                            string_hash, std::equal_to<>>
             map;
+        // Connections superseded before they entered the table, and when.
+        // Almost always empty; bounded by age and count.
+        std::vector<std::pair<std::uint64_t, clock::time_point>> kicked;
     };
     static constexpr std::size_t shard_count = 64;
 

@@ -100,7 +100,8 @@ void session::start(std::string_view leftover) {
 void session::begin(std::string_view leftover) {
     // Register, superseding any older connection of the device (RFC-free
     // rule of the product: exactly one live connection per device).
-    auto old = node_.table().insert(device_, shared_from_this());
+    bool kicked = false;
+    auto old = node_.table().insert(device_, shared_from_this(), id_, &kicked);
     registered_ = true;
     started_ = true;
     node_.live_sessions.fetch_add(1, std::memory_order_relaxed);
@@ -142,6 +143,9 @@ void session::begin(std::string_view leftover) {
         }
     }
     do_wait_read();
+    // A newer connection on another node registered right after this one
+    // and kicked it before it got here.
+    if (kicked) close(ws::close_superseded, "superseded by a newer connection");
 }
 
 // ---------------------------------------------------------------- reading

@@ -254,7 +254,8 @@ private:
     void handle(peer::request req) {
         if (req.what == peer::kind::kick) {
             bump(fleet_.kicks_received);
-            if (auto s = node_.table().find(req.device); s && s->id() == req.conn) {
+            auto id_of = [](const session& s) { return s.id(); };
+            if (auto s = node_.table().supersede(req.device, req.conn, id_of)) {
                 net::post(s->context(), [s] {
                     s->close(ws::close_superseded,
                              "superseded by a newer connection");
