@@ -3,9 +3,12 @@ runs them: real processes, a real redis-server, real devices."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import re
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -63,6 +66,48 @@ async def test_cluster_runs_nodes_on_one_device_port_and_stops_on_sigterm(
         cli.close()
     assert code == 0, cli.output
     assert "cluster stopped" in "".join(cli.stdout)
+
+
+def node_pid(cli_pid: int, node_id: str) -> int:
+    """The pid of the child of ``pushy cluster`` that runs ``node_id``."""
+    for task in Path(f"/proc/{cli_pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            args = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+            if node_id.encode() in args:
+                return int(child)
+    raise AssertionError(f"no process of {node_id}")
+
+
+async def test_cluster_keeps_serving_when_one_node_is_killed(
+    redis_server: RedisServer,
+) -> None:
+    cli = PushyProcess(
+        "cluster", "--nodes", "2", "--redis", redis_server.url,
+        "--secret", TEST_SECRET,
+    )  # fmt: skip
+    try:
+        url = cli.wait_line(r"cluster of 2 nodes, devices (\S+)", scaled(40))[1]
+        os.kill(node_pid(cli.process.pid, "node-1"), signal.SIGKILL)
+        warning = "node node-1 exited with -9; 1 of 2 nodes still running"
+        deadline = time.monotonic() + scaled(10)
+        while warning not in "".join(cli.stderr):
+            assert time.monotonic() < deadline, cli.output
+            await asyncio.sleep(0.05)
+
+        # New devices reach the node left, and pushes reach them.
+        device = DeviceClient(url, token_for("after"))
+        await device.connect()
+        assert device.node == "node-0"
+        pushed = await arun_pushy(
+            "push", "--redis", redis_server.url, "--to", "after", "--data", "2"
+        )
+        assert pushed.returncode == 0, pushed.stderr
+        assert (await device.wait_for("push"))["data"] == 2
+        await device.close()
+        code = cli.finish(signal.SIGTERM)
+    finally:
+        cli.close()
+    assert code == 0, cli.output
 
 
 def test_push_with_redis_to_an_unknown_device_exits_1(

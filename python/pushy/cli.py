@@ -448,11 +448,24 @@ def _cluster(args: argparse.Namespace) -> int:
             f"pushy: cluster of {len(cluster.nodes)} nodes, devices {cluster.url}",
             flush=True,
         )
+        # A node that dies leaves the others serving: its devices reconnect
+        # to them through the shared port, as in a fleet.
+        gone: set[str] = set()
         while not stop.wait(0.5):
             for node in cluster.nodes:
-                if not node.running and not stop.is_set():
-                    code = node.process.returncode if node.process else None
-                    return _fail(f"node {node.node_id} exited with {code}", code=1)
+                if node.node_id in gone or node.running or stop.is_set():
+                    continue
+                gone.add(node.node_id)
+                code = node.process.returncode if node.process else None
+                left = len(cluster.nodes) - len(gone)
+                print(
+                    f"pushy: warning: node {node.node_id} exited with {code}; "
+                    f"{left} of {len(cluster.nodes)} nodes still running",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            if len(gone) == len(cluster.nodes):
+                return _fail("every node has exited", code=1)
     finally:
         cluster.stop()
         restore()
