@@ -359,8 +359,8 @@ void session::handle_d2d(std::string_view text, simdjson::dom::object obj,
         send_status(id_json, code, why);
     };
     std::string_view id, to;
-    if (obj["id"].get_string().get(id)) {
-        return answer(400, "d2d needs a string 'id'");
+    if (obj["id"].get_string().get(id) || id.empty()) {
+        return answer(400, "d2d needs a non-empty string 'id'");
     }
     if (obj["to"].get_string().get(to) || to.empty()) {
         return answer(400, "d2d needs a device id string 'to'");
