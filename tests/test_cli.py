@@ -144,6 +144,29 @@ def test_token_without_a_secret_exits_2_with_pushy_error() -> None:
     assert done.stdout == ""
 
 
+def test_token_with_a_ttl_that_is_not_positive_exits_2() -> None:
+    done = run_pushy(
+        "token", "--secret", FLAG_SECRET, "--device", "tv", "--account", "a",
+        "--ttl", "-5",
+    )
+
+    assert done.returncode == 2
+    assert "pushy: error: --ttl must be a positive number" in done.stderr
+    assert done.stdout == ""
+
+
+def test_token_with_a_short_secret_is_issued_with_one_warning() -> None:
+    done = run_pushy("token", "--secret", "abc", "--device", "tv", "--account", "a")
+
+    assert done.returncode == 0
+    assert done.stdout.count(".") == 2  # a JWT
+    assert done.stderr == (
+        "pushy: warning: the secret is 3 bytes; HS256 wants at least 32 "
+        "(RFC 7518 section 3.2): tokens signed with it can be forged by "
+        "guessing it\n"
+    )
+
+
 # pushy serve and pushy push.
 
 

@@ -298,6 +298,9 @@ BAD_TOKENS = {
     "hs512": BadToken(lambda: hs_token(TEST_SECRET, "HS512"), "algorithm"),
     "alg-none": BadToken(unsigned_token, "algorithm"),
     "expired": BadToken(lambda: token_for("d1", ttl=-120), "expired"),
+    "no-exp": BadToken(
+        lambda: jwt.encode({"sub": "d1", "acc": "acct"}, TEST_SECRET), "no exp"
+    ),
     "no-sub": BadToken(
         lambda: jwt.encode({"acc": "acct", "exp": 2**31 - 1}, TEST_SECRET), "sub"
     ),
@@ -318,6 +321,18 @@ def test_bad_token_is_answered_401_with_its_reason(pushy_node: Node, case: str) 
     assert response.status == 401, response.text
     assert bad.reason in error_text(response), response.text
     assert "sec-websocket-accept" not in response.headers
+
+
+def test_authorization_of_another_scheme_is_answered_401_naming_bearer(
+    pushy_node: Node,
+) -> None:
+    headers = upgrade_headers(pushy_node.host)
+    headers.append(("Authorization", "Basic dXNlcjpwYXNz"))
+
+    response = send_upgrade(pushy_node, headers)
+
+    assert response.status == 401, response.text
+    assert "not 'bearer <token>'" in error_text(response), response.text
 
 
 @pytest.mark.parametrize("where", ["bearer", "query", "query-after-another"])

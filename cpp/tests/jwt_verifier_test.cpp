@@ -383,7 +383,7 @@ TEST_CASE("a signature that does not verify is a bad signature") {
 }
 
 TEST_CASE("a typ other than JWT is malformed, as libjwt 1.10 refuses it") {
-    const std::string payload = R"({"sub":"tv-1"})";
+    const std::string payload = R"({"sub":"tv-1","exp":4102444800})";
     CHECK(hs_error(craft(R"({"alg":"HS256","typ":"at+jwt"})", payload)) ==
           token_error::malformed);
     CHECK(hs_error(craft(R"({"alg":"HS256","typ":"jwt"})", payload)) ==
@@ -415,11 +415,11 @@ TEST_CASE("exp at or before now is expired") {
     CHECK(later.claims.expires_at == now + 1);
 }
 
-TEST_CASE("a token without exp is accepted with expires_at 0") {
+TEST_CASE("a token without exp is refused") {
     const std::string token = hs256_token(defaults.with_exp(std::nullopt));
     const verify_result result = hs_verifier().verify(token, now);
-    CHECK(result.error == token_error::none);
-    CHECK(result.claims.expires_at == 0);
+    CHECK(result.error == token_error::no_expiry);
+    CHECK(describe(result.error) == "token has no exp (expiry)");
 }
 
 TEST_CASE("a fractional exp expires at the next whole second") {
@@ -486,7 +486,8 @@ TEST_CASE("a claim given twice is malformed") {
           token_error::malformed);
 
     // Claims the verifier does not read may repeat.
-    CHECK(hs_error(craft(header, R"({"sub":"tv-1","x":1,"x":2})")) ==
+    CHECK(hs_error(craft(
+              header, R"({"sub":"tv-1","exp":4102444800,"x":1,"x":2})")) ==
           token_error::none);
 }
 

@@ -30,6 +30,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -314,6 +315,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.public_key_file:
         overrides["public_key"] = _read_text(args.public_key_file, "--public-key-file")
     config = NodeConfig.from_sources(args.config, **overrides)
+    _warn_short_secret(config.algorithm, config.secret)
     node = Node(config)
 
     stop = threading.Event()
@@ -346,15 +348,22 @@ def _token(args: argparse.Namespace) -> int:
         private_key = _read_text(args.private_key_file, "--private-key-file")
     elif args.algorithm.startswith("HS") and not args.secret:
         return _fail("--secret is required (or set PUSHY_SECRET)")
-    token = issue_token(
-        args.secret,
-        args.device,
-        account=args.account,
-        ttl=args.ttl,
-        algorithm=args.algorithm,
-        audience=args.audience,
-        private_key=private_key,
-    )
+    if args.ttl <= 0:
+        return _fail(f"--ttl must be a positive number of seconds, got {args.ttl:g}")
+    if private_key is None:
+        _warn_short_secret(args.algorithm, args.secret)
+    with warnings.catch_warnings():
+        # Said once above, in our words, instead of PyJWT's.
+        warnings.simplefilter("ignore")
+        token = issue_token(
+            args.secret,
+            args.device,
+            account=args.account,
+            ttl=args.ttl,
+            algorithm=args.algorithm,
+            audience=args.audience,
+            private_key=private_key,
+        )
     print(token)
     return 0
 
@@ -411,6 +420,7 @@ def _cluster(args: argparse.Namespace) -> int:
     )
     if config.algorithm.startswith("HS") and not config.secret:
         return _fail("a secret is needed: --secret or PUSHY_SECRET")
+    _warn_short_secret(config.algorithm, config.secret)
     config.validate()
     if args.log_level is not None:
         options["log_level"] = args.log_level
@@ -478,6 +488,25 @@ def _not_yet(args: argparse.Namespace) -> int:
 
 
 # Helpers.
+
+
+def _warn_short_secret(algorithm: str, secret: str | None) -> None:
+    """Warn on stderr when an HMAC secret is shorter than its hash output.
+
+    RFC 7518 section 3.2: a key for HS256 must have at least 256 bits.
+    """
+    if not algorithm.startswith("HS") or not secret:
+        return
+    needed = int(algorithm[2:]) // 8
+    have = len(secret.encode())
+    if have < needed:
+        print(
+            f"pushy: warning: the secret is {have} bytes; {algorithm} wants at "
+            f"least {needed} (RFC 7518 section 3.2): tokens signed with it can "
+            "be forged by guessing it",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _fail(message: str, code: int = 2) -> int:

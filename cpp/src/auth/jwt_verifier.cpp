@@ -326,6 +326,7 @@ std::string_view describe(token_error e) noexcept {
         case token_error::bad_signature: return "bad signature";
         case token_error::wrong_algorithm: return "wrong algorithm";
         case token_error::expired: return "token expired";
+        case token_error::no_expiry: return "token has no exp (expiry)";
         case token_error::no_device: return "token has no sub (device id)";
         case token_error::long_device:
             return "token sub (device id) is longer than 256 bytes";
@@ -343,6 +344,7 @@ std::string_view metric_name(token_error e) noexcept {
         case token_error::bad_signature: return "token_bad_signature";
         case token_error::wrong_algorithm: return "token_wrong_algorithm";
         case token_error::expired: return "token_expired";
+        case token_error::no_expiry: return "token_no_expiry";
         case token_error::no_device: return "token_no_device";
         case token_error::long_device: return "token_no_device";
         case token_error::bad_audience: return "token_bad_audience";
@@ -438,14 +440,11 @@ verify_result jwt_verifier::verify(std::string_view token,
     if (raw.has_acc && raw.acc.get_string().get(account)) {
         return reject(token_error::malformed);
     }
-    if (raw.has_exp) {
-        if (!read_numeric_date(raw.exp, result.claims.expires_at)) {
-            return reject(token_error::malformed);
-        }
-        if (result.claims.expires_at <= now) {
-            return reject(token_error::expired);
-        }
+    if (!raw.has_exp) return reject(token_error::no_expiry);
+    if (!read_numeric_date(raw.exp, result.claims.expires_at)) {
+        return reject(token_error::malformed);
     }
+    if (result.claims.expires_at <= now) return reject(token_error::expired);
     std::string_view device;
     if (!raw.has_sub || raw.sub.get_string().get(device) || device.empty()) {
         return reject(token_error::no_device);

@@ -17,9 +17,8 @@
 //   4. bad_signature: the signature does not verify with the key.
 //   5. malformed: `exp` is not a number or `acc` is not a string.
 //   6. expired: `exp` is present and `exp <= now`. A fractional `exp`
-//      counts from the next whole second. A token without `exp` is
-//      accepted and reported with expires_at 0; the node's connection
-//      lifetime still bounds how long it is used.
+//      counts from the next whole second. no_expiry: `exp` is absent (a
+//      stolen token without one would be good for ever).
 //   7. no_device: `sub` is absent, not a string or empty; long_device: it
 //      is longer than max_device_bytes (a push could not name it).
 //   8. bad_audience: an audience is configured and `aud` (a string or an
@@ -48,6 +47,7 @@ enum class token_error {
     bad_signature,  // "bad signature"
     wrong_algorithm,// "wrong algorithm"
     expired,        // "token expired"
+    no_expiry,      // "token has no exp (expiry)"
     no_device,      // "token has no sub (device id)"
     long_device,    // "token sub (device id) is longer than 256 bytes"
     bad_audience,   // "wrong audience"

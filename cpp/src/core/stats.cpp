@@ -26,6 +26,7 @@ constexpr std::string_view reject_names[] = {
     "too_many_connections", "token_missing",
     "token_malformed",    "token_bad_signature",
     "token_wrong_algorithm", "token_expired",
+    "token_no_expiry",
     "token_no_device",    "token_bad_audience",
     "protocol_error",     "invalid_utf8",
     "message_too_big",    "bad_message",

@@ -52,6 +52,7 @@ enum class reject : std::uint8_t {
     token_bad_signature,
     token_wrong_algorithm,
     token_expired,
+    token_no_expiry,
     token_no_device,
     token_bad_audience,
     protocol_error,       // close 1002

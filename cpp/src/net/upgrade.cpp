@@ -38,6 +38,7 @@ reject reject_for(auth::token_error e) {
         case token_error::wrong_algorithm:
             return reject::token_wrong_algorithm;
         case token_error::expired: return reject::token_expired;
+        case token_error::no_expiry: return reject::token_no_expiry;
         case token_error::no_device:
         case token_error::long_device: return reject::token_no_device;
         default: return reject::token_bad_audience;
@@ -190,9 +191,12 @@ private:
                        .count();
         auto result = node_.verifier().verify(token, now);
         if (result.error != auth::token_error::none) {
+            std::string why(auth::describe(result.error));
+            if (result.error == auth::token_error::missing && !auth.empty()) {
+                why += ": the Authorization header is not 'Bearer <token>'";
+            }
             return refuse(http::status::unauthorized,
-                          reject_for(result.error),
-                          std::string(auth::describe(result.error)));
+                          reject_for(result.error), std::move(why));
         }
         accept(req[http::field::sec_websocket_key], offered,
                std::move(result.claims));
