@@ -138,6 +138,7 @@ def test_push_with_unknown_ack_mode_is_answered_400(http: httpx.Client) -> None:
     response = http.post("/v1/push", json={"device": "d1", "data": 1, "ack": "maybe"})
 
     assert_refused(response, 400, mentions="ack")
+    assert response.json()["device"] == "d1"  # as far as it was read
 
 
 def test_data_over_max_push_bytes_is_answered_413(small_node: Node) -> None:

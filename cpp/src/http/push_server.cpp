@@ -254,13 +254,15 @@ private:
         return {};
     }
 
-    void bad_push(std::string_view reason, bool too_large = false) {
+    // Answers a push refused before it was sent; `device` as far as read.
+    void bad_push(std::string_view reason, bool too_large = false,
+                  std::string_view device = {}) {
         thread_.stats.count(too_large ? push_outcome::too_large
                                       : push_outcome::bad_request);
         thread_.stats.count(reject::bad_push);
         auto o = too_large ? push_outcome::too_large : push_outcome::bad_request;
         respond(static_cast<http::status>(status_code(o)),
-                result_json(node_.node_id(), o, {}, 0, reason));
+                result_json(node_.node_id(), o, device, 0, reason));
     }
 
     void push_one(const std::string& body) {
@@ -276,7 +278,7 @@ private:
         push_spec p;
         bool too_large = false;
         auto why = read_push(obj, p, node_.config().max_push_bytes, too_large);
-        if (!why.empty()) return bad_push(why, too_large);
+        if (!why.empty()) return bad_push(why, too_large, p.device);
         dispatch(p, [self = shared_from_this()](std::string result, int code) {
             self->respond(static_cast<http::status>(code), result);
         });
