@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import subprocess
+import time
 from collections.abc import Callable, Iterator
 from importlib import metadata
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -152,6 +156,28 @@ def fleet(
 #: quarantine keeps freed memory resident, so memory bounds cannot be
 #: asserted (what such tests check besides memory still runs).
 SANITIZED = os.environ.get("PUSHY_SANITIZED") == "1"
+
+
+def stop_process(process: subprocess.Popen[str]) -> None:
+    """SIGSTOP ``process`` and wait until every thread of it has stopped.
+
+    The signal is only queued when ``send_signal`` returns: a thread busy on
+    the other core can still answer a request sent right after it.
+    """
+    from pushy.testing import scaled
+
+    process.send_signal(signal.SIGSTOP)
+    deadline = time.monotonic() + scaled(5)
+    tasks = Path(f"/proc/{process.pid}/task")
+    while True:
+        states = [
+            (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            for task in tasks.iterdir()
+        ]
+        if all(state in ("T", "t") for state in states):
+            return
+        assert time.monotonic() < deadline, f"not stopped: {states}"
+        time.sleep(0.001)
 
 
 def rss_kib(pid: int | str = "self") -> int:

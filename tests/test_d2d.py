@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 import websockets
-from conftest import SANITIZED, rss_kib
+from conftest import SANITIZED, rss_kib, stop_process
 from pushy import DeviceClient, Node
 from pushy.testing import (
     RedisServer,
@@ -494,7 +494,7 @@ async def test_message_to_a_stalled_node_is_answered_504_and_never_delivered_lat
         assert (await phone.d2d("tv", "warm", timeout=scaled(5)))["code"] == 200
         assert (await tv.wait_for("d2d", timeout=scaled(5)))["data"] == "warm"
 
-        target_node.process.send_signal(signal.SIGSTOP)
+        stop_process(target_node.process)
         try:
             status = await phone.d2d("tv", "late", timeout=scaled(10))
             assert status["code"] == 504, status

@@ -16,6 +16,7 @@ from typing import Any
 import pushy
 import pytest
 from conftest import FLEET_TTL as TTL
+from conftest import stop_process
 from pushy import Cluster, DeviceClient, Node, PushClient
 from pushy.testing import (
     TEST_SECRET,
@@ -298,7 +299,7 @@ async def test_push_to_a_stalled_node_is_answered_504_and_never_delivered_late(
         assert (await client.apush("tv", "warm")).code == 200
         assert (await tv.wait_for("push", timeout=scaled(5)))["data"] == "warm"
 
-        node.process.send_signal(signal.SIGSTOP)
+        stop_process(node.process)
         try:
             result = await client.apush("tv", "late")
             assert result.code == 504, result
