@@ -34,15 +34,25 @@ def test_cluster_with_bad_options_exits_2_with_a_clear_error(
     assert "pushy: error:" in proc.stderr and message in proc.stderr, proc.stderr
 
 
-async def test_cluster_runs_nodes_on_one_device_port_and_stops_on_sigterm(
-    redis_server: RedisServer,
-) -> None:
+def start_cluster(redis_server: RedisServer) -> tuple[PushyProcess, str]:
+    """``pushy cluster --nodes 2`` on ``redis_server``; returns it and its
+    device URL once every node listens."""
     cli = PushyProcess(
         "cluster", "--nodes", "2", "--redis", redis_server.url,
         "--secret", TEST_SECRET,
     )  # fmt: skip
     try:
-        url = cli.wait_line(r"cluster of 2 nodes, devices (\S+)", scaled(40))[1]
+        return cli, cli.wait_line(r"cluster of 2 nodes, devices (\S+)", scaled(40))[1]
+    except BaseException:
+        cli.close()
+        raise
+
+
+async def test_cluster_runs_nodes_on_one_device_port_and_stops_on_sigterm(
+    redis_server: RedisServer,
+) -> None:
+    cli, url = start_cluster(redis_server)
+    try:
         found = re.findall(r"node (\S+) listening: push (\S+), peer (\S+)", cli.output)
         assert [m[0] for m in found] == ["node-0", "node-1"]
         assert len({m[1] for m in found}) == 2  # own push ports
@@ -81,12 +91,8 @@ def node_pid(cli_pid: int, node_id: str) -> int:
 async def test_cluster_keeps_serving_when_one_node_is_killed(
     redis_server: RedisServer,
 ) -> None:
-    cli = PushyProcess(
-        "cluster", "--nodes", "2", "--redis", redis_server.url,
-        "--secret", TEST_SECRET,
-    )  # fmt: skip
+    cli, url = start_cluster(redis_server)
     try:
-        url = cli.wait_line(r"cluster of 2 nodes, devices (\S+)", scaled(40))[1]
         os.kill(node_pid(cli.process.pid, "node-1"), signal.SIGKILL)
         warning = "node node-1 exited with -9; 1 of 2 nodes still running"
         deadline = time.monotonic() + scaled(10)
