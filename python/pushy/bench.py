@@ -62,11 +62,7 @@ def add_parser(commands: Any) -> None:
     push.add_argument("--pushes", type=int, default=200000, metavar="N")
     push.add_argument("--batch", type=int, default=2000, metavar="N",
                       help="concurrent pushes per batch [2000]")
-    push.add_argument("--runs", type=int, default=3, metavar="N")
-    push.add_argument("--redis", metavar="URL",
-                      help="an existing Redis [start a redis-server]")
-    push.add_argument("--results", default="bench-results", metavar="DIR")
-    push.set_defaults(func=_cli(run_push))
+    _add_run_options(push, run_push)
 
     d2d = scenarios.add_parser(
         "d2d",
@@ -79,12 +75,17 @@ def add_parser(commands: Any) -> None:
                      help="seconds of sending per run [10]")
     d2d.add_argument("--pairs", type=int, default=1000, metavar="N",
                      help="sender and target devices [1000]")
-    d2d.add_argument("--runs", type=int, default=3, metavar="N")
-    d2d.add_argument("--redis", metavar="URL",
-                     help="an existing Redis [start a redis-server]")
-    d2d.add_argument("--results", default="bench-results", metavar="DIR")
-    d2d.set_defaults(func=_cli(run_d2d))
+    _add_run_options(d2d, run_d2d)
     bench.set_defaults(func=lambda args: _usage(bench))
+
+
+def _add_run_options(parser: argparse.ArgumentParser, run: Any) -> None:
+    """The options every scenario takes, and ``run`` as its handler."""
+    parser.add_argument("--runs", type=int, default=3, metavar="N")
+    parser.add_argument("--redis", metavar="URL",
+                        help="an existing Redis [start a redis-server]")
+    parser.add_argument("--results", default="bench-results", metavar="DIR")
+    parser.set_defaults(func=_cli(run))
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:

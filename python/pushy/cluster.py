@@ -198,6 +198,11 @@ class NodeProcess:
         """Kill with SIGKILL (a crash: nothing is cleaned up); return the code."""
         return self._end(signal.SIGKILL, 10.0)
 
+    def join(self, timeout: float = 15.0) -> int | None:
+        """Wait for the exit a signal sent already asked for; SIGKILL at
+        ``timeout``. Returns the exit code."""
+        return self._end(None, timeout)
+
     def _end(self, sig: int | None, timeout: float) -> int | None:
         """Send ``sig`` (None: it was sent already), wait, kill at the timeout."""
         process = self.process
@@ -334,7 +339,7 @@ class Cluster:
                 node.process.send_signal(signal.SIGTERM)
         # Once is enough: a second SIGTERM could end a node mid-shutdown.
         for node in self.nodes:
-            node._end(None, 15.0)
+            node.join()
 
     def wait(self) -> Iterator[NodeProcess]:
         """Yield each node that exits, as it exits, while any runs."""
