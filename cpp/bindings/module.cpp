@@ -9,6 +9,7 @@
 #include "core/logging.hpp"
 #include "pushy/config.hpp"
 #include "pushy/node.hpp"
+#include "pushy/processor.hpp"
 #include "pushy/push_client.hpp"
 
 namespace py = pybind11;
@@ -111,6 +112,43 @@ pushy::node_config config_from(const py::dict& d) {
     return c;
 }
 
+// Builds a processor_config from a dict of MessageProcessor field names.
+pushy::processor_config processor_config_from(const py::dict& d) {
+    pushy::processor_config c;
+    for (auto [k, v] : d) {
+        auto key = as<std::string>("?", k, "a string");
+        if (v.is_none()) continue;
+        auto str = [&](std::string& f) { f = as<std::string>(key, v, "a string"); };
+        auto num = [&](double& f) { f = as<double>(key, v, "a number"); };
+        auto count = [&](unsigned& f) {
+            auto n = as<long long>(key, v, "an integer");
+            if (n < 0 || n > 0xffffffffLL) bad_key(key, "a non-negative integer");
+            f = static_cast<unsigned>(n);
+        };
+        if (key == "redis") str(c.redis);
+        else if (key == "prefix") str(c.prefix);
+        else if (key == "group") str(c.group);
+        else if (key == "consumer") str(c.consumer);
+        else if (key == "shards") count(c.shards);
+        else if (key == "batch") count(c.batch);
+        else if (key == "max_in_flight") count(c.max_in_flight);
+        else if (key == "claim_idle_s") num(c.claim_idle_s);
+        else if (key == "retry_min_s") num(c.retry_min_s);
+        else if (key == "retry_max_s") num(c.retry_max_s);
+        else if (key == "push_timeout_s") num(c.push_timeout_s);
+        else if (key == "ack_timeout_s") num(c.ack_timeout_s);
+        else if (key == "route_cache_ttl_s") num(c.route_cache_ttl_s);
+        else if (key == "dead_maxlen") {
+            unsigned n;
+            count(n);
+            c.dead_maxlen = n;
+        } else {
+            throw pushy::config_error("unknown processor option '" + key + "'");
+        }
+    }
+    return c;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -155,6 +193,10 @@ PYBIND11_MODULE(_core, m) {
     };
     using spec_tuple =
         std::tuple<std::string, std::string, bool, double, std::string>;
+    using enqueue_tuple = std::tuple<std::string, std::string, std::string,
+                                     double, bool, std::string, unsigned>;
+    using enqueued_tuple = std::tuple<int, std::string, std::string,
+                                      std::string, std::string>;
 
     py::class_<pushy::push_client>(
         m, "PushClient",
@@ -228,6 +270,56 @@ PYBIND11_MODULE(_core, m) {
             py::arg("items"),
             "Pushes (device, data, ack, timeout, sender) tuples "
             "concurrently; one result tuple each, in order.")
+        .def(
+            "enqueue_many",
+            [](pushy::push_client& c, std::vector<enqueue_tuple> items) {
+                std::vector<pushy::enqueue_spec> specs;
+                specs.reserve(items.size());
+                for (auto& [d, data, id, ttl, ack, from, shards] : items) {
+                    specs.push_back(pushy::enqueue_spec{
+                        std::move(d), std::move(data), std::move(id), ttl,
+                        ack, std::move(from), shards});
+                }
+                std::vector<pushy::enqueue_result> results;
+                {
+                    py::gil_scoped_release nogil;
+                    results = c.enqueue_many(std::move(specs));
+                }
+                std::vector<enqueued_tuple> out;
+                for (auto& r : results) {
+                    out.emplace_back(r.code, r.status, r.id, r.entry,
+                                     r.reason);
+                }
+                return out;
+            },
+            py::arg("items"),
+            "Queues (device, data, id, ttl, ack, sender, shards) tuples; "
+            "one (code, status, id, entry, reason) tuple each, in order.")
+        .def(
+            "enqueue_async",
+            [](pushy::push_client& c, enqueue_tuple item,
+               py::function callback) {
+                auto keep = std::make_shared<py::function>(std::move(callback));
+                auto done = [keep](pushy::enqueue_result r) {
+                    py::gil_scoped_acquire gil;
+                    try {
+                        (*keep)(enqueued_tuple{r.code, r.status, r.id,
+                                               r.entry, r.reason});
+                    } catch (py::error_already_set& e) {
+                        e.discard_as_unraisable("pushy enqueue callback");
+                    }
+                    py::function gone = std::move(*keep);
+                };
+                auto& [d, data, id, ttl, ack, from, shards] = item;
+                pushy::enqueue_spec spec{std::move(d), std::move(data),
+                                         std::move(id), ttl, ack,
+                                         std::move(from), shards};
+                py::gil_scoped_release nogil;
+                c.enqueue_async(std::move(spec), std::move(done));
+            },
+            py::arg("item"), py::arg("callback"),
+            "Queues one message; callback(result tuple) runs on the "
+            "client's thread.")
         .def_property_readonly("connected", &pushy::push_client::connected)
         .def_property_readonly("cache_hits", &pushy::push_client::cache_hits)
         .def_property_readonly("cache_misses",
@@ -235,6 +327,44 @@ PYBIND11_MODULE(_core, m) {
         .def("close", &pushy::push_client::close,
              py::call_guard<py::gil_scoped_release>(),
              "Stops the client; pending pushes are answered 503.");
+
+    py::class_<pushy::message_processor>(
+        m, "MessageProcessor",
+        "Consumes the queue and delivers its messages by direct push.")
+        .def(py::init([](const py::dict& cfg) {
+                 return std::make_unique<pushy::message_processor>(
+                     processor_config_from(cfg));
+             }),
+             py::arg("config"),
+             "Checks the options and Redis credentials (ConfigError).")
+        .def("start", &pushy::message_processor::start,
+             py::call_guard<py::gil_scoped_release>())
+        .def("stop", &pushy::message_processor::stop,
+             py::call_guard<py::gil_scoped_release>(),
+             "Stops; held messages stay pending in their streams.")
+        .def_property_readonly("running", &pushy::message_processor::running)
+        .def_property_readonly("consumer",
+                               &pushy::message_processor::consumer)
+        .def(
+            "stats",
+            [](const pushy::message_processor& p) {
+                auto s = p.stats();
+                py::dict d;
+                d["read"] = s.read;
+                d["claimed"] = s.claimed;
+                d["attempts"] = s.attempts;
+                d["delivered"] = s.delivered;
+                d["retried"] = s.retried;
+                d["expired"] = s.expired;
+                d["undeliverable"] = s.undeliverable;
+                d["malformed"] = s.malformed;
+                d["redis_errors"] = s.redis_errors;
+                d["in_flight"] = s.in_flight;
+                d["waiting"] = s.waiting;
+                d["redis_up"] = s.redis_up;
+                return d;
+            },
+            "The processor's counters, as a dict.");
 
     m.def(
         "set_log_handler",

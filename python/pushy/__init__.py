@@ -23,6 +23,7 @@ from .errors import (
     TokenRejected,
 )
 from .node import Node
+from .processor import MessageProcessor
 from .push import PushClient, PushResult
 from .tokens import issue_token
 
@@ -32,6 +33,7 @@ __all__ = [
     "ConnectError",
     "ConnectionClosed",
     "DeviceClient",
+    "MessageProcessor",
     "Node",
     "NodeConfig",
     "PushClient",

@@ -8,7 +8,7 @@ command                does
 ``pushy push``         push one message through a node's push API
 ``pushy demo``         run a node with simulated devices and show pushes
 ``pushy cluster``      run N nodes on one device port and one Redis registry
-``pushy processor``    (not available yet)
+``pushy processor``    run a message processor of the queue in the foreground
 ``pushy devicelist``   (not available yet)
 ``pushy bench``        run a benchmark (``pushy bench push``)
 =====================  =====================================================
@@ -53,7 +53,6 @@ LOG_LEVELS: dict[str, int] = {
 }
 
 _NOT_YET = {
-    "processor": "run the message processor (Redis Streams queue)",
     "devicelist": "run the device-list service",
 }
 
@@ -92,6 +91,18 @@ _SERVE_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--d2d-burst", "d2d_burst", int, "d2d token bucket size [200]"),
     ("--max-d2d-bytes", "max_d2d_bytes", int, "largest d2d data [16384]"),
     ("--route-cache-ttl-s", "route_cache_ttl_s", float, "trust a route this long [10]"),
+]
+
+
+# processor options: flag, MessageProcessor argument, default, help.
+_PROCESSOR_OPTIONS: list[tuple[str, str, Any, str]] = [
+    ("--batch", "batch", 256, "entries read per request"),
+    ("--max-in-flight", "max_in_flight", 10000, "messages held at once"),
+    ("--claim-idle-s", "claim_idle_s", 30.0, "claim entries pending this long"),
+    ("--retry-min-s", "retry_min_s", 0.1, "first retry backoff"),
+    ("--retry-max-s", "retry_max_s", 5.0, "longest retry backoff"),
+    ("--ack-timeout-s", "ack_timeout_s", 5.0, "wait for a device's ack"),
+    ("--push-timeout-s", "push_timeout_s", 10.0, "wait for a node beyond that"),
 ]
 
 
@@ -272,6 +283,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_node_options(cluster, skip=(*_CLUSTER_OWNED, "secret"))
     cluster.set_defaults(func=_cluster)
+
+    processor = commands.add_parser(
+        "processor",
+        help="run a message processor of the queue",
+        description="Consume the queue (Redis Streams shards {prefix}q:N) with a "
+        "consumer group and deliver each message by direct push, retrying "
+        "while the device is offline, until SIGINT or SIGTERM. Run several "
+        "(distinct --consumer names) to share the work.",
+    )
+    processor.add_argument(
+        "--redis",
+        metavar="URL",
+        default=os.environ.get("PUSHY_REDIS") or None,
+        help="Redis URL of the registry and the queue [PUSHY_REDIS]",
+    )
+    processor.add_argument(
+        "--redis-prefix",
+        default=os.environ.get("PUSHY_REDIS_PREFIX", "pushy:"),
+        help="prefix of Redis keys [pushy:]",
+    )
+    processor.add_argument("--group", default="processors", help="consumer group")
+    processor.add_argument("--consumer", help="name in the group [HOST-PID]")
+    processor.add_argument("--shards", type=int, default=4, help="queue shards [4]")
+    for flag, dest, default, text in _PROCESSOR_OPTIONS:
+        processor.add_argument(
+            flag, dest=dest, type=type(default), default=default,
+            help=f"{text} [{default:g}]",
+        )
+    _add_log_level(processor)
+    processor.set_defaults(func=_processor)
 
     for name, text in _NOT_YET.items():
         sub = commands.add_parser(
@@ -480,6 +521,45 @@ def _cluster(args: argparse.Namespace) -> int:
         cluster.stop()
         restore()
     print("pushy: cluster stopped", flush=True)
+    return 0
+
+
+def _processor(args: argparse.Namespace) -> int:
+    from .processor import MessageProcessor
+
+    if not args.redis:
+        return _fail("processor needs --redis URL (or PUSHY_REDIS)")
+    _setup_logging(args.log_level)
+    options = {dest: getattr(args, dest) for _, dest, _, _ in _PROCESSOR_OPTIONS}
+    processor = MessageProcessor(
+        args.redis,
+        prefix=args.redis_prefix,
+        group=args.group,
+        consumer=args.consumer,
+        shards=args.shards,
+        **options,
+    )
+    stop = threading.Event()
+    restore = _on_signals(lambda: stop.set())
+    try:
+        processor.start()
+        print(
+            f"pushy: processor {processor.consumer} consuming "
+            f"{args.redis_prefix}q:0..{args.shards - 1} as group {args.group}",
+            flush=True,
+        )
+        while not stop.wait(0.5):
+            pass
+    finally:
+        processor.stop()
+        restore()
+    stats = processor.stats()
+    print(
+        f"pushy: processor {processor.consumer} stopped: "
+        f"{stats['delivered']} delivered, {stats['expired']} expired, "
+        f"{stats['undeliverable'] + stats['malformed']} undeliverable",
+        flush=True,
+    )
     return 0
 
 

@@ -367,8 +367,8 @@ class DeviceClient:
         except websockets.exceptions.ConnectionClosed as exc:
             raise self._closed_from(exc) from None
 
-    async def ack(self, id: int) -> None:
-        """Acknowledge the push with this id."""
+    async def ack(self, id: int | str) -> None:
+        """Acknowledge the push with this id (a queued message's is a string)."""
         await self.send({"t": "ack", "id": id})
 
     async def send_d2d(self, to: str, data: Any, id: str | None = None) -> str:

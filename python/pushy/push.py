@@ -115,6 +115,8 @@ class PushClient:
         redis: Redis URL of the registry (``redis://[:password@]host:port``).
         prefix: key prefix of the registry, as configured on the nodes.
         sender: service name devices see in ``from`` (``service:NAME``).
+        queue_shards: number of shards of the queue (:meth:`enqueue`); the
+            same number as the message processors use.
 
     Raises:
         ConfigError: a malformed URL, or Redis refused the credentials.
@@ -128,6 +130,7 @@ class PushClient:
         redis: str | None = None,
         prefix: str = "pushy:",
         sender: str = "api",
+        queue_shards: int = 4,
     ) -> None:
         if url is None and redis is None:
             url = "http://127.0.0.1:8081"
@@ -137,6 +140,11 @@ class PushClient:
         self.redis = redis
         self.timeout = timeout
         self.sender = sender
+        if not isinstance(queue_shards, int) or not 1 <= queue_shards <= 1024:
+            raise ConfigError(
+                f"queue_shards must be an integer from 1 to 1024, got {queue_shards!r}"
+            )
+        self.queue_shards = queue_shards
         self._core: Any = None
         if redis is not None:
             from .node import _core  # loads the engine with its log bridge
@@ -264,6 +272,101 @@ class PushClient:
             "POST", "/v1/push/batch", {"pushes": bodies}, timeout
         )
         return _batch_results(response, len(bodies), time.perf_counter() - started)
+
+    # The queue (indirect push).
+
+    def enqueue(
+        self,
+        device: str,
+        data: Any,
+        ttl: float = 300.0,
+        id: str | None = None,
+        ack: str = "written",
+    ) -> str:
+        """Queue a message for a device; a message processor delivers it.
+
+        The message waits in the queue (a Redis Stream shard chosen by the
+        device id) until a processor delivers it, retrying while the device
+        is offline, until ``ttl`` seconds have passed; then it goes to the
+        dead-letter stream. Delivery is at least once: the device gets the
+        push with ``"id": <message id>`` on every attempt, so it can drop
+        duplicates. Needs ``redis=``.
+
+        Args:
+            device: the device id.
+            data: any JSON value.
+            ttl: seconds the message stays deliverable (at most 30 days).
+            id: the message id; a random 32-hex-digit one when ``None``.
+            ack: ``"written"`` (done once written to the device) or
+                ``"client"`` (done once the device acks the id).
+
+        Returns:
+            The message id.
+
+        Raises:
+            PushError: no ``redis=``, a bad message, or Redis did not take it.
+        """
+        return _enqueued(self._queue().enqueue_many([self._queue_item(
+            device, data, ttl, id, ack)])[0])
+
+    async def aenqueue(
+        self,
+        device: str,
+        data: Any,
+        ttl: float = 300.0,
+        id: str | None = None,
+        ack: str = "written",
+    ) -> str:
+        """Asynchronous twin of :meth:`enqueue`."""
+        item = self._queue_item(device, data, ttl, id, ack)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[tuple[Any, ...]] = loop.create_future()
+
+        def done(result: tuple[Any, ...]) -> None:
+            loop.call_soon_threadsafe(_settle, future, result)
+
+        self._queue().enqueue_async(item, done)
+        return _enqueued(await future)
+
+    def enqueue_many(
+        self,
+        items: Sequence[tuple[str, Any]],
+        ttl: float = 300.0,
+        ack: str = "written",
+    ) -> list[str]:
+        """Queue many ``(device, data)`` messages at once (pipelined).
+
+        Returns:
+            The message ids, in order.
+
+        Raises:
+            PushError: as :meth:`enqueue`, for the first message Redis did
+                not take (the others may have been queued).
+        """
+        queue = self._queue()
+        batch = [self._queue_item(d, data, ttl, None, ack) for d, data in items]
+        return [_enqueued(r) for r in queue.enqueue_many(batch)]
+
+    def _queue(self) -> Any:
+        if self._core is None:
+            raise PushError("enqueue needs a client made with redis=")
+        return self._core
+
+    def _queue_item(
+        self, device: str, data: Any, ttl: float, id: str | None, ack: str
+    ) -> tuple[str, str, str, float, bool, str, int]:
+        if ack not in ("written", "client"):
+            raise ConfigError(f"ack must be 'written' or 'client', got {ack!r}")
+        text = json.dumps(data, separators=(",", ":"), allow_nan=False)
+        return (
+            device,
+            text,
+            id or "",
+            float(ttl),
+            ack == "client",
+            self.sender,
+            self.queue_shards,
+        )
 
     # Node state.
 
@@ -472,7 +575,15 @@ def _core_result(t: tuple[Any, ...]) -> PushResult:
     )
 
 
-def _settle(future: asyncio.Future[PushResult], result: PushResult) -> None:
+def _enqueued(t: tuple[Any, ...]) -> str:
+    """The message id of the engine's enqueue result, or a PushError."""
+    code, status, mid, _entry, reason = t
+    if code != 202:
+        raise PushError(f"message for the queue was refused ({code} {status}): {reason}")
+    return str(mid)
+
+
+def _settle(future: asyncio.Future[Any], result: Any) -> None:
     if not future.done():  # the awaiting task may have been cancelled
         future.set_result(result)
 

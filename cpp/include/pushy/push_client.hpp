@@ -33,6 +33,26 @@ struct push_spec_in {
     std::string from = "api";
 };
 
+// A message for the queue (indirect push): delivered by a message
+// processor as soon as the device is reachable, until `ttl_s` has passed.
+struct enqueue_spec {
+    std::string device;
+    std::string data;  // JSON text
+    std::string id;    // the message id; empty: a random one
+    double ttl_s = 300;
+    bool want_ack = false;  // delivered only once the device acks
+    std::string from = "api";
+    unsigned shards = 4;  // the queue's shard count, as the processors use
+};
+
+struct enqueue_result {
+    int code = 0;        // 202 accepted, 400 bad message, 503 no Redis
+    std::string status;  // "accepted", "bad_request", "unavailable"
+    std::string id;      // the message id
+    std::string entry;   // the stream entry id
+    std::string reason;
+};
+
 class push_client_impl;
 
 class push_client {
@@ -50,6 +70,13 @@ public:
     void push_async(push_spec_in spec, std::function<void(push_result)> done);
     push_result push(push_spec_in spec);
     std::vector<push_result> push_many(std::vector<push_spec_in> specs);
+
+    // Appends a message to its shard of the queue; `done` runs on the
+    // client's thread once Redis has it (202) or could not take it.
+    void enqueue_async(enqueue_spec spec,
+                       std::function<void(enqueue_result)> done);
+    enqueue_result enqueue(enqueue_spec spec);
+    std::vector<enqueue_result> enqueue_many(std::vector<enqueue_spec> specs);
 
     // True while the Redis link is up.
     bool connected() const;

@@ -13,6 +13,7 @@
 
 #include "core/logging.hpp"
 #include "pushy/config.hpp"
+#include "queue/queue.hpp"
 #include "registry/redis_client.hpp"
 #include "registry/registry.hpp"
 #include "routing/router.hpp"
@@ -52,12 +53,38 @@ std::string check(const push_spec_in& s) {
     return {};
 }
 
+// Checks a message before it is queued. Returns the reason, or empty.
+std::string check(const enqueue_spec& s) {
+    push_spec_in p;
+    p.device = s.device;
+    p.data = s.data;
+    if (auto why = check(p); !why.empty()) return why;
+    if (s.id.size() > 256) return "'id' is longer than 256 bytes";
+    if (!(s.ttl_s > 0) || s.ttl_s > 30 * 86400) {
+        return "'ttl' must be more than 0 and at most 30 days";
+    }
+    if (s.shards < 1 || s.shards > 1024) {
+        return "'shards' must be between 1 and 1024";
+    }
+    return {};
+}
+
+enqueue_result enqueue_answer(int code, std::string status, std::string id,
+                              std::string reason) {
+    enqueue_result r;
+    r.code = code;
+    r.status = std::move(status);
+    r.id = std::move(id);
+    r.reason = std::move(reason);
+    return r;
+}
+
 }  // namespace
 
 class push_client_impl {
 public:
     push_client_impl(redis::url u, std::string prefix, double timeout_s)
-        : redis_(ioc_, std::move(u), "push client"),
+        : redis_(ioc_, std::move(u), "push client"), prefix_(prefix),
           store_(redis_, std::move(prefix)), router_(ioc_, store_, {}),
           timeout_(std::chrono::milliseconds(
               static_cast<long>(timeout_s * 1000))) {
@@ -110,6 +137,46 @@ public:
         });
     }
 
+    void enqueue_async(enqueue_spec spec,
+                       std::function<void(enqueue_result)> done) {
+        if (spec.id.empty()) spec.id = queue::random_id();
+        if (auto why = check(spec); !why.empty()) {
+            return done(enqueue_answer(400, "bad_request", spec.id, why));
+        }
+        if (closed_) {
+            return done(enqueue_answer(503, "unavailable", spec.id,
+                                       "client is closed"));
+        }
+        queue::message m;
+        m.id = std::move(spec.id);
+        m.device = std::move(spec.device);
+        m.data = std::move(spec.data);
+        m.want_ack = spec.want_ack;
+        m.enqueued_ms = peer::wall_ms();
+        m.expires_ms = m.enqueued_ms +
+                       static_cast<std::uint64_t>(spec.ttl_s * 1000);
+        m.from = std::move(spec.from);
+        auto key = queue::shard_key(prefix_, queue::shard_of(m.device,
+                                                             spec.shards));
+        net::post(ioc_, [this, m = std::move(m), key = std::move(key),
+                         done = std::move(done)]() mutable {
+            auto fields = queue::fields_of(m);
+            std::vector<std::string_view> argv{"XADD", key, "*"};
+            for (auto& f : fields) argv.push_back(f);
+            redis_.command(argv, [id = std::move(m.id),
+                                  done = std::move(done)](redisReply* r) {
+                if (!r || redis::reply_is_error(r)) {
+                    std::string why = r ? std::string(redis::reply_text(r))
+                                        : "registry unavailable";
+                    return done(enqueue_answer(503, "unavailable", id, why));
+                }
+                auto a = enqueue_answer(202, "accepted", id, {});
+                a.entry = std::string(redis::reply_text(r));
+                done(std::move(a));
+            });
+        });
+    }
+
     void close() {
         if (closed_.exchange(true)) return;
         std::promise<void> stopped;
@@ -133,6 +200,7 @@ private:
     net::executor_work_guard<net::io_context::executor_type> work_ =
         net::make_work_guard(ioc_);
     redis::client redis_;
+    std::string prefix_;
     registry::store store_;
     routing::router router_;
     std::chrono::milliseconds timeout_;
@@ -199,6 +267,35 @@ std::vector<push_result> push_client::push_many(
                           });
     }
     for (auto& w : waits) w.wait();
+    return out;
+}
+
+void push_client::enqueue_async(enqueue_spec spec,
+                                std::function<void(enqueue_result)> done) {
+    impl_->enqueue_async(std::move(spec), std::move(done));
+}
+
+enqueue_result push_client::enqueue(enqueue_spec spec) {
+    std::promise<enqueue_result> p;
+    auto f = p.get_future();
+    impl_->enqueue_async(std::move(spec), [&p](enqueue_result r) {
+        p.set_value(std::move(r));
+    });
+    return f.get();
+}
+
+std::vector<enqueue_result> push_client::enqueue_many(
+    std::vector<enqueue_spec> specs) {
+    std::vector<enqueue_result> out(specs.size());
+    std::vector<std::promise<void>> promises(specs.size());
+    for (std::size_t i = 0; i < specs.size(); ++i) {
+        impl_->enqueue_async(std::move(specs[i]),
+                             [&out, &promises, i](enqueue_result r) {
+                                 out[i] = std::move(r);
+                                 promises[i].set_value();
+                             });
+    }
+    for (auto& p : promises) p.get_future().wait();
     return out;
 }
 

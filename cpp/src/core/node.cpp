@@ -43,12 +43,20 @@ std::string random_node_id() {
 
 // The frame a device receives for a push (DESIGN section 3). `data` is
 // validated JSON text, passed through.
-std::string push_frame(std::uint64_t id, std::string_view from,
-                       std::string_view data, bool want_ack) {
+// A queued message carries its own `msg_id` (a string, the same on every
+// delivery attempt, so the device can drop duplicates); other pushes use
+// the node's numeric push id.
+std::string push_frame(std::uint64_t id, std::string_view msg_id,
+                       std::string_view from, std::string_view data,
+                       bool want_ack) {
     std::string f;
-    f.reserve(64 + data.size() + from.size());
+    f.reserve(64 + data.size() + from.size() + msg_id.size());
     f += R"({"t":"push","id":)";
-    f += std::to_string(id);
+    if (msg_id.empty()) {
+        f += std::to_string(id);
+    } else {
+        json::append_string(f, msg_id);
+    }
     f += R"(,"from":)";
     if (from.starts_with("service:")) {
         json::append_string(f, from);
@@ -88,12 +96,13 @@ static void deliver_to(io_thread& home, std::shared_ptr<session> s,
 bool node_impl::deliver_local(io_thread& home, const std::string& device,
                               std::string_view data, std::string_view from,
                               bool want_ack, std::chrono::milliseconds timeout,
-                              local_push_done done) {
+                              local_push_done done, std::string_view msg_id) {
     auto s = table_.find(device);
     if (!s) return false;
     push_request req;
     req.id = next_push_id();
-    req.frame = push_frame(req.id, from, data, want_ack);
+    req.msg_id = msg_id;
+    req.frame = push_frame(req.id, msg_id, from, data, want_ack);
     req.want_ack = want_ack;
     req.timeout = timeout;
     deliver_to(home, std::move(s), std::move(req), std::move(done));

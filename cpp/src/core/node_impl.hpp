@@ -54,11 +54,13 @@ public:
 
     // Sends a push to `device` if it is connected to this node; `done` then
     // runs on `home` once the outcome is known. Returns false (and never
-    // calls `done`) when the device is not connected here.
+    // calls `done`) when the device is not connected here. A non-empty
+    // `msg_id` (a queued message's id) is the frame's id and what the
+    // device acks, instead of the numeric push id.
     bool deliver_local(io_thread& home, const std::string& device,
                        std::string_view data, std::string_view from,
                        bool want_ack, std::chrono::milliseconds timeout,
-                       local_push_done done);
+                       local_push_done done, std::string_view msg_id = {});
 
     // Sends a device-to-device message from a device connected here to its
     // target, here or on another node; `done` runs on `home`.

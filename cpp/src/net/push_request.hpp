@@ -18,6 +18,9 @@ using push_done = std::function<void(push_outcome, std::string_view reason)>;
 
 struct push_request {
     std::uint64_t id = 0;
+    // A queued message's id: the device acks it by this string instead of
+    // the numeric id. Empty for other pushes.
+    std::string msg_id;
     std::string frame;  // the JSON text of the push frame, ready to send
     bool want_ack = false;
     std::chrono::milliseconds timeout{5000};

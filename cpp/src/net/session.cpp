@@ -24,13 +24,14 @@ constexpr std::size_t max_outbound_bytes = 1 << 20;
 struct session::pending_ack : timer_entry {
     session* owner = nullptr;
     std::uint64_t id = 0;
+    std::string msg_id;  // a queued message's id (acked by it), or empty
     push_done done;
 
     ~pending_ack() { timer_wheel::cancel(*this); }
 
     static void on_timer(timer_entry* e) {
         auto* a = static_cast<pending_ack*>(e);
-        a->owner->settle_ack(a->id, push_outcome::timeout,
+        a->owner->settle_ack(a, push_outcome::timeout,
                              "device did not ack in time");
     }
 };
@@ -284,13 +285,25 @@ void session::handle_text(std::string_view text) {
     if (t == "ping") {
         send_frame(ws::opcode::text, R"({"t":"pong"})");
     } else if (t == "ack") {
-        std::uint64_t ack_id;
-        if (obj["id"].get_uint64().get(ack_id)) {
+        // A push's numeric id, or a queued message's string id.
+        std::uint64_t ack_id = 0;
+        std::string_view ack_msg;
+        if (obj["id"].get_uint64().get(ack_id) &&
+            (obj["id"].get_string().get(ack_msg) || ack_msg.empty())) {
             thread_.stats.count(reject::bad_message);
-            send_status(id_json, 400, "ack needs a numeric 'id'");
+            send_status(id_json, 400,
+                        "ack needs the push's 'id' (a number or a string)");
             return;
         }
-        settle_ack(ack_id, push_outcome::delivered, {});
+        auto it = std::find_if(acks_.begin(), acks_.end(), [&](auto& a) {
+            return ack_msg.empty() ? a->msg_id.empty() && a->id == ack_id
+                                   : a->msg_id == ack_msg;
+        });
+        // An unknown id (a late ack after a timeout, or a device bug) is
+        // ignored.
+        if (it != acks_.end()) {
+            settle_ack(it->get(), push_outcome::delivered, {});
+        }
     } else if (t == "d2d") {
         handle_d2d(text, obj, id_json);
     } else if (t == "send" || t == "subscribe" || t == "unsubscribe") {
@@ -535,6 +548,7 @@ void session::complete_writes() {
         auto a = std::make_unique<pending_ack>();
         a->owner = this;
         a->id = req.id;
+        a->msg_id = std::move(req.msg_id);
         a->done = std::move(req.done);
         a->fire = &pending_ack::on_timer;
         thread_.wheel.schedule(*a, clock::now() + req.timeout);
@@ -546,12 +560,11 @@ void session::complete_writes() {
     }
 }
 
-// Reports the outcome of a push waiting for its ack. An unknown id (late
-// ack after a timeout, or a device bug) is ignored.
-void session::settle_ack(std::uint64_t id, push_outcome o,
+// Reports the outcome of push `p`, one of those waiting for an ack.
+void session::settle_ack(pending_ack* p, push_outcome o,
                          std::string_view why) {
     auto it = std::find_if(acks_.begin(), acks_.end(),
-                           [id](auto& a) { return a->id == id; });
+                           [p](auto& a) { return a.get() == p; });
     if (it == acks_.end()) return;
     auto a = std::move(*it);
     *it = std::move(acks_.back());

@@ -96,7 +96,7 @@ private:
     void borrow_buffer();
     void return_buffer();
     void complete_writes();
-    void settle_ack(std::uint64_t id, push_outcome o, std::string_view why);
+    void settle_ack(pending_ack* p, push_outcome o, std::string_view why);
 
     void schedule_timer();
     static void on_timer(timer_entry* e);

@@ -306,7 +306,8 @@ private:
                 r.reason = std::string(reason);
                 self->thread_.stats.count(o);
                 self->send(r);
-            });
+            },
+            req.msg_id);
         if (!here) {
             thread_.stats.count(push_outcome::not_connected);
             answer(id, push_outcome::not_connected, "device is not connected");

@@ -37,7 +37,10 @@ struct request {
     std::string from;      // push: service name; d2d: sending device
     std::uint64_t conn = 0;
     std::string account;   // d2d: the sender's account
-    std::string msg_id;    // d2d: the message id as JSON text
+    // d2d: the sender's message id as JSON text; push: a queued message's
+    // id as plain text (the device's frame carries it and the device acks
+    // it), or empty.
+    std::string msg_id;
     // Wall-clock ms since the epoch after which the receiver must not
     // deliver (the sender has answered 504 by then); 0: none.
     std::uint64_t deadline_ms = 0;
