@@ -21,6 +21,11 @@
 // ns), so the latency of its status counts from when it was due, not from
 // when a late loop sent it (no coordinated omission).
 //
+// With --pushes, every push the devices receive is read whole: its latency
+// is taken from a "ts" field in its data (CLOCK_MONOTONIC ns when the push
+// was due, written by the benchmark that sends it), and a push that asks
+// for an ack ("ack":true) is acked with its id.
+//
 // Limitations: targets loopback (127.0.0.0/8) only; at most 19,000
 // connections per process (the host allows 20,000 open files); a pong or
 // a d2d message that cannot be written at once counts as dropped.
@@ -248,6 +253,7 @@ struct options {
     std::string d2d_prefix;  // targets are prefix + 0 .. prefix + (n - 1)
     std::size_t d2d_targets = 0;
     std::size_t d2d_data_bytes = 16;
+    bool pushes = false;  // read pushes: latency from data.ts, ack them
 };
 
 // Prints the usage text to `f`.
@@ -258,7 +264,7 @@ void usage(std::FILE* f) {
         "                     [--rate R] [--hold-s S] [--json]\n"
         "                     [--handshake-timeout-s S] [--close-wait-s S]\n"
         "                     [--d2d-rate R --d2d-to PREFIX:N [--d2d-s S]\n"
-        "                      [--d2d-data-bytes B]]\n"
+        "                      [--d2d-data-bytes B]] [--pushes]\n"
         "\n"
         "Opens N idle WebSocket connections to a Pushy node (GET /v1/connect,\n"
         "subprotocol pushy.v1, line i of FILE as the bearer token of\n"
@@ -267,7 +273,10 @@ void usage(std::FILE* f) {
         "Loopback (127.0.0.0/8) only; N <= 19000. SIGTERM ends the hold.\n"
         "With --d2d-rate the hold sends R d2d messages/s for S seconds\n"
         "(open loop, round robin over the connections) to PREFIX0 ..\n"
-        "PREFIX(N-1) and reports the latency of their status answers.\n",
+        "PREFIX(N-1) and reports the latency of their status answers.\n"
+        "With --pushes it reads every push: the latency from a \"ts\"\n"
+        "(CLOCK_MONOTONIC ns) in its data to its arrival, and an ack for\n"
+        "each push that asks for one.\n",
         f);
 }
 
@@ -295,6 +304,10 @@ options parse_options(int argc, char** argv) {
         std::string_view a = argv[i];
         if (a == "--json") {
             o.json = true;
+            continue;
+        }
+        if (a == "--pushes") {
+            o.pushes = true;
             continue;
         }
         if (a == "-h" || a == "--help") {
@@ -715,6 +728,55 @@ class load_generator {
         ++d2d_sent_;
     }
 
+    // Reads a push: records the latency from its data's "ts" and acks it
+    // when it asks for an ack (its id is echoed as it came, number or
+    // string).
+    void on_push(conn& c, std::string_view payload) {
+        if (payload.find("\"t\":\"push\"") == std::string_view::npos) {
+            ++frames_ignored_;
+            return;
+        }
+        std::uint64_t now = now_ns();
+        ++pushes_received_;
+        auto ts_at = payload.find("\"ts\":");
+        if (ts_at != std::string_view::npos) {
+            std::uint64_t due = 0;
+            auto ts = payload.substr(ts_at + 5);
+            std::from_chars(ts.data(), ts.data() + ts.size(), due);
+            if (due && now >= due) {
+                push_lat_.push_back(std::uint32_t(
+                    std::min<std::uint64_t>((now - due) / 1000, UINT32_MAX)));
+            }
+        }
+        if (payload.find("\"ack\":true") == std::string_view::npos) return;
+        auto id_at = payload.find("\"id\":");
+        if (id_at == std::string_view::npos) return;
+        auto id = payload.substr(id_at + 5);
+        auto end = id.front() == '"' ? id.find('"', 1) + 1
+                                     : id.find_first_of(",}");
+        if (end == std::string_view::npos || end == 0) return;
+        std::string& msg = ack_payload_;
+        msg = "{\"t\":\"ack\",\"id\":";
+        msg += id.substr(0, end);
+        msg += "}";
+        std::string& frame = ack_frame_;
+        frame.clear();
+        frame += char(0x81);
+        frame += char(0x80 | msg.size());  // an id is short: < 126 bytes
+        std::uint32_t mask = masks_.next();
+        char m[4];
+        std::memcpy(m, &mask, 4);
+        frame.append(m, 4);
+        for (std::size_t k = 0; k < msg.size(); ++k) {
+            frame += char(msg[k] ^ m[k % 4]);
+        }
+        if (msg.size() < 126 &&
+            send(c.fd, frame.data(), frame.size(), MSG_NOSIGNAL) ==
+                ssize_t(frame.size())) {
+            ++pushes_acked_;
+        }
+    }
+
     // Reads a status answer: its id (the due time) and code.
     void on_status(std::string_view payload) {
         auto id_at = payload.find("\"id\":\"");
@@ -1044,6 +1106,12 @@ class load_generator {
             return head + std::size_t(len);
         }
 
+        if (!control && opt_.pushes && fin && len <= 4096) {
+            // A push (or another small message): read it whole.
+            if (data.size() < head + len) return 0;
+            on_push(c, data.substr(head, std::size_t(len)));
+            return c.fd < 0 ? 0 : head + std::size_t(len);
+        }
         if (!control && opt_.d2d_rate > 0 && len <= 1024) {
             // A status answer (or a small message): read it whole.
             if (data.size() < head + len) return 0;
@@ -1202,6 +1270,20 @@ class load_generator {
         s += ",\"handshake_latency_us\":" + lat(lat_101_);
         s += ",\"hello_latency_us\":" + lat(lat_hello_);
         s += ",\"hold_s\":" + num(hold_s);
+        if (opt_.pushes) {
+            std::sort(push_lat_.begin(), push_lat_.end());
+            s += ",\"pushes\":{\"received\":" +
+                 std::to_string(pushes_received_);
+            s += ",\"acked\":" + std::to_string(pushes_acked_);
+            s += ",\"latency_us\":{\"count\":" +
+                 std::to_string(push_lat_.size());
+            s += ",\"p50\":" + std::to_string(percentile(push_lat_, 0.50));
+            s += ",\"p99\":" + std::to_string(percentile(push_lat_, 0.99));
+            s += ",\"p99.9\":" + std::to_string(percentile(push_lat_, 0.999));
+            s += ",\"max\":" +
+                 std::to_string(push_lat_.empty() ? 0 : push_lat_.back());
+            s += "}}";
+        }
         if (opt_.d2d_rate > 0) {
             std::sort(d2d_lat_.begin(), d2d_lat_.end());
             double d2d_s = double(t_d2d_end_ - t_d2d_begin_) / 1e9;
@@ -1285,6 +1367,11 @@ class load_generator {
     std::uint64_t d2d_answered_ = 0;
     std::map<int, std::size_t> d2d_codes_;
     std::vector<std::uint32_t> d2d_lat_;
+    std::vector<std::uint32_t> push_lat_;
+    std::size_t pushes_received_ = 0;
+    std::size_t pushes_acked_ = 0;
+    std::string ack_payload_;
+    std::string ack_frame_;
     std::string d2d_payload_;  // scratch of send_d2d
 };
 

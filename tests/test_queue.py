@@ -320,6 +320,42 @@ async def test_two_processors_share_the_work_and_each_message_is_delivered(
     assert sorted(got) == sorted(ids)
 
 
+async def test_processor_carries_on_after_redis_restarts_empty(
+    fleet: Callable[..., Node],
+    device_factory: DeviceFactory,
+    redis_server: RedisServer,
+    processor_factory: Callable[..., MessageProcessor],
+) -> None:
+    node = fleet("node-a")
+    tv = await device_factory("tv-1", node=node)
+    processor = processor_factory()
+    with PushClient(redis=redis_server.url) as client:
+        first = client.enqueue("tv-1", 1, ttl=scaled(30))
+        assert (await tv.wait_for("push", timeout=scaled(5)))["id"] == first
+
+        redis_server.stop()
+        await async_wait_until(lambda: not processor.stats()["redis_up"])
+        with pytest.raises(pushy.PushError, match="503"):
+            client.enqueue("tv-1", 2)
+        redis_server.start()  # empty: no streams, no group, no records
+        await async_wait_until(lambda: processor.stats()["redis_up"])
+        # The node writes its devices' records again; the processor makes
+        # the group again.
+        await async_wait_until(
+            lambda: redis_server.command("EXISTS", "pushy:dev:{tv-1}") == 1
+        )
+
+        async def enqueued_again() -> str | None:
+            try:
+                return await client.aenqueue("tv-1", 3, ttl=scaled(30))
+            except pushy.PushError:  # the client's link is still coming back
+                return None
+
+        again = await async_wait_until(enqueued_again, message="enqueue to work")
+    assert (await tv.wait_for("push", timeout=scaled(10)))["id"] == again
+    await async_wait_until(lambda: processor.stats()["delivered"] == 2)
+
+
 # The fleet under failure.
 
 

@@ -37,7 +37,7 @@ from .errors import PushyError
 from .push import PushClient
 from .tokens import issue_token
 
-__all__ = ["add_parser", "loadgen_path", "run_d2d", "run_push"]
+__all__ = ["add_parser", "loadgen_path", "run_d2d", "run_push", "run_queue"]
 
 _SECRET = "pushy-bench-secret-" + "0123456789abcdef" * 3
 _PER_PROCESS = 5000
@@ -76,6 +76,22 @@ def add_parser(commands: Any) -> None:
     d2d.add_argument("--pairs", type=int, default=1000, metavar="N",
                      help="sender and target devices [1000]")
     _add_run_options(d2d, run_d2d)
+
+    queue = scenarios.add_parser(
+        "queue",
+        help="indirect push: enqueue to delivery through a message processor",
+        description=_QUEUE_DOC,
+    )
+    queue.add_argument("--devices", type=int, default=10000, metavar="N")
+    queue.add_argument("--nodes", type=int, default=2, metavar="N")
+    queue.add_argument("--messages", type=int, default=100000, metavar="N",
+                       help="messages enqueued per run [100000]")
+    queue.add_argument("--rate", type=float, default=0, metavar="R",
+                       help="messages/s to enqueue, open loop; 0 = as fast "
+                       "as one client can [0]")
+    queue.add_argument("--ack", choices=("written", "client"), default="written",
+                       help="when a message counts as delivered [written]")
+    _add_run_options(queue, run_queue)
     bench.set_defaults(func=lambda args: _usage(bench))
 
 
@@ -593,4 +609,198 @@ def _d2d_plot(phases: list[dict[str, Any]], path: Path) -> None:
     ax.set_xticklabels(labels)
     ax.set(yscale="log", ylabel="send to status, at the sender (us)",
            title="pushy bench d2d (two nodes, median of runs)")
+    _save(plt, fig, ax, path)
+
+
+_QUEUE_DOC = """\
+Indirect push, end to end: a cluster of --nodes node processes on one Redis,
+--devices devices held by pushy-loadgen (which acks pushes that ask for it),
+one message processor (a 'pushy processor' process) and a PushClient that
+enqueues --messages messages to random devices, in pipelined batches of
+1,000, as fast as it can or open loop at --rate. Each message carries its
+enqueue time (CLOCK_MONOTONIC), so the latency from enqueue to the device
+is measured where it arrives. A warm-up round (one message per device)
+fills the processor's route cache first. It reports messages delivered per
+second (first enqueue to last delivery), the latency p50/p99/p99.9, and the
+CPU-seconds per million messages of the nodes and of the processor, to
+RESULTS/queue.json and queue.png."""
+
+
+def run_queue(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
+    """Run the queue scenario; return the results (also written as JSON)."""
+    from .testing import RedisServer
+
+    if min(args.devices, args.nodes, args.messages, args.runs) < 1 or args.rate < 0:
+        raise PushyError("--devices, --nodes, --messages and --runs must be >= 1 "
+                         "and --rate >= 0")
+    tmp = Path(tempfile.mkdtemp(prefix="pushy-bench-"))
+    redis = None if args.redis else RedisServer().start()
+    url = args.redis or redis.url  # type: ignore[union-attr]
+    try:
+        runs = [_queue_run(url, args, tmp, say) for _ in range(args.runs)]
+    finally:
+        if redis is not None:
+            redis.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    stat = _spread(runs)
+    summary = {
+        "delivered_per_s": stat(lambda r: r["delivered_per_s"]),
+        "enqueued_per_s": stat(lambda r: r["enqueued_per_s"]),
+        "p50_us": stat(lambda r: r["latency_us"]["p50"]),
+        "p99_us": stat(lambda r: r["latency_us"]["p99"]),
+        "p99.9_us": stat(lambda r: r["latency_us"]["p99.9"]),
+        "node_cpu_s_per_1m": stat(lambda r: r["node_cpu_s_per_1m"]),
+        "processor_cpu_s_per_1m": stat(lambda r: r["processor_cpu_s_per_1m"]),
+        "not_delivered": sum(r["messages"] - r["delivered"] for r in runs),
+    }
+    result = {
+        "scenario": "queue",
+        "devices": args.devices,
+        "nodes": args.nodes,
+        "messages_per_run": args.messages,
+        "rate": args.rate,
+        "ack": args.ack,
+        "runs": runs,
+        "summary": summary,
+    }
+    written = _write_results(result, Path(args.results), "queue",
+                             lambda path: _queue_plot(runs, path))
+    say("over the runs (median [min, max]):")
+    for key, s in summary.items():
+        if isinstance(s, dict):
+            say(f"  {key:<24} {s['median']:>12,.1f} [{s['min']:,.1f}, {s['max']:,.1f}]")
+        else:
+            say(f"  {key:<24} {s:>12,}")
+    say(written)
+    return result
+
+
+def _delivered(cluster: Cluster) -> int:
+    return sum(int(_node_stats(n)["pushes"]["delivered"]) for n in cluster.nodes)
+
+
+def _queue_run(
+    url: str, args: argparse.Namespace, tmp: Path, say: Any
+) -> dict[str, Any]:
+    loadgen = loadgen_path()
+    prefix = f"bq{os.getpid()}-{time.monotonic_ns() % 10**9}:"
+    cluster = Cluster(args.nodes, url, secret=_SECRET, name="queue",
+                      redis_prefix=prefix).start()
+    procs: list[subprocess.Popen[str]] = []
+    processor: subprocess.Popen[str] | None = None
+    devices = [f"q{i}" for i in range(args.devices)]
+    try:
+        for start in range(0, args.devices, 18000):
+            chunk = devices[start : start + 18000]
+            tokens = [issue_token(_SECRET, d, "bench", ttl=86400) for d in chunk]
+            proc = _start_loadgen(loadgen, cluster.port, tokens, tmp,
+                                  f"devices-{start}", "--hold-s", "86400",
+                                  "--pushes")
+            procs.append(proc)
+            _wait_ready(proc, "devices")
+        processor = subprocess.Popen(
+            [sys.executable, "-m", "pushy", "processor", "--redis", url,
+             "--redis-prefix", prefix, "--consumer", "bench",
+             "--max-in-flight", "50000", "--log-level", "warning"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )
+        assert processor.stdout is not None
+        if "consuming" not in processor.stdout.readline():
+            raise PushyError("the message processor did not start")
+        pids = [n.pid for n in cluster.nodes if n.pid is not None]
+        rng = random.Random(1)
+        with PushClient(redis=url, prefix=prefix, timeout=30) as client:
+            # Warm-up: one message per device fills the processor's routes.
+            warm0 = _delivered(cluster)
+            client.enqueue_many([(d, 0) for d in devices], ttl=600)
+            _wait_delivered(cluster, warm0 + len(devices), 120)
+            base = _delivered(cluster)
+            cpu0 = sum(_cpu_seconds(p) for p in pids)
+            pcpu0 = _cpu_seconds(processor.pid)
+            started = time.perf_counter()
+            sent = 0
+            while sent < args.messages:
+                n = min(1000, args.messages - sent)
+                if args.rate > 0:
+                    due = started + sent / args.rate
+                    wait = due - time.perf_counter()
+                    if wait > 0:
+                        time.sleep(wait)
+                    n = min(n, max(1, int(args.rate / 100)))
+                ts = time.monotonic_ns()
+                client.enqueue_many(
+                    [(rng.choice(devices), {"ts": ts, "seq": sent + i})
+                     for i in range(n)],
+                    ttl=600, ack=args.ack,
+                )
+                sent += n
+            enqueued = time.perf_counter() - started
+            _wait_delivered(cluster, base + sent, 300)
+            elapsed = time.perf_counter() - started
+            cpu = sum(_cpu_seconds(p) for p in pids) - cpu0
+            pcpu = _cpu_seconds(processor.pid) - pcpu0
+        delivered = _delivered(cluster) - base
+    finally:
+        if processor is not None:
+            processor.terminate()
+            processor.communicate(timeout=30)
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        reports = [_finish(p, 60) for p in procs]
+        cluster.stop()
+    lat = [r["pushes"]["latency_us"] for r in reports]
+    run = {
+        "messages": sent,
+        "delivered": min(delivered, sent),
+        "enqueue_s": enqueued,
+        "seconds": elapsed,
+        "enqueued_per_s": sent / enqueued,
+        "delivered_per_s": min(delivered, sent) / elapsed,
+        # One load generator holds up to 18,000 devices; with several, p50
+        # is their median and the tails their worst.
+        "latency_us": {
+            "p50": statistics.median(x["p50"] for x in lat),
+            "p99": max(x["p99"] for x in lat),
+            "p99.9": max(x["p99.9"] for x in lat),
+            "max": max(x["max"] for x in lat),
+        },
+        "node_cpu_s": cpu,
+        "processor_cpu_s": pcpu,
+        "node_cpu_s_per_1m": cpu / max(sent, 1) * 1e6,
+        "processor_cpu_s_per_1m": pcpu / max(sent, 1) * 1e6,
+    }
+    say(f"run: {sent:,} messages enqueued in {enqueued:.2f} s, delivered in "
+        f"{elapsed:.2f} s ({run['delivered_per_s']:,.0f}/s); latency p50 "
+        f"{run['latency_us']['p50']:,} us, p99 {run['latency_us']['p99']:,} us; "
+        f"CPU per 1M: nodes {run['node_cpu_s_per_1m']:.1f} s, processor "
+        f"{run['processor_cpu_s_per_1m']:.1f} s")
+    return run
+
+
+def _wait_delivered(cluster: Cluster, target: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while _delivered(cluster) < target:
+        if time.monotonic() > deadline:
+            raise PushyError(
+                f"only {_delivered(cluster):,} of {target:,} pushes delivered "
+                f"within {timeout:g} s"
+            )
+        time.sleep(0.05)
+
+
+def _queue_plot(runs: list[dict[str, Any]], path: Path) -> None:
+    plt = _pyplot()
+    if plt is None:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    labels = ("p50", "p99", "p99.9")
+    width = 0.8 / max(len(runs), 1)
+    for k, run in enumerate(runs):
+        ax.bar([i + k * width for i in range(len(labels))],
+               [run["latency_us"][q] for q in labels], width, label=f"run {k}")
+    ax.set_xticks([i + width * (len(runs) - 1) / 2 for i in range(len(labels))])
+    ax.set_xticklabels(labels)
+    ax.set(yscale="log", ylabel="enqueue to device (us)",
+           title="pushy bench queue")
     _save(plt, fig, ax, path)
