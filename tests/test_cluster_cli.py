@@ -1,4 +1,4 @@
-"""``pushy cluster``, ``pushy push --redis`` and ``pushy bench push`` as a user
+"""``pushy cluster``, ``pushy push --redis`` and ``pushy bench`` as a user
 runs them: real processes, a real redis-server, real devices."""
 
 from __future__ import annotations
@@ -166,3 +166,22 @@ def test_bench_d2d_writes_latencies_codes_and_a_plot(tmp_path: Path) -> None:
         assert run["node_cpu_s"] > 0
     assert (tmp_path / "d2d.png").stat().st_size > 0
     assert "p99.9_us" in proc.stdout
+
+
+def test_bench_queue_writes_throughput_latency_cpu_and_a_plot(tmp_path: Path) -> None:
+    proc = run_pushy(
+        "bench", "queue", "--devices", "200", "--messages", "2000", "--ack", "client",
+        "--runs", "1", "--results", str(tmp_path), timeout=scaled(180),
+    )  # fmt: skip
+
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads((tmp_path / "queue.json").read_text())
+    assert (result["devices"], result["ack"]) == (200, "client")
+    (run,) = result["runs"]
+    assert run["delivered"] == run["messages"] == 2000
+    latency = run["latency_us"]
+    assert 0 < latency["p50"] <= latency["p99"] <= latency["p99.9"]
+    assert run["node_cpu_s"] > 0 and run["processor_cpu_s"] > 0
+    assert run["delivered_per_s"] > 0
+    assert (tmp_path / "queue.png").stat().st_size > 0
+    assert "processor_cpu_s_per_1m" in proc.stdout
