@@ -193,6 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument(
         "--private-key-file", metavar="PEM", help="PEM private key file for RS256/ES256"
     )
+    token.add_argument(
+        "--meta",
+        metavar="JSON",
+        help="meta claim: a JSON object of at most 1024 bytes, carried in the "
+        "device's connection events",
+    )
     token.set_defaults(func=_token)
 
     push = commands.add_parser(
@@ -350,6 +356,12 @@ def _token(args: argparse.Namespace) -> int:
         return _fail("--secret is required (or set PUSHY_SECRET)")
     if args.ttl <= 0:
         return _fail(f"--ttl must be a positive number of seconds, got {args.ttl:g}")
+    meta = None
+    if args.meta is not None:
+        try:
+            meta = json.loads(args.meta)
+        except ValueError as exc:
+            return _fail(f"--meta must be a JSON object: {exc}")
     if private_key is None:
         _warn_short_secret(args.algorithm, args.secret)
     with warnings.catch_warnings():
@@ -363,6 +375,7 @@ def _token(args: argparse.Namespace) -> int:
             algorithm=args.algorithm,
             audience=args.audience,
             private_key=private_key,
+            meta=meta,
         )
     print(token)
     return 0

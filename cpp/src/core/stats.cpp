@@ -28,6 +28,7 @@ constexpr std::string_view reject_names[] = {
     "token_wrong_algorithm", "token_expired",
     "token_no_expiry",
     "token_no_device",    "token_bad_audience",
+    "token_bad_meta",
     "protocol_error",     "invalid_utf8",
     "message_too_big",    "bad_message",
     "pong_timeout",       "token_expired_live",

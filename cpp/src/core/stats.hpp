@@ -55,6 +55,7 @@ enum class reject : std::uint8_t {
     token_no_expiry,
     token_no_device,
     token_bad_audience,
+    token_bad_meta,
     protocol_error,       // close 1002
     invalid_utf8,         // close 1007
     message_too_big,      // close 1009

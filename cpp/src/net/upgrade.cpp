@@ -41,6 +41,7 @@ reject reject_for(auth::token_error e) {
         case token_error::no_expiry: return reject::token_no_expiry;
         case token_error::no_device:
         case token_error::long_device: return reject::token_no_device;
+        case token_error::bad_meta: return reject::token_bad_meta;
         default: return reject::token_bad_audience;
     }
 }
