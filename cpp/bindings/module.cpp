@@ -92,6 +92,7 @@ pushy::node_config config_from(const py::dict& d) {
         else if (key == "route_cache_ttl_s") num(c.route_cache_ttl_s);
         else if (key == "d2d_burst") size(c.d2d_burst);
         else if (key == "max_d2d_bytes") size(c.max_d2d_bytes);
+        else if (key == "events_maxlen") size(c.events_maxlen);
         else if (key == "max_message_bytes") size(c.max_message_bytes);
         else if (key == "max_push_bytes") size(c.max_push_bytes);
         else if (key == "max_header_bytes") size(c.max_header_bytes);

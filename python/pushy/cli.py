@@ -92,6 +92,7 @@ _SERVE_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--d2d-burst", "d2d_burst", int, "d2d token bucket size [200]"),
     ("--max-d2d-bytes", "max_d2d_bytes", int, "largest d2d data [16384]"),
     ("--route-cache-ttl-s", "route_cache_ttl_s", float, "trust a route this long [10]"),
+    ("--events-maxlen", "events_maxlen", int, "~N stream entries, 0 off [1000000]"),
 ]
 
 
