@@ -351,6 +351,9 @@ private:
         if (req.what == peer::kind::d2d) {
             return handle_d2d(std::move(req), left);
         }
+        if (req.what == peer::kind::event) {
+            return handle_event(std::move(req), left);
+        }
         bump(fleet_.peer_pushes);
         if (req.data.size() > node_.config().max_push_bytes) {
             thread_.stats.count(push_outcome::too_large);
@@ -359,14 +362,10 @@ private:
                               std::to_string(node_.config().max_push_bytes) +
                               " bytes");
         }
-        auto timeout = milliseconds(
-            req.timeout_ms ? req.timeout_ms
-                           : static_cast<std::uint32_t>(
-                                 node_.config().push_timeout_s * 1000));
-        if (left && *left < timeout) timeout = *left;
         auto id = req.id;
         bool here = node_.deliver_local(
-            thread_, req.device, req.data, req.from, req.want_ack, timeout,
+            thread_, req.device, req.data, req.from, req.want_ack,
+            timeout_of(req, left),
             [self = shared_from_this(), id](push_outcome o,
                                             std::uint64_t push_id,
                                             std::string_view reason) {
@@ -384,6 +383,62 @@ private:
             thread_.stats.count(push_outcome::not_connected);
             answer(id, push_outcome::not_connected, "device is not connected");
         }
+    }
+
+    // How long a push or event may wait to be written (or acked): the
+    // request's timeout (the node's push_timeout_s when 0), at most the
+    // time `left` before the sender gives up.
+    milliseconds timeout_of(const peer::request& req,
+                            std::optional<milliseconds> left) const {
+        auto timeout = milliseconds(
+            req.timeout_ms ? req.timeout_ms
+                           : static_cast<std::uint32_t>(
+                                 node_.config().push_timeout_s * 1000));
+        if (left && *left < timeout) timeout = *left;
+        return timeout;
+    }
+
+    // An event frame for a device connected here (from the device-list
+    // service, through a push client): written as it is once it proved a
+    // JSON object with "t":"event", to connection `conn` only when that is
+    // not 0. Answered like a push but not counted as one: events_sent
+    // counts the frames written.
+    void handle_event(peer::request req, std::optional<milliseconds> left) {
+        if (!is_event_frame(req.data)) {
+            return answer(req.id, push_outcome::bad_request,
+                          "an event must be a JSON object with "
+                          "\"t\":\"event\"");
+        }
+        auto id = req.id;
+        auto where = node_.deliver_event(
+            thread_, req.device, req.conn, std::move(req.data),
+            timeout_of(req, left),
+            [self = shared_from_this(), id](push_outcome o, std::uint64_t,
+                                            std::string_view reason) {
+                if (o == push_outcome::delivered) {
+                    bump(self->fleet_.events_sent);
+                }
+                self->answer(id, o, std::string(reason));
+            });
+        if (where == node_impl::event_target::not_connected) {
+            answer(id, push_outcome::not_connected, "device is not connected");
+        } else if (where == node_impl::event_target::gone) {
+            answer(id, push_outcome::not_connected, "connection is gone");
+        }
+    }
+
+    // Whether `text` is a JSON object whose "t" is "event". The sender
+    // checks it too; a node still never writes a device what is not a
+    // frame of the protocol.
+    bool is_event_frame(std::string_view text) {
+        auto padded = thread_.padded(text);
+        simdjson::dom::element doc;
+        simdjson::dom::object obj;
+        std::string_view t;
+        return !thread_.dom.parse(padded.data(), padded.size(), false)
+                    .get(doc) &&
+               !doc.get_object().get(obj) && !obj["t"].get_string().get(t) &&
+               t == "event";
     }
 
     // Answers a request that arrived after its deadline (this node was
