@@ -93,6 +93,7 @@ pushy::node_config config_from(const py::dict& d) {
         else if (key == "route_cache_ttl_s") num(c.route_cache_ttl_s);
         else if (key == "d2d_burst") size(c.d2d_burst);
         else if (key == "max_d2d_bytes") size(c.max_d2d_bytes);
+        else if (key == "events_maxlen") size(c.events_maxlen);
         else if (key == "max_message_bytes") size(c.max_message_bytes);
         else if (key == "max_push_bytes") size(c.max_push_bytes);
         else if (key == "max_header_bytes") size(c.max_header_bytes);
@@ -324,6 +325,46 @@ PYBIND11_MODULE(_core, m) {
         .def_property_readonly("cache_hits", &pushy::push_client::cache_hits)
         .def_property_readonly("cache_misses",
                                &pushy::push_client::cache_misses)
+        .def(
+            "send_event",
+            [to_tuple](pushy::push_client& c, std::string device,
+                       std::string frame, std::uint64_t conn) {
+                pushy::push_result r;
+                {
+                    py::gil_scoped_release nogil;
+                    r = c.send_event(std::move(device), std::move(frame),
+                                     conn);
+                }
+                return to_tuple(r);
+            },
+            py::arg("device"), py::arg("frame"), py::arg("conn"),
+            "Sends an event frame (JSON text of an object with "
+            "\"t\":\"event\") to the device's connection conn (0: any) "
+            "and waits for the result tuple.")
+        .def(
+            "send_event_async",
+            [to_tuple](pushy::push_client& c, std::string device,
+                       std::string frame, std::uint64_t conn,
+                       py::function callback) {
+                auto keep = std::make_shared<py::function>(std::move(callback));
+                auto done = [keep, to_tuple](pushy::push_result r) {
+                    py::gil_scoped_acquire gil;
+                    try {
+                        (*keep)(to_tuple(r));
+                    } catch (py::error_already_set& e) {
+                        e.discard_as_unraisable("pushy event callback");
+                    }
+                    // Released here, with the GIL held.
+                    py::function gone = std::move(*keep);
+                };
+                py::gil_scoped_release nogil;
+                c.send_event_async(std::move(device), std::move(frame), conn,
+                                   std::move(done));
+            },
+            py::arg("device"), py::arg("frame"), py::arg("conn"),
+            py::arg("callback"),
+            "Sends an event frame; callback(result tuple) runs on the "
+            "client's thread.")
         .def("close", &pushy::push_client::close,
              py::call_guard<py::gil_scoped_release>(),
              "Stops the client; pending pushes are answered 503.");

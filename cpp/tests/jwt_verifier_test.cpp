@@ -491,6 +491,73 @@ TEST_CASE("a claim given twice is malformed") {
           token_error::none);
 }
 
+TEST_CASE("meta is optional and its JSON text is kept as the token has it") {
+    CHECK(hs_verifier().verify(hs256_token(), now).claims.meta.empty());
+    // Spacing, escapes and member order survive: the text is not re-encoded.
+    const std::string meta = R"({ "name" : "Salon \u00e9", "n":[1, 2.50]})";
+    // Crafted: libjwt's encoder would re-encode the claims.
+    const verify_result result = hs_verifier().verify(
+        craft(R"({"alg":"HS256"})",
+              R"({"sub":"tv-1","exp":4102444800,"meta":)" + meta + "}"),
+        now);
+    CHECK(result.error == token_error::none);
+    CHECK(result.claims.meta == meta);
+    CHECK(result.claims.device == "tv-1");
+}
+
+TEST_CASE("meta must be a JSON object of at most 1024 bytes") {
+    const auto error = [](const std::string& meta_json) {
+        return hs_error(hs256_token(
+            defaults.with_json(R"({"meta":)" + meta_json + "}")));
+    };
+    CHECK(error("{}") == token_error::none);
+    CHECK(error("[]") == token_error::bad_meta);
+    CHECK(error(R"("text")") == token_error::bad_meta);
+    CHECK(error("1") == token_error::bad_meta);
+    CHECK(error("null") == token_error::bad_meta);
+
+    // {"k":"xxx..."} of exactly 1024 bytes, then one more.
+    const std::string head = R"({"k":")";
+    const std::string at_limit =
+        head + std::string(1024 - head.size() - 2, 'x') + "\"}";
+    REQUIRE(at_limit.size() == 1024);
+    CHECK(error(at_limit) == token_error::none);
+    const std::string over =
+        head + std::string(1024 - head.size() - 1, 'x') + "\"}";
+    CHECK(error(over) == token_error::bad_meta);
+
+    CHECK(pushy::auth::describe(token_error::bad_meta) ==
+          "token meta must be a JSON object of at most 1024 bytes");
+    CHECK(pushy::auth::metric_name(token_error::bad_meta) ==
+          "token_bad_meta");
+}
+
+TEST_CASE("meta given twice is malformed, even spelled with an escape") {
+    const std::string header = R"({"alg":"HS256"})";
+    CHECK(hs_error(craft(header, R"({"sub":"tv-1","exp":4102444800,)"
+                                 R"("meta":{},"meta":{}})")) ==
+          token_error::malformed);
+    CHECK(hs_error(craft(header, R"({"sub":"tv-1","exp":4102444800,)"
+                                 R"("meta":{},"\u006deta":{}})")) ==
+          token_error::malformed);
+    // One escaped name is still the meta claim.
+    const verify_result result = hs_verifier().verify(
+        craft(header,
+              R"({"sub":"tv-1","exp":4102444800,"\u006deta":{"a":1}})"),
+        now);
+    CHECK(result.error == token_error::none);
+    CHECK(result.claims.meta == R"({"a":1})");
+}
+
+TEST_CASE("meta is judged after every other claim") {
+    const claim_set bad_meta = defaults.with_json(R"({"meta":[1]})");
+    CHECK(hs_error(hs256_token(bad_meta.with_exp(now))) ==
+          token_error::expired);
+    CHECK(hs_error(hs256_token(bad_meta.with_sub(std::nullopt))) ==
+          token_error::no_device);
+    CHECK(hs_error(hs256_token(bad_meta)) == token_error::bad_meta);
+}
+
 TEST_CASE("a configured audience must be in aud") {
     const jwt_verifier verifier("HS256", secret, "pushy");
     const auto error = [&](const char* aud_json) {

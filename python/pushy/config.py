@@ -98,6 +98,11 @@ class NodeConfig:
             sender's permission to reach another account's device are
             trusted without asking Redis; while Redis cannot answer, older
             entries still serve device-to-device messages.
+        events_maxlen: (with ``redis``) the ``{redis_prefix}events``
+            stream of connection events, and the ``svc:NAME`` streams of
+            upstream ``send`` messages, are trimmed to about this many
+            entries (``XADD MAXLEN ~``); 0 writes no events (and leaves
+            service streams untrimmed).
 
     Raises:
         ConfigError: a field has the wrong type or is out of range.
@@ -136,6 +141,7 @@ class NodeConfig:
     d2d_burst: int = 200
     max_d2d_bytes: int = 16 * 1024
     route_cache_ttl_s: float = 10.0
+    events_maxlen: int = 1_000_000
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -249,6 +255,7 @@ _INT_RANGES: dict[str, tuple[int, int]] = {
     "max_connections": (0, 2**31 - 1),
     "d2d_burst": (1, 1_000_000),
     "max_d2d_bytes": (1, 8 * 2**20),
+    "events_maxlen": (0, 1_000_000_000),
 }
 
 _POSITIVE_FLOATS = (

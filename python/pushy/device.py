@@ -414,20 +414,25 @@ class DeviceClient:
         return await self.wait_for("status", id=mid, timeout=timeout)
 
     async def send_to_service(
-        self, service: str, data: Any, id: int | None = None
-    ) -> int:
+        self, service: str, data: Any, id: str | None = None
+    ) -> str:
         """Send a message upstream to a service (``to`` is ``service:NAME``).
+
+        A node of a fleet on Redis appends it to the service's stream and
+        answers with a ``status`` of the same id: 202 accepted, 400, 413,
+        429, or 503 (Redis unreachable, or a node without Redis); read it
+        with ``wait_for("status", id=mid)``.
 
         Args:
             service: the service name, with or without the ``service:`` prefix.
             data: any JSON value.
-            id: message id; a fresh one when ``None``.
+            id: the message id, a string; a fresh one when ``None``.
 
         Returns:
             The message id.
         """
         to = service if service.startswith("service:") else f"service:{service}"
-        mid = next(self._ids) if id is None else id
+        mid = str(next(self._ids)) if id is None else id
         await self.send({"t": "send", "id": mid, "to": to, "data": data})
         return mid
 

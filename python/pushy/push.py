@@ -412,6 +412,65 @@ class PushClient:
         except PushError:
             return False
 
+    # Event frames (for the device-list service).
+
+    def send_event(
+        self, device: str, event: Mapping[str, Any], conn: int = 0
+    ) -> PushResult:
+        """Send an event frame to a device and wait for the outcome.
+
+        The frame reaches the device as it is (``{"t":"event",...}``), on
+        whichever node holds it, over a peer link; it is answered like a
+        push (200 once written) but is not a push: it has no id, no ack,
+        and the node counts it as ``events_sent``.
+
+        Args:
+            device: the device id.
+            event: the whole frame, e.g. ``{"kind": "device_online",
+                "device": "phone-1", "meta": {}}``; ``"t": "event"`` is added
+                when missing. It must be JSON-encodable.
+            conn: the connection number (the ``conn`` of the device's
+                connection events) that must get it; 0 for whichever
+                connection the device has. When that connection is gone the
+                result is 404 with reason ``connection is gone``.
+
+        Returns:
+            The outcome: 200 written, 404 not connected (or that
+            connection is gone), 503, 504, or 400 for a frame that is not an
+            event.
+
+        Raises:
+            ConfigError: the client was made without ``redis=``.
+            TypeError: ``event`` is not a dict or not JSON-encodable.
+            ValueError: ``event`` has a ``"t"`` other than ``"event"``.
+        """
+        core = self._event_core()
+        return _core_result(core.send_event(device, _event_text(event), conn))
+
+    async def asend_event(
+        self, device: str, event: Mapping[str, Any], conn: int = 0
+    ) -> PushResult:
+        """Asynchronous twin of :meth:`send_event`."""
+        core = self._event_core()
+        text = _event_text(event)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[PushResult] = loop.create_future()
+
+        def done(result: tuple[Any, ...]) -> None:
+            # On the engine's thread: hand the result to the loop.
+            loop.call_soon_threadsafe(_settle, future, _core_result(result))
+
+        core.send_event_async(device, text, conn, done)
+        return await future
+
+    def _event_core(self) -> Any:
+        if self._core is None:
+            raise ConfigError(
+                "send_event needs a client made with redis=URL (events travel "
+                "over peer links, not the HTTP push API)"
+            )
+        return self._core
+
     # Lifecycle.
 
     def close(self) -> None:
@@ -597,6 +656,20 @@ def _redacted(url: str) -> str:
     """``url`` without its password."""
     head, sep, tail = url.rpartition("@")
     return f"redis://***@{tail}" if sep else url
+
+
+def _event_text(event: Mapping[str, Any]) -> str:
+    """The JSON text of an event frame, with ``"t": "event"`` first."""
+    if not isinstance(event, Mapping):
+        raise TypeError(f"event must be a dict (the whole frame), got {event!r}")
+    kind = event.get("t", "event")
+    if kind != "event":
+        raise ValueError(f"an event frame has 't' 'event', got {kind!r}")
+    frame = {"t": "event", **event}
+    try:
+        return json.dumps(frame, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"event must be JSON-encodable: {exc}") from exc
 
 
 def _push_body(

@@ -94,6 +94,12 @@ struct node_config {
     // While Redis cannot answer, older entries still serve d2d messages.
     double route_cache_ttl_s = 10;
 
+    // Connection events (with redis): entries the node appends to the
+    // {redis_prefix}events stream are trimmed to about this many (XADD
+    // MAXLEN ~), and so are the service streams of upstream sends. 0: the
+    // node writes no events (and leaves service streams untrimmed).
+    std::size_t events_maxlen = 1000000;
+
     // Throws config_error naming the first invalid field.
     void validate() const;
 };

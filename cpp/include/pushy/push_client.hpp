@@ -84,6 +84,18 @@ public:
     std::uint64_t cache_hits() const;
     std::uint64_t cache_misses() const;
 
+    // Sends an event frame to a device on whichever node holds it (peer
+    // kind 4): `frame_json` is a whole JSON object with "t":"event", which
+    // the node writes to the device as it is. With `conn` not 0 only that
+    // connection of the device gets it (404 "connection is gone"
+    // otherwise). Answered like a push: 200 written, 400 (not such a
+    // frame; answered here), 404, 503, 504. Threading as push_async().
+    void send_event_async(std::string device, std::string frame_json,
+                          std::uint64_t conn,
+                          std::function<void(push_result)> done);
+    push_result send_event(std::string device, std::string frame_json,
+                           std::uint64_t conn = 0);
+
     // Stops the thread; pending pushes are answered 503. Idempotent.
     void close();
 

@@ -24,6 +24,7 @@
 #include <memory>
 #include <utility>
 
+#include "detail/json_raw.hpp"
 #include "pushy/config.hpp"
 
 namespace pushy::auth {
@@ -211,14 +212,17 @@ struct raw_claims {
     dom::element acc;
     dom::element exp;
     dom::element aud;
+    dom::element meta;
     bool has_sub = false;
     bool has_acc = false;
     bool has_exp = false;
     bool has_aud = false;
+    bool has_meta = false;
 };
 
-// Picks `sub`, `acc`, `exp` and `aud` out of the payload; false when one
-// of them appears twice (RFC 7519 section 4 lets a parser reject that).
+// Picks `sub`, `acc`, `exp`, `aud` and `meta` out of the payload; false
+// when one of them appears twice (RFC 7519 section 4 lets a parser reject
+// that).
 bool read_claims(dom::object payload, raw_claims& out) {
     for (auto field : payload) {
         dom::element* slot = nullptr;
@@ -235,6 +239,9 @@ bool read_claims(dom::object payload, raw_claims& out) {
         } else if (field.key == "aud") {
             slot = &out.aud;
             seen = &out.has_aud;
+        } else if (field.key == "meta") {
+            slot = &out.meta;
+            seen = &out.has_meta;
         } else {
             continue;
         }
@@ -289,6 +296,40 @@ bool audience_matches(dom::element aud, std::string_view audience) {
     return false;
 }
 
+// Copies the exact text of the payload's `meta` object into `out`: the
+// bytes the issuer signed, not a re-encoding. `payload` is the decoded
+// payload with simdjson's padding in its spare capacity. False when
+// `meta` is not an object or its text is longer than max_meta_bytes.
+// Member names are unescaped before the comparison, as read_claims()
+// does, so both find the same member.
+bool read_meta(const std::string& payload, std::string& out) {
+    namespace od = simdjson::ondemand;
+    thread_local od::parser parser;
+    od::document doc;
+    od::object top;
+    if (parser.iterate(payload.data(), payload.size(), payload.capacity())
+            .get(doc) ||
+        doc.get_object().get(top)) {
+        return false;
+    }
+    for (auto field : top) {
+        std::string_view key;
+        if (field.unescaped_key().get(key)) return false;
+        if (key != "meta") continue;
+        od::value value;
+        od::json_type type;
+        std::string_view text;
+        if (field.value().get(value) || value.type().get(type) ||
+            type != od::json_type::object || json::raw_text(value, text)) {
+            return false;
+        }
+        if (text.size() > max_meta_bytes) return false;
+        out.assign(text);
+        return true;
+    }
+    return false;
+}
+
 // Whether libjwt can parse `token` at all, ignoring the signature. Used
 // only after a failed verification, to tell a token libjwt refuses to
 // read (a non-"JWT" typ, JSON jansson rejects) from a bad signature. The
@@ -331,6 +372,8 @@ std::string_view describe(token_error e) noexcept {
         case token_error::long_device:
             return "token sub (device id) is longer than 256 bytes";
         case token_error::bad_audience: return "wrong audience";
+        case token_error::bad_meta:
+            return "token meta must be a JSON object of at most 1024 bytes";
     }
     return "invalid token";
 }
@@ -348,6 +391,7 @@ std::string_view metric_name(token_error e) noexcept {
         case token_error::no_device: return "token_no_device";
         case token_error::long_device: return "token_no_device";
         case token_error::bad_audience: return "token_bad_audience";
+        case token_error::bad_meta: return "token_bad_meta";
     }
     return "token_invalid";
 }
@@ -455,6 +499,10 @@ verify_result jwt_verifier::verify(std::string_view token,
     if (!audience_.empty() &&
         (!raw.has_aud || !audience_matches(raw.aud, audience_))) {
         return reject(token_error::bad_audience);
+    }
+    // `buffer` still holds the decoded payload (parsed last).
+    if (raw.has_meta && !read_meta(buffer, result.claims.meta)) {
+        return reject(token_error::bad_meta);
     }
     result.claims.device.assign(device);
     result.claims.account.assign(account);

@@ -10,7 +10,7 @@
 //   2. malformed: not three base64url segments (RFC 7515 section 7.1, no
 //      padding); header or payload not a JSON object; header `alg` absent,
 //      not a string or given twice; a claim this class reads (`sub`,
-//      `acc`, `exp`, `aud`) given twice.
+//      `acc`, `exp`, `aud`, `meta`) given twice.
 //   3. wrong_algorithm: header `alg` is not exactly the configured one
 //      (case-sensitive; "none" is never accepted). Decided from the
 //      decoded header before any signature work.
@@ -23,6 +23,8 @@
 //      is longer than max_device_bytes (a push could not name it).
 //   8. bad_audience: an audience is configured and `aud` (a string or an
 //      array of strings) does not contain it.
+//   9. bad_meta: `meta` is present and is not a JSON object, or its JSON
+//      text is longer than max_meta_bytes.
 //
 // Limitations: `nbf` and `iat` are not checked. libjwt 1.10 refuses a
 // header `typ` other than "JWT" (any case) and JSON its parser (jansson)
@@ -34,6 +36,7 @@
 // no parsed key), so verify() belongs on the upgrade path only.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
 #include <string_view>
@@ -51,7 +54,11 @@ enum class token_error {
     no_device,      // "token has no sub (device id)"
     long_device,    // "token sub (device id) is longer than 256 bytes"
     bad_audience,   // "wrong audience"
+    bad_meta,       // "token meta must be a JSON object of at most 1024 bytes"
 };
+
+// The longest `meta` claim accepted, in bytes of its JSON text.
+inline constexpr std::size_t max_meta_bytes = 1024;
 
 // The reason text for an error (lower case, no trailing period).
 std::string_view describe(token_error e) noexcept;
@@ -63,6 +70,10 @@ struct claims {
     std::string device;   // sub
     std::string account;  // acc (may be empty)
     std::int64_t expires_at = 0;  // exp, seconds since the epoch; 0: none
+    // The JSON text of the `meta` object as the token carries it; empty
+    // when absent. Handed to the connected event and then dropped: a
+    // session does not keep it.
+    std::string meta;
 };
 
 struct verify_result {

@@ -33,6 +33,42 @@ push_result local_result(int code, std::string status, std::string reason) {
     return r;
 }
 
+// The result of a request answered by `rep`, sent at `started`.
+push_result result_of(const peer::reply& rep, clock::time_point started) {
+    push_result r;
+    r.code = rep.code;
+    r.status = rep.status;
+    r.node = rep.node;
+    r.id = rep.push_id;
+    r.reason = rep.reason;
+    r.latency_s =
+        std::chrono::duration<double>(clock::now() - started).count();
+    return r;
+}
+
+std::string check(const push_spec_in& s);
+
+// Checks an event before it leaves: the device id (by the rules of a
+// push) and that the frame is a JSON object whose "t" is "event". Returns
+// the reason, or empty.
+std::string check_event(const std::string& device, const std::string& frame) {
+    push_spec_in spec;
+    spec.device = device;
+    spec.data = "0";
+    if (auto why = check(spec); !why.empty()) return why;
+    thread_local simdjson::dom::parser parser;
+    simdjson::padded_string padded(frame);
+    simdjson::dom::element doc;
+    simdjson::dom::object obj;
+    std::string_view t;
+    if (parser.parse(padded).get(doc) || doc.get_object().get(obj) ||
+        obj["t"].get_string().get(t) || t != "event") {
+        return "an event must be a JSON object with \"t\":\"event\"";
+    }
+    if (frame.size() > (8u << 20)) return "the event is larger than 8 MiB";
+    return {};
+}
+
 // Checks a push before it leaves: the device id and that `data` is JSON
 // (a node passes it to the device as it is). Returns the reason, or empty.
 std::string check(const push_spec_in& s) {
@@ -191,6 +227,34 @@ public:
         if (thread_.joinable()) thread_.join();
     }
 
+    void send_event_async(std::string device, std::string frame,
+                          std::uint64_t conn,
+                          std::function<void(push_result)> done) {
+        auto started = clock::now();
+        if (auto why = check_event(device, frame); !why.empty()) {
+            return done(local_result(400, "bad_request", why));
+        }
+        peer::request req;
+        req.what = peer::kind::event;
+        req.device = std::move(device);
+        req.data = std::move(frame);
+        req.conn = conn;
+        net::post(ioc_, [this, req = std::move(req), started,
+                         done = std::move(done)]() mutable {
+            if (closed_) {
+                return done(local_result(503, "unavailable",
+                                         "client is closed"));
+            }
+            // The node writes within its push_timeout_s; the link waits
+            // that plus the client's margin, as for a push.
+            router_.push(std::move(req), timeout_,
+                         [started, done = std::move(done)](
+                             const peer::reply& rep) {
+                             done(result_of(rep, started));
+                         });
+        });
+    }
+
     bool connected() const { return redis_.up(); }
     std::uint64_t hits() const { return hits_; }
     std::uint64_t misses() const { return misses_; }
@@ -239,6 +303,22 @@ push_client::push_client(const std::string& redis_url,
 }
 
 push_client::~push_client() = default;
+
+void push_client::send_event_async(std::string device, std::string frame_json,
+                                   std::uint64_t conn,
+                                   std::function<void(push_result)> done) {
+    impl_->send_event_async(std::move(device), std::move(frame_json), conn,
+                            std::move(done));
+}
+
+push_result push_client::send_event(std::string device, std::string frame_json,
+                                    std::uint64_t conn) {
+    std::promise<push_result> p;
+    auto f = p.get_future();
+    impl_->send_event_async(std::move(device), std::move(frame_json), conn,
+                            [&p](push_result r) { p.set_value(std::move(r)); });
+    return f.get();
+}
 
 void push_client::push_async(push_spec_in spec,
                              std::function<void(push_result)> done) {

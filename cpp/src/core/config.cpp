@@ -48,6 +48,8 @@ void node_config::validate() const {
             "d2d_burst must be between 1 and 1000000");
     require(max_d2d_bytes >= 1 && max_d2d_bytes <= (8u << 20),
             "max_d2d_bytes must be between 1 byte and 8 MiB");
+    require(events_maxlen <= 1000000000,
+            "events_maxlen must be between 0 and 1000000000");
     require(max_message_bytes >= 16 && max_message_bytes <= (64u << 20),
             "max_message_bytes must be between 16 and 64 MiB");
     require(max_push_bytes >= 1 && max_push_bytes <= (8u << 20),

@@ -109,6 +109,20 @@ bool node_impl::deliver_local(io_thread& home, const std::string& device,
     return true;
 }
 
+node_impl::event_target node_impl::deliver_event(
+    io_thread& home, const std::string& device, std::uint64_t conn,
+    std::string frame, std::chrono::milliseconds timeout,
+    local_push_done done) {
+    auto s = table_.find(device);
+    if (!s) return event_target::not_connected;
+    if (conn != 0 && s->id() != conn) return event_target::gone;
+    push_request req;
+    req.frame = std::move(frame);
+    req.timeout = timeout;
+    deliver_to(home, std::move(s), std::move(req), std::move(done));
+    return event_target::queued;
+}
+
 std::string d2d_frame(const d2d_message& m) {
     std::string f;
     f.reserve(48 + m.msg_id.size() + m.from.size() + m.data.size());

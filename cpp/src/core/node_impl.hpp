@@ -72,6 +72,19 @@ public:
     // `within` bounds the write (push_timeout_s otherwise).
     bool deliver_d2d(io_thread& home, const d2d_message& m, d2d_done done,
                      std::optional<std::chrono::milliseconds> within = {});
+
+    // Where an event frame went (deliver_event).
+    enum class event_target { queued, not_connected, gone };
+
+    // Writes `frame` (a complete JSON text frame, sent as it is) to
+    // `device`'s connection here if there is one and, when `conn` is not 0,
+    // it is connection `conn`; `done` then runs on `home` with the outcome.
+    // Otherwise returns not_connected or gone (a newer connection of the
+    // device holds the table) and never calls `done`.
+    event_target deliver_event(io_thread& home, const std::string& device,
+                               std::uint64_t conn, std::string frame,
+                               std::chrono::milliseconds timeout,
+                               local_push_done done);
     bool running() const noexcept { return running_; }
 
     // The io thread for the next accepted socket (round robin).

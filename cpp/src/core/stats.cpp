@@ -28,6 +28,7 @@ constexpr std::string_view reject_names[] = {
     "token_wrong_algorithm", "token_expired",
     "token_no_expiry",
     "token_no_device",    "token_bad_audience",
+    "token_bad_meta",
     "protocol_error",     "invalid_utf8",
     "message_too_big",    "bad_message",
     "pong_timeout",       "token_expired_live",
@@ -71,6 +72,22 @@ static std::uint64_t sum(const std::vector<const counters*>& blocks, F f) {
     std::uint64_t n = 0;
     for (auto* b : blocks) n += f(*b).load(std::memory_order_relaxed);
     return n;
+}
+
+// Appends {"<code>":count,...} for `codes`, each count summed over the
+// blocks from the array `counts(block)` (in the order of `codes`).
+template <std::size_t N, class F>
+static void append_by_code(std::string& s, const int (&codes)[N],
+                           const std::vector<const counters*>& blocks,
+                           F counts) {
+    s += '{';
+    for (std::size_t i = 0; i < N; ++i) {
+        if (i) s += ',';
+        s += '"' + std::to_string(codes[i]) + "\":";
+        s += std::to_string(
+            sum(blocks, [&](auto& b) -> auto& { return counts(b)[i]; }));
+    }
+    s += '}';
 }
 
 // Builds the /v1/stats document. Every push outcome and reject reason is
@@ -122,6 +139,17 @@ std::string stats_json(std::string_view node_id, std::size_t connections,
         s += std::to_string(
             sum(blocks, [i](auto& b) -> auto& { return b.rejects[i]; }));
     }
+    s += "},\"upstream\":{";
+    s += "\"sends\":" + std::to_string(sum(blocks, [](auto& b) -> auto& {
+             return b.sends_received;
+         }));
+    s += ",\"subscriptions\":" +
+         std::to_string(sum(blocks, [](auto& b) -> auto& {
+             return b.subscriptions_received;
+         }));
+    s += ",\"status\":";
+    append_by_code(s, upstream_codes, blocks,
+                   [](auto& b) -> auto& { return b.upstream_status; });
     s += "},\"d2d\":{";
     s += "\"received\":" + std::to_string(sum(blocks, [](auto& b) -> auto& {
              return b.d2d_received;
@@ -132,13 +160,9 @@ std::string stats_json(std::string_view node_id, std::size_t connections,
     s += ",\"delivered\":" + std::to_string(sum(blocks, [](auto& b) -> auto& {
              return b.d2d_delivered;
          }));
-    s += ",\"status\":{";
-    for (std::size_t i = 0; i < d2d_code_count; ++i) {
-        if (i) s += ',';
-        s += '"' + std::to_string(d2d_codes[i]) + "\":";
-        s += std::to_string(
-            sum(blocks, [i](auto& b) -> auto& { return b.d2d_status[i]; }));
-    }
+    s += ",\"status\":";
+    append_by_code(s, d2d_codes, blocks,
+                   [](auto& b) -> auto& { return b.d2d_status; });
     // Percentiles from the summed histograms: each is the upper edge of
     // the bucket where it falls (at most 19% above the true value).
     std::array<std::uint64_t, latency_histogram::bucket_count> h{};
@@ -158,7 +182,7 @@ std::string stats_json(std::string_view node_id, std::size_t connections,
         }
         return latency_histogram::upper_us(h.size() - 1);
     };
-    s += "},\"latency_us\":{\"count\":" + std::to_string(total);
+    s += ",\"latency_us\":{\"count\":" + std::to_string(total);
     s += ",\"p50\":";
     json::append_number(s, percentile(0.50));
     s += ",\"p99\":";

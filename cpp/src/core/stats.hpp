@@ -55,6 +55,7 @@ enum class reject : std::uint8_t {
     token_no_expiry,
     token_no_device,
     token_bad_audience,
+    token_bad_meta,
     protocol_error,       // close 1002
     invalid_utf8,         // close 1007
     message_too_big,      // close 1009
@@ -73,6 +74,11 @@ std::string_view reject_name(reject r) noexcept;
 // order of counters::d2d_status.
 inline constexpr int d2d_codes[] = {200, 400, 403, 404, 413, 429, 503, 504};
 inline constexpr std::size_t d2d_code_count = std::size(d2d_codes);
+
+// Status codes an upstream message (send, subscribe, unsubscribe) can be
+// answered with, in the order of counters::upstream_status.
+inline constexpr int upstream_codes[] = {202, 400, 403, 413, 429, 503};
+inline constexpr std::size_t upstream_code_count = std::size(upstream_codes);
 
 // A latency histogram with four buckets per power of two of microseconds
 // (at most 19% wide), from 1 us to about 17 s. Single writer.
@@ -110,6 +116,13 @@ struct alignas(64) counters {
     std::array<std::atomic<std::uint64_t>, d2d_code_count> d2d_status{};
     latency_histogram d2d_latency;
 
+    // Upstream: send messages and subscribe/unsubscribe messages received
+    // from devices connected here, and the answers sent by code.
+    std::atomic<std::uint64_t> sends_received{0};
+    std::atomic<std::uint64_t> subscriptions_received{0};
+    std::array<std::atomic<std::uint64_t>, upstream_code_count>
+        upstream_status{};
+
     // Single-writer increment: a relaxed load and store, no locked add.
     static void bump(std::atomic<std::uint64_t>& c,
                      std::uint64_t n = 1) noexcept {
@@ -125,6 +138,11 @@ struct alignas(64) counters {
     void count_d2d_status(int code) noexcept {
         for (std::size_t i = 0; i < d2d_code_count; ++i) {
             if (d2d_codes[i] == code) return bump(d2d_status[i]);
+        }
+    }
+    void count_upstream_status(int code) noexcept {
+        for (std::size_t i = 0; i < upstream_code_count; ++i) {
+            if (upstream_codes[i] == code) return bump(upstream_status[i]);
         }
     }
 };

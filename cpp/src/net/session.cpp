@@ -3,6 +3,7 @@
 #include <boost/asio/post.hpp>
 
 #include <algorithm>
+#include <cctype>
 #include <random>
 
 #include "core/logging.hpp"
@@ -79,7 +80,7 @@ session::~session() { timer_wheel::cancel(*this); }
 
 net::io_context& session::context() noexcept { return thread_.ioc; }
 
-void session::start(std::string_view leftover) {
+void session::start(std::string_view leftover, std::string meta) {
     error_code ec;
     socket_.non_blocking(true, ec);
     socket_.set_option(tcp::no_delay(true), ec);
@@ -90,8 +91,9 @@ void session::start(std::string_view leftover) {
     // once a device has its hello, pushes from any node reach it. (When
     // Redis is down the answer comes at once and the record is written
     // when it returns.)
-    f->connected(*this, [self = shared_from_this(),
-                         rest = std::string(leftover)]() mutable {
+    f->connected(*this, std::move(meta),
+                 [self = shared_from_this(),
+                  rest = std::string(leftover)]() mutable {
         net::post(self->context(), [self, rest = std::move(rest)] {
             self->begin(rest);
         });
@@ -306,8 +308,10 @@ void session::handle_text(std::string_view text) {
         }
     } else if (t == "d2d") {
         handle_d2d(text, obj, id_json);
-    } else if (t == "send" || t == "subscribe" || t == "unsubscribe") {
-        send_status(id_json, 503, "not available on this node yet");
+    } else if (t == "send") {
+        handle_send(text, obj, id_json);
+    } else if (t == "subscribe" || t == "unsubscribe") {
+        handle_subscription(t, obj, id_json);
     } else {
         thread_.stats.count(reject::bad_message);
         std::string reason = "unknown message type '";
@@ -381,17 +385,8 @@ void session::handle_d2d(std::string_view text, simdjson::dom::object obj,
     if (to.size() > max_device_bytes) {
         return answer(400, "'to' is longer than 256 bytes");
     }
-    // The data passes through as the device wrote it: find its exact text.
     std::string_view data;
-    simdjson::ondemand::document doc;
-    auto padded = thread_.padded(text);
-    simdjson::ondemand::value v;
-    if (thread_.ondemand.iterate(padded.data(), padded.size(),
-                                 thread_.json_buffer.capacity())
-            .get(doc) ||
-        doc["data"].get(v) || json::raw_text(v, data)) {
-        return answer(400, "d2d needs a field 'data'");
-    }
+    if (!data_text(text, data)) return answer(400, "d2d needs a field 'data'");
     if (data.size() > node_.config().max_d2d_bytes) {
         return answer(413, "'data' is larger than " +
                                std::to_string(node_.config().max_d2d_bytes) +
@@ -419,6 +414,116 @@ void session::handle_d2d(std::string_view text, simdjson::dom::object obj,
                 self->send_status(id, code, why);
             }
         });
+}
+
+// The data passes through as the device wrote it: this finds its exact
+// text, in the thread's padded copy of the message (valid until the next
+// message is parsed).
+bool session::data_text(std::string_view text, std::string_view& data) {
+    simdjson::ondemand::document doc;
+    auto padded = thread_.padded(text);
+    simdjson::ondemand::value v;
+    return !thread_.ondemand
+                .iterate(padded.data(), padded.size(),
+                         thread_.json_buffer.capacity())
+                .get(doc) &&
+           !doc["data"].get(v) && !json::raw_text(v, data);
+}
+
+namespace {
+
+// Whether `to` is "service:NAME" with NAME of 1 to 64 characters from
+// [A-Za-z0-9._-]; `name` then holds NAME.
+bool service_name(std::string_view to, std::string_view& name) {
+    constexpr std::string_view prefix = "service:";
+    if (!to.starts_with(prefix)) return false;
+    name = to.substr(prefix.size());
+    if (name.empty() || name.size() > 64) return false;
+    return std::all_of(name.begin(), name.end(), [](unsigned char c) {
+        return std::isalnum(c) || c == '.' || c == '_' || c == '-';
+    });
+}
+
+}  // namespace
+
+// {"t":"send","id":M,"to":"service:NAME","data":ANY}: checked like a d2d
+// message (fields, size, the shared rate), then appended to the service's
+// stream by the fleet; answered 202 once Redis has it. Needs a fleet on
+// Redis: the embedded registry has no stream to write to.
+void session::handle_send(std::string_view text, simdjson::dom::object obj,
+                          const std::string& id_json) {
+    counters::bump(thread_.stats.sends_received);
+    auto answer = [this, &id_json](int code, std::string_view why) {
+        upstream_status(id_json, code, why);
+    };
+    auto* f = node_.fleet();
+    if (!f) return answer(503, "needs a fleet on Redis");
+    std::string_view id, to, name, data;
+    if (obj["id"].get_string().get(id) || id.empty()) {
+        return answer(400, "send needs a non-empty string 'id'");
+    }
+    if (obj["to"].get_string().get(to) || !service_name(to, name)) {
+        return answer(400, "send needs 'to' as service:NAME, NAME being 1 "
+                           "to 64 of A-Z a-z 0-9 . _ -");
+    }
+    if (!data_text(text, data)) {
+        return answer(400, "send needs a field 'data'");
+    }
+    auto limit = node_.config().max_d2d_bytes;
+    if (data.size() > limit) {
+        return answer(413, "'data' is larger than " + std::to_string(limit) +
+                               " bytes");
+    }
+    if (!take_d2d_token()) return answer(429, "send rate limit");
+
+    upstream_message m{std::string(name), std::string(id), std::string(data)};
+    f->send_upstream(thread_, *this, std::move(m), upstream_answer(id_json));
+}
+
+// {"t":"subscribe"|"unsubscribe","topic":"account.devices"} (optional
+// id): the fleet appends the entry to the events stream, which the
+// device-list service reads; answered 202 once Redis has it. Rate-limited
+// with the d2d bucket, as every device message that writes to Redis is.
+void session::handle_subscription(std::string_view kind,
+                                  simdjson::dom::object obj,
+                                  const std::string& id_json) {
+    counters::bump(thread_.stats.subscriptions_received);
+    auto answer = [this, &id_json](int code, std::string_view why) {
+        upstream_status(id_json, code, why);
+    };
+    auto* f = node_.fleet();
+    if (!f) return answer(503, "needs a fleet on Redis");
+    std::string_view topic;
+    if (obj["topic"].get_string().get(topic) || topic != "account.devices") {
+        return answer(400, std::string(kind) +
+                               " needs 'topic': the only topic is "
+                               "'account.devices'");
+    }
+    if (account_.empty()) {
+        return answer(403, std::string(kind) +
+                               " needs a token with an account (acc)");
+    }
+    if (node_.config().events_maxlen == 0) {
+        return answer(503, "connection events are off on this node");
+    }
+    if (!take_d2d_token()) return answer(429, std::string(kind) + " rate limit");
+    f->subscription(thread_, *this, kind, topic, upstream_answer(id_json));
+}
+
+// Answers an upstream message: counted before the status is written (as
+// for d2d), so a device that has its status sees it in the stats.
+void session::upstream_status(const std::string& id_json, int code,
+                              std::string_view why) {
+    thread_.stats.count_upstream_status(code);
+    send_status(id_json, code, why);
+}
+
+// The fleet's answer to an upstream message, on this session's thread.
+d2d_done session::upstream_answer(const std::string& id_json) {
+    return [self = shared_from_this(), id = id_json](int code,
+                                                     std::string_view why) {
+        self->upstream_status(id, code, why);
+    };
 }
 
 // ---------------------------------------------------------------- writing
@@ -598,9 +703,8 @@ void session::close(std::uint16_t code, std::string_view reason) {
 void session::forget(push_outcome o, std::string_view why) {
     if (registered_) {
         registered_ = false;
-        if (node_.table().remove(device_, this)) {
-            if (auto* f = node_.fleet()) f->disconnected(*this);
-        }
+        bool owner = node_.table().remove(device_, this);
+        if (auto* f = node_.fleet()) f->disconnected(*this, owner);
         counters::bump(thread_.stats.connections_closed);
     }
     auto acks = std::move(acks_);

@@ -25,6 +25,7 @@
 #include "core/timer_wheel.hpp"
 #include "net/push_request.hpp"
 #include "net/ws_codec.hpp"
+#include "routing/d2d.hpp"
 
 namespace pushy {
 
@@ -44,8 +45,10 @@ public:
 
     // Registers the device (superseding an older connection), sends hello
     // and starts reading. `leftover` holds bytes read past the upgrade
-    // request: the first frames, if the client was quick.
-    void start(std::string_view leftover);
+    // request: the first frames, if the client was quick. `meta` (the
+    // token's meta JSON text, empty for none) goes into the connected event
+    // of a fleet; the session does not keep it.
+    void start(std::string_view leftover, std::string meta = {});
 
     // Sends a push and reports its outcome through req.done.
     void deliver(push_request req);
@@ -68,7 +71,22 @@ private:
     // A d2d message from the device (`text` is the whole message).
     void handle_d2d(std::string_view text, simdjson::dom::object obj,
                     const std::string& id_json);
-    // Takes a token from the d2d bucket; false when it is empty.
+    // A send message from the device, upstream to a service.
+    void handle_send(std::string_view text, simdjson::dom::object obj,
+                     const std::string& id_json);
+    // A subscribe or unsubscribe message (`kind` is its `t`).
+    void handle_subscription(std::string_view kind, simdjson::dom::object obj,
+                             const std::string& id_json);
+    // Counts and writes the status answering an upstream message, now or
+    // (upstream_answer) when the fleet has the outcome.
+    void upstream_status(const std::string& id_json, int code,
+                         std::string_view why);
+    d2d_done upstream_answer(const std::string& id_json);
+    // Finds the exact text of the message's `data` (`text` is the whole
+    // message); false when it has none.
+    bool data_text(std::string_view text, std::string_view& data);
+    // Takes a token from the d2d bucket (d2d and upstream messages share
+    // it); false when it is empty.
     bool take_d2d_token();
     struct write_waiter {
         std::uint64_t end;  // byte count at which the frame is written

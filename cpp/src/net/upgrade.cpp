@@ -41,6 +41,7 @@ reject reject_for(auth::token_error e) {
         case token_error::no_expiry: return reject::token_no_expiry;
         case token_error::no_device:
         case token_error::long_device: return reject::token_no_device;
+        case token_error::bad_meta: return reject::token_bad_meta;
         default: return reject::token_bad_audience;
     }
 }
@@ -231,9 +232,11 @@ private:
         auto data = buffer_.data();
         std::string_view leftover(static_cast<const char*>(data.data()),
                                   data.size());
+        // The meta claim goes to the connected event, not into the session.
+        auto meta = std::move(claims_.meta);
         auto s = std::make_shared<session>(
             node_, thread_, stream_.release_socket(), std::move(claims_));
-        s->start(leftover);
+        s->start(leftover, std::move(meta));
     }
 
     // Answers an error and closes. Each refusal is counted by reason; a

@@ -39,6 +39,30 @@ void bump(std::atomic<std::uint64_t>& a) {
     a.fetch_add(1, std::memory_order_relaxed);
 }
 
+// Wraps `done` so that it runs on `caller`, wherever it is called.
+d2d_done on_thread(io_thread& caller, d2d_done done) {
+    return [&caller, done = std::move(done)](int code, std::string_view why) {
+        net::post(caller.ioc, [code, why = std::string(why), done] {
+            done(code, why);
+        });
+    };
+}
+
+// The fields every entry a connection writes carries, taken on the
+// session's thread when it happened: device, account, connection number
+// and time (ms since the epoch), as stream field values.
+struct entry_source {
+    std::string device;
+    std::string account;
+    std::string conn;
+    std::string time;
+};
+
+entry_source source_of(const session& s) {
+    return {s.device(), s.account(), std::to_string(s.id()),
+            std::to_string(peer::wall_ms())};
+}
+
 }  // namespace
 
 struct fleet::impl {
@@ -75,6 +99,55 @@ struct fleet::impl {
     std::atomic<std::uint64_t> auth_hits{0};
     std::atomic<std::uint64_t> auth_misses{0};
     std::atomic<std::uint64_t> auth_store_calls{0};
+    std::atomic<std::uint64_t> events_written{0};
+    std::atomic<std::uint64_t> events_dropped{0};
+    std::atomic<std::uint64_t> events_sent{0};
+
+    // events_maxlen as XADD's MAXLEN argument; "0": no events, and service
+    // streams are not trimmed.
+    std::string maxlen = std::to_string(node.config().events_maxlen);
+    std::string events_key = node.config().redis_prefix + "events";
+
+    // Appends an entry of `fields` (names and values) to stream `key`,
+    // trimmed to about events_maxlen entries (the `~`: Redis trims whole
+    // nodes only, which is cheap). done(true) once Redis has it; false
+    // without a reply or with an error. Home thread.
+    void xadd(const std::string& key, std::vector<std::string_view> fields,
+              std::function<void(bool)> done) {
+        std::vector<std::string_view> argv{"XADD", key};
+        if (maxlen != "0") argv.insert(argv.end(), {"MAXLEN", "~", maxlen});
+        argv.push_back("*");
+        argv.insert(argv.end(), fields.begin(), fields.end());
+        redis->command(argv, [done = std::move(done)](redisReply* r) {
+            done(r && !redis::reply_is_error(r));
+        });
+    }
+
+    // Appends a connection event of `kind` from `src` to the events
+    // stream, with one more field (`meta` or `topic`) when `extra_name` is
+    // not empty; counted written or dropped. Without events
+    // (events_maxlen 0) it writes nothing and answers false. done(ok) on
+    // the home thread. Entries of one connection are sent from here in
+    // the order they happened, and Redis applies them in that order.
+    void add_event(std::string_view kind, const entry_source& src,
+                   std::string_view extra_name, std::string_view extra_value,
+                   std::function<void(bool)> done = {}) {
+        if (maxlen == "0") {
+            if (done) done(false);
+            return;
+        }
+        std::vector<std::string_view> fields{
+            "kind", kind,     "device", src.device, "account", src.account,
+            "node", node.node_id(), "conn", src.conn, "time", src.time};
+        if (!extra_name.empty()) {
+            fields.insert(fields.end(), {extra_name, extra_value});
+        }
+        xadd(events_key, std::move(fields),
+             [this, done = std::move(done)](bool ok) {
+                 bump(ok ? events_written : events_dropped);
+                 if (done) done(ok);
+             });
+    }
 
     // (sender, target) -> allowed, for targets of another account. Home
     // thread only.
@@ -278,6 +351,9 @@ private:
         if (req.what == peer::kind::d2d) {
             return handle_d2d(std::move(req), left);
         }
+        if (req.what == peer::kind::event) {
+            return handle_event(std::move(req), left);
+        }
         bump(fleet_.peer_pushes);
         if (req.data.size() > node_.config().max_push_bytes) {
             thread_.stats.count(push_outcome::too_large);
@@ -286,14 +362,10 @@ private:
                               std::to_string(node_.config().max_push_bytes) +
                               " bytes");
         }
-        auto timeout = milliseconds(
-            req.timeout_ms ? req.timeout_ms
-                           : static_cast<std::uint32_t>(
-                                 node_.config().push_timeout_s * 1000));
-        if (left && *left < timeout) timeout = *left;
         auto id = req.id;
         bool here = node_.deliver_local(
-            thread_, req.device, req.data, req.from, req.want_ack, timeout,
+            thread_, req.device, req.data, req.from, req.want_ack,
+            timeout_of(req, left),
             [self = shared_from_this(), id](push_outcome o,
                                             std::uint64_t push_id,
                                             std::string_view reason) {
@@ -312,6 +384,62 @@ private:
             thread_.stats.count(push_outcome::not_connected);
             answer(id, push_outcome::not_connected, "device is not connected");
         }
+    }
+
+    // How long a push or event may wait to be written (or acked): the
+    // request's timeout (the node's push_timeout_s when 0), at most the
+    // time `left` before the sender gives up.
+    milliseconds timeout_of(const peer::request& req,
+                            std::optional<milliseconds> left) const {
+        auto timeout = milliseconds(
+            req.timeout_ms ? req.timeout_ms
+                           : static_cast<std::uint32_t>(
+                                 node_.config().push_timeout_s * 1000));
+        if (left && *left < timeout) timeout = *left;
+        return timeout;
+    }
+
+    // An event frame for a device connected here (from the device-list
+    // service, through a push client): written as it is once it proved a
+    // JSON object with "t":"event", to connection `conn` only when that is
+    // not 0. Answered like a push but not counted as one: events_sent
+    // counts the frames written.
+    void handle_event(peer::request req, std::optional<milliseconds> left) {
+        if (!is_event_frame(req.data)) {
+            return answer(req.id, push_outcome::bad_request,
+                          "an event must be a JSON object with "
+                          "\"t\":\"event\"");
+        }
+        auto id = req.id;
+        auto where = node_.deliver_event(
+            thread_, req.device, req.conn, std::move(req.data),
+            timeout_of(req, left),
+            [self = shared_from_this(), id](push_outcome o, std::uint64_t,
+                                            std::string_view reason) {
+                if (o == push_outcome::delivered) {
+                    bump(self->fleet_.events_sent);
+                }
+                self->answer(id, o, std::string(reason));
+            });
+        if (where == node_impl::event_target::not_connected) {
+            answer(id, push_outcome::not_connected, "device is not connected");
+        } else if (where == node_impl::event_target::gone) {
+            answer(id, push_outcome::not_connected, "connection is gone");
+        }
+    }
+
+    // Whether `text` is a JSON object whose "t" is "event". The sender
+    // checks it too; a node still never writes a device what is not a
+    // frame of the protocol.
+    bool is_event_frame(std::string_view text) {
+        auto padded = thread_.padded(text);
+        simdjson::dom::element doc;
+        simdjson::dom::object obj;
+        std::string_view t;
+        return !thread_.dom.parse(padded.data(), padded.size(), false)
+                    .get(doc) &&
+               !doc.get_object().get(obj) && !obj["t"].get_string().get(t) &&
+               t == "event";
     }
 
     // Answers a request that arrived after its deadline (this node was
@@ -484,16 +612,25 @@ void fleet::stop() {
     done->get_future().wait_for(std::chrono::seconds(3));
 }
 
-void fleet::connected(const session& s, std::function<void()> registered) {
+void fleet::connected(const session& s, std::string meta,
+                      std::function<void()> registered) {
     auto& f = *impl_;
     auto rec = f.record_of(s, address_);
-    net::post(f.home.ioc, [&f, device = s.device(), rec = std::move(rec),
+    net::post(f.home.ioc, [&f, src = source_of(s), rec = std::move(rec),
+                           meta = std::move(meta),
                            registered = std::move(registered)]() mutable {
         if (!f.store) return registered();
+        auto device = src.device;  // not src.device: src moves below
         f.store->put(device, rec, f.ttl,
-                     [&f, device, self = rec.node,
-                      registered = std::move(registered)](
+                     [&f, src = std::move(src), meta = std::move(meta),
+                      self = rec.node, registered = std::move(registered)](
                          registry::found found, registry::record old) {
+                         // Sent here, after the record is written (even
+                         // when the put had to load its script again), and
+                         // before the session starts: its later entries
+                         // follow this one.
+                         f.add_event("connected", src, "meta",
+                                     meta.empty() ? "{}" : meta);
                          registered();
                          if (found == registry::found::unavailable) {
                              // Written again when Redis returns.
@@ -505,19 +642,54 @@ void fleet::connected(const session& s, std::function<void()> registered) {
                              // The device was connected to another node:
                              // that connection is the older one.
                              bump(f.kicks_sent);
-                             f.router->kick(old.peer, device, old.conn);
+                             f.router->kick(old.peer, src.device, old.conn);
                          }
                      });
     });
 }
 
-void fleet::disconnected(const session& s) {
+void fleet::disconnected(const session& s, bool owner) {
     auto& f = *impl_;
     auto rec = f.record_of(s, address_);
-    net::post(f.home.ioc, [&f, device = s.device(), rec = std::move(rec)] {
+    net::post(f.home.ioc, [&f, src = source_of(s), rec = std::move(rec),
+                           owner] {
         if (!f.store) return;
-        bump(f.unregistered);
-        f.store->remove(device, rec);
+        if (owner) {
+            bump(f.unregistered);
+            f.store->remove(src.device, rec);
+        }
+        f.add_event("disconnected", src, {}, {});
+    });
+}
+
+void fleet::send_upstream(io_thread& caller, const session& s,
+                          upstream_message m, d2d_done done) {
+    auto& f = *impl_;
+    net::post(f.home.ioc, [&f, src = source_of(s), m = std::move(m),
+                           answer = on_thread(caller, std::move(done))] {
+        auto key = f.node.config().redis_prefix + "svc:" + m.service;
+        f.xadd(key,
+               {"id", m.msg_id, "from", src.device, "account", src.account,
+                "node", f.node.node_id(), "conn", src.conn, "time", src.time,
+                "data", m.data},
+               [answer](bool ok) {
+                   if (ok) return answer(202, {});
+                   answer(503, "registry unavailable");
+               });
+    });
+}
+
+void fleet::subscription(io_thread& caller, const session& s,
+                         std::string_view kind, std::string_view topic,
+                         d2d_done done) {
+    auto& f = *impl_;
+    net::post(f.home.ioc, [&f, src = source_of(s), kind = std::string(kind),
+                           topic = std::string(topic),
+                           answer = on_thread(caller, std::move(done))] {
+        f.add_event(kind, src, "topic", topic, [answer](bool ok) {
+            if (ok) return answer(202, {});
+            answer(503, "registry unavailable");
+        });
     });
 }
 
@@ -555,12 +727,7 @@ void fleet::allowed(io_thread& caller, const std::string& sender,
 void fleet::d2d(io_thread& caller, d2d_message m, d2d_done done) {
     auto& f = *impl_;
     // Every answer goes back to the sender's thread.
-    auto answer = [&caller, done = std::move(done)](int code,
-                                                    std::string_view why) {
-        net::post(caller.ioc, [code, why = std::string(why), done] {
-            done(code, why);
-        });
-    };
+    auto answer = on_thread(caller, std::move(done));
     net::post(f.home.ioc, [&f, m = std::move(m), answer]() mutable {
         std::string to = m.to;  // not m.to: m moves into the handler
         f.router->resolve(to, [&f, m = std::move(m), answer](
@@ -628,6 +795,9 @@ std::string fleet::stats_json() const {
           f.router ? load(f.router->cache().misses) : 0);
     field("auth_cache_hits", load(f.auth_hits));
     field("auth_cache_misses", load(f.auth_misses));
+    field("events_written", load(f.events_written));
+    field("events_dropped", load(f.events_dropped));
+    field("events_sent", load(f.events_sent));
     field("store_calls",
           load(f.auth_store_calls) +
               (f.router ? load(f.router->resolve_lookups) : 0));

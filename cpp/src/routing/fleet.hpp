@@ -14,6 +14,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <string_view>
 
 #include "core/io_thread.hpp"
 #include "routing/d2d.hpp"
@@ -23,6 +24,14 @@ namespace pushy {
 
 class node_impl;
 class session;
+
+// A device's message to a service (DESIGN section 3), checked by the
+// session.
+struct upstream_message {
+    std::string service;  // NAME of "service:NAME"
+    std::string msg_id;   // the device's id, a string
+    std::string data;     // validated JSON text, passed through
+};
 
 class fleet {
 public:
@@ -42,12 +51,30 @@ public:
     std::uint16_t peer_port() const noexcept;
     const std::string& peer_address() const noexcept { return address_; }
 
-    // A device connected to this node (any io thread): writes its record;
+    // A device connected to this node (any io thread): writes its record,
+    // then its `connected` event carrying `meta` (the token's meta JSON
+    // text, empty for none), which is dropped once the event is queued;
     // `registered` then runs on the home thread, whatever the outcome.
-    void connected(const session& s, std::function<void()> registered);
-    // A device left this node (any io thread): deletes its record if the
-    // connection still owns it.
-    void disconnected(const session& s);
+    void connected(const session& s, std::string meta,
+                   std::function<void()> registered);
+    // A device left this node (any io thread): deletes its record if
+    // `owner` (the connection was still the table's entry for the device)
+    // and the connection still owns it, then writes its `disconnected`
+    // event.
+    void disconnected(const session& s, bool owner);
+
+    // Appends a device's upstream message to the service's stream,
+    // {prefix}svc:<service>. `done` runs on `caller`: 202 once Redis has
+    // it, 503 otherwise.
+    void send_upstream(io_thread& caller, const session& s,
+                       upstream_message m, d2d_done done);
+
+    // Appends a `subscribe` or `unsubscribe` entry (`kind`) for `topic` to
+    // the events stream. `done` runs on `caller`: 202 once Redis has it,
+    // 503 otherwise.
+    void subscription(io_thread& caller, const session& s,
+                      std::string_view kind, std::string_view topic,
+                      d2d_done done);
 
     // Routes a push for a device that is not connected here. `done` runs on
     // `caller` with the answer (any code, with the name of the node that

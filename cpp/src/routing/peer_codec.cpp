@@ -135,7 +135,7 @@ frame_reader::result frame_reader::next(request& req, reply& rep) {
                   a[5].type == msgpack::type::BOOLEAN &&
                   get_uint(a[6], req.timeout_ms) && get_str(a[7], req.from) &&
                   get_uint(a[8], req.conn) && get_str(a[9], req.account) &&
-                  get_str(a[10], req.msg_id) && k >= 1 && k <= 3 &&
+                  get_str(a[10], req.msg_id) && k >= 1 && k <= 4 &&
                   (size < 12 || get_uint(a[11], req.deadline_ms));
         if (ok) {
             req.want_ack = a[5].via.boolean;

@@ -25,6 +25,8 @@ enum class kind : std::uint8_t {
     push = 1,  // deliver a push to a device connected to the receiver
     kick = 2,  // close the device's connection `conn` with 4001
     d2d = 3,   // a device-to-device message for `device`, from `from`
+    event = 4, // an event frame (`data`, sent as it is) for `device`'s
+               // connection `conn` (0: whichever is connected)
 };
 
 struct request {
