@@ -13,6 +13,7 @@ from . import errors
 from .cluster import Cluster
 from .config import NodeConfig
 from .device import DeviceClient
+from .devicelist import DeviceListService
 from .errors import (
     ConfigError,
     ConnectError,
@@ -33,6 +34,7 @@ __all__ = [
     "ConnectError",
     "ConnectionClosed",
     "DeviceClient",
+    "DeviceListService",
     "MessageProcessor",
     "Node",
     "NodeConfig",
