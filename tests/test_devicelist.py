@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -458,7 +459,9 @@ async def test_a_restarted_service_resumes_where_it_stopped(
 async def test_entries_read_but_not_acked_before_a_crash_are_handled_on_restart(
     service: Any, stream: Stream, inbox: Inbox, redis_server: RedisServer
 ) -> None:
-    redis_server.command("XGROUP", "CREATE", f"{P}events", "devicelist", "0", "MKSTREAM")
+    redis_server.command(
+        "XGROUP", "CREATE", f"{P}events", "devicelist", "0", "MKSTREAM"
+    )
     stream.add("subscribe", "phone", conn=1)
     stream.add("connected", "tv", conn=2)
     # Consumer c1 read them and died before acknowledging them.
@@ -477,7 +480,9 @@ async def test_entries_read_but_not_acked_before_a_crash_are_handled_on_restart(
 async def test_entries_of_a_dead_consumer_are_claimed(
     service: Any, stream: Stream, inbox: Inbox, redis_server: RedisServer
 ) -> None:
-    redis_server.command("XGROUP", "CREATE", f"{P}events", "devicelist", "0", "MKSTREAM")
+    redis_server.command(
+        "XGROUP", "CREATE", f"{P}events", "devicelist", "0", "MKSTREAM"
+    )
     stream.add("subscribe", "phone", conn=1)
     stream.add("connected", "tv", conn=2)
     redis_server.command(
@@ -575,11 +580,15 @@ async def test_redis_restarting_empty_the_group_comes_back_and_lists_are_rebuilt
     redis_server.kill()
     redis_server.start()  # empty
     # The nodes register their live devices again when their link is up.
-    redis_server.command("SET", f"{P}dev:{{tv}}", "n1\t127.0.0.1:1\t2\t1700000000\thome")
+    redis_server.command(
+        "SET", f"{P}dev:{{tv}}", "n1\t127.0.0.1:1\t2\t1700000000\thome"
+    )
     redis_server.command("SET", f"{P}dev:{{solo}}", "n1\t127.0.0.1:1\t3\t1700000000\t")
     redis_server.command("SET", f"{P}node:n1", "127.0.0.1:1")
 
-    await async_wait_until(lambda: svc.stats()["devices_rebuilt"] >= 1, timeout=scaled(10))
+    await async_wait_until(
+        lambda: svc.stats()["devices_rebuilt"] >= 1, timeout=scaled(10)
+    )
     listed = await svc.devices("home")
     assert [(d["device"], d["conn"], d["since"], d["meta"]) for d in listed] == [
         ("tv", 2, 1700000000000, {})
@@ -653,3 +662,51 @@ def test_the_service_runs_in_a_thread_of_its_own(
             svc.start_thread()
     assert not svc.running
     assert "c1" not in repr(svc) and "stopped" in repr(svc)
+
+
+# The command line.
+
+
+def test_pushy_devicelist_lists_devices_and_stops_on_sigterm(
+    redis_server: RedisServer, stream: Stream
+) -> None:
+    from pushy.testing import wait_until
+    from pushy_cli import PushyProcess
+
+    cli = PushyProcess(
+        "devicelist", "--redis", redis_server.url, "--prefix", P,
+        "--consumer", "cli-1", "--sweep-s", str(scaled(SWEEP_S)),
+    )  # fmt: skip
+    try:
+        line = cli.wait_line(
+            r"pushy: devicelist consumer (\S+) of group (\S+)", scaled(30)
+        )
+        assert line.groups() == ("cli-1", "devicelist")
+        stream.add("connected", "tv", conn=3, meta={"room": "den"})
+        listed = wait_until(lambda: online_devices(redis_server.url, "home"))
+        assert [(d["device"], d["meta"]) for d in listed] == [("tv", {"room": "den"})]
+        code = cli.finish(signal.SIGTERM)
+    finally:
+        cli.close()
+    assert code == 0, cli.output
+    assert "pushy: devicelist stopped" in "".join(cli.stdout)
+    assert pending(redis_server) == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "--redis is required"),
+        (["--redis", "http://x"], "redis must be a redis:// URL"),
+        (["--redis", "redis://127.0.0.1:1", "--sweep-s", "0"], "sweep_s must be"),
+    ],
+)
+def test_pushy_devicelist_with_bad_options_exits_2(
+    args: list[str], message: str
+) -> None:
+    from pushy_cli import run_pushy
+
+    proc = run_pushy("devicelist", *args)
+
+    assert proc.returncode == 2, proc.stderr
+    assert "pushy: error:" in proc.stderr and message in proc.stderr, proc.stderr

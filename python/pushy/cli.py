@@ -9,7 +9,7 @@ command                does
 ``pushy demo``         run a node with simulated devices and show pushes
 ``pushy cluster``      run N nodes on one device port and one Redis registry
 ``pushy processor``    run a message processor of the queue in the foreground
-``pushy devicelist``   (not available yet)
+``pushy devicelist``   run the device-list service until SIGINT/SIGTERM
 ``pushy bench``        run a benchmark (``pushy bench push``)
 =====================  =====================================================
 
@@ -52,9 +52,6 @@ LOG_LEVELS: dict[str, int] = {
     "off": logging.CRITICAL + 10,
 }
 
-_NOT_YET = {
-    "devicelist": "run the device-list service",
-}
 
 # serve options: flag, field, type, help. Defaults come from NodeConfig.
 # One entry per NodeConfig field but public_key (--public-key-file),
@@ -91,7 +88,6 @@ _SERVE_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--d2d-burst", "d2d_burst", int, "d2d token bucket size [200]"),
     ("--max-d2d-bytes", "max_d2d_bytes", int, "largest d2d data [16384]"),
     ("--route-cache-ttl-s", "route_cache_ttl_s", float, "trust a route this long [10]"),
-    ("--events-maxlen", "events_maxlen", int, "~N stream entries, 0 off [1000000]"),
 ]
 
 
@@ -205,12 +201,6 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument(
         "--private-key-file", metavar="PEM", help="PEM private key file for RS256/ES256"
     )
-    token.add_argument(
-        "--meta",
-        metavar="JSON",
-        help="meta claim: a JSON object of at most 1024 bytes, carried in the "
-        "device's connection events",
-    )
     token.set_defaults(func=_token)
 
     push = commands.add_parser(
@@ -321,13 +311,51 @@ def build_parser() -> argparse.ArgumentParser:
     _add_log_level(processor)
     processor.set_defaults(func=_processor)
 
-    for name, text in _NOT_YET.items():
-        sub = commands.add_parser(
-            name,
-            help=f"{text} (not available yet)",
-            description=f"{text} (not available yet)",
-        )
-        sub.set_defaults(func=_not_yet)
+    devicelist = commands.add_parser(
+        "devicelist",
+        help="run the device-list service",
+        description="Run the device-list service in the foreground until "
+        "SIGINT or SIGTERM: it reads the nodes' connection events from Redis "
+        "(consumer group GROUP), keeps each account's online devices there and "
+        "tells subscribed devices when another device of their account comes "
+        "online or goes offline.",
+    )
+    devicelist.add_argument(
+        "--redis",
+        metavar="URL",
+        default=os.environ.get("PUSHY_REDIS") or None,
+        help="Redis URL of the fleet [PUSHY_REDIS]",
+    )
+    devicelist.add_argument(
+        "--redis-prefix",
+        "--prefix",
+        dest="redis_prefix",
+        metavar="P",
+        default=os.environ.get("PUSHY_REDIS_PREFIX", "pushy:"),
+        help="prefix of the fleet's keys [PUSHY_REDIS_PREFIX or pushy:]",
+    )
+    devicelist.add_argument(
+        "--group", default="devicelist", help="consumer group [devicelist]"
+    )
+    devicelist.add_argument(
+        "--consumer", help="consumer name, one per running service [HOST-PID]"
+    )
+    devicelist.add_argument(
+        "--sweep-s",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="seconds between sweeps for gone nodes [5]",
+    )
+    devicelist.add_argument(
+        "--claim-s",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="claim entries pending this long with another consumer [30]",
+    )
+    _add_log_level(devicelist)
+    devicelist.set_defaults(func=_devicelist)
     return parser
 
 
@@ -339,8 +367,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if args.command in _NOT_YET:
-        return _not_yet(args)
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
@@ -398,12 +424,6 @@ def _token(args: argparse.Namespace) -> int:
         return _fail("--secret is required (or set PUSHY_SECRET)")
     if args.ttl <= 0:
         return _fail(f"--ttl must be a positive number of seconds, got {args.ttl:g}")
-    meta = None
-    if args.meta is not None:
-        try:
-            meta = json.loads(args.meta)
-        except ValueError as exc:
-            return _fail(f"--meta must be a JSON object: {exc}")
     if private_key is None:
         _warn_short_secret(args.algorithm, args.secret)
     with warnings.catch_warnings():
@@ -417,7 +437,6 @@ def _token(args: argparse.Namespace) -> int:
             algorithm=args.algorithm,
             audience=args.audience,
             private_key=private_key,
-            meta=meta,
         )
     print(token)
     return 0
@@ -577,8 +596,42 @@ def _processor(args: argparse.Namespace) -> int:
     return 0
 
 
-def _not_yet(args: argparse.Namespace) -> int:
-    return _fail(f"'{args.command}' is not available yet")
+def _devicelist(args: argparse.Namespace) -> int:
+    from .devicelist import DeviceListService
+    from .push import _redacted
+
+    _setup_logging(args.log_level)
+    if not args.redis:
+        return _fail("--redis is required (or set PUSHY_REDIS)")
+    service = DeviceListService(
+        args.redis,
+        prefix=args.redis_prefix,
+        group=args.group,
+        consumer=args.consumer,
+        sweep_s=args.sweep_s,
+        claim_s=args.claim_s,
+    )
+    stop = threading.Event()
+    restore = _on_signals(lambda: stop.set())
+    try:
+        try:
+            service.start_thread()
+        except PushyError as exc:
+            return _fail(str(exc), code=1)
+        print(
+            f"pushy: devicelist consumer {service.consumer} of group "
+            f"{service.group} on {_redacted(args.redis)}, stream "
+            f"{args.redis_prefix}events",
+            flush=True,
+        )
+        while not stop.wait(0.5):
+            if not service.running:
+                return _fail("the device-list service stopped unexpectedly", code=1)
+    finally:
+        service.stop_thread()
+        restore()
+    print("pushy: devicelist stopped", flush=True)
+    return 0
 
 
 # Helpers.
