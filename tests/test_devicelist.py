@@ -259,20 +259,21 @@ async def test_a_disconnected_subscriber_is_no_longer_told(
 # Connections that move between nodes.
 
 
+@pytest.mark.parametrize("new_node", ["n1", "n2"])
 @pytest.mark.parametrize("order", ["connected_first", "disconnected_first"])
-async def test_the_old_connection_of_a_moved_device_does_not_unlist_it(
-    service: Any, stream: Stream, inbox: Inbox, order: str
+async def test_the_old_connection_of_a_reconnected_device_does_not_unlist_it(
+    service: Any, stream: Stream, inbox: Inbox, order: str, new_node: str
 ) -> None:
     svc = await service()
     stream.add("subscribe", "phone", node="n2", conn=1)
     stream.add("connected", "tv", node="n1", conn=5)
     if order == "connected_first":
-        stream.add("connected", "tv", node="n2", conn=8)
+        stream.add("connected", "tv", node=new_node, conn=8)
         stream.add("disconnected", "tv", node="n1", conn=5)
         expected = [("device_list", []), ("device_online", "tv")]
     else:
         stream.add("disconnected", "tv", node="n1", conn=5)
-        stream.add("connected", "tv", node="n2", conn=8)
+        stream.add("connected", "tv", node=new_node, conn=8)
         expected = [
             ("device_list", []),
             ("device_online", "tv"),
@@ -282,9 +283,38 @@ async def test_the_old_connection_of_a_moved_device_does_not_unlist_it(
     await handled(svc, 4)
 
     (tv,) = await svc.devices("home")
-    assert (tv["node"], tv["conn"]) == ("n2", 8)
+    assert (tv["node"], tv["conn"]) == (new_node, 8)
     assert inbox.kinds("phone") == expected
-    assert json.loads(json.dumps(svc.stats()))["deliveries_failed"] == 0
+    assert svc.stats()["deliveries_failed"] == 0
+    for node in ("n1", "n2"):
+        expected_members = ["home\ttv"] if node == new_node else []
+        assert redis_members(stream.redis, f"{P}dl:node:{node}") == expected_members
+
+
+def redis_members(redis: RedisServer, key: str) -> list[str]:
+    return sorted(redis.command("SMEMBERS", key))
+
+
+async def test_a_redelivered_entry_never_tells_a_device_about_itself(
+    service: Any, stream: Stream, inbox: Inbox, redis_server: RedisServer
+) -> None:
+    first = await service()
+    stream.add("connected", "phone", conn=1)
+    stream.add("subscribe", "phone", conn=1)
+    await handled(first, 2)
+    await first.stop()
+    # The phone's connected again, read by c1, which died before its XACK
+    # (as when another consumer handled the subscribe meanwhile).
+    stream.add("connected", "phone", conn=1)
+    stream.add("connected", "tv", conn=2)
+    redis_server.command(
+        "XREADGROUP", "GROUP", "devicelist", "c1", "STREAMS", f"{P}events", ">"
+    )
+
+    second = await service()
+    await handled(second, 2)
+
+    assert inbox.kinds("phone") == [("device_list", []), ("device_online", "tv")]
 
 
 async def test_a_reconnection_with_new_meta_is_announced_again(
@@ -475,6 +505,48 @@ async def test_entries_read_but_not_acked_before_a_crash_are_handled_on_restart(
 
     assert inbox.kinds("phone") == [("device_list", []), ("device_online", "tv")]
     assert pending(redis_server) == 0
+
+
+async def test_an_entry_applied_but_not_acked_before_a_crash_still_sends_its_event(
+    service: Any, stream: Stream, inbox: Inbox, redis_server: RedisServer
+) -> None:
+    first = await service()
+    stream.add("subscribe", "phone", conn=1)
+    await handled(first, 1)
+    await first.stop()
+    stream.add("connected", "tv", conn=2, at=1000)
+    redis_server.command(
+        "XREADGROUP", "GROUP", "devicelist", "c1", "STREAMS", f"{P}events", ">"
+    )
+    # c1 listed the TV, then died before telling the phone and acking.
+    record = {"node": "n1", "conn": 2, "since": 1000, "meta": {}}
+    redis_server.command("HSET", f"{P}acct:{{home}}:devices", "tv", json.dumps(record))
+
+    second = await service(consumer="c1")
+    await handled(second, 1)
+
+    assert inbox.kinds("phone") == [("device_list", []), ("device_online", "tv")]
+
+
+async def test_a_disconnect_applied_but_not_acked_before_a_crash_still_sends_offline(
+    service: Any, stream: Stream, inbox: Inbox, redis_server: RedisServer
+) -> None:
+    first = await service()
+    stream.add("subscribe", "phone", conn=1)
+    stream.add("connected", "tv", conn=2)
+    await handled(first, 2)
+    await first.stop()
+    stream.add("disconnected", "tv", conn=2)
+    redis_server.command(
+        "XREADGROUP", "GROUP", "devicelist", "c1", "STREAMS", f"{P}events", ">"
+    )
+    # c1 unlisted the TV, then died before telling the phone and acking.
+    redis_server.command("HDEL", f"{P}acct:{{home}}:devices", "tv")
+
+    second = await service(consumer="c1")
+    await handled(second, 1)
+
+    assert inbox.kinds("phone")[-1] == ("device_offline", "tv")
 
 
 async def test_entries_of_a_dead_consumer_are_claimed(
@@ -710,3 +782,134 @@ def test_pushy_devicelist_with_bad_options_exits_2(
 
     assert proc.returncode == 2, proc.stderr
     assert "pushy: error:" in proc.stderr and message in proc.stderr, proc.stderr
+
+
+# End to end: real nodes, real devices, events sent through the fleet.
+
+needs_events = pytest.mark.skipif(
+    not hasattr(pushy.PushClient, "asend_event"),
+    reason="this engine has no event frames (PushClient.asend_event)",
+)
+
+
+async def next_not_pong(device: pushy.DeviceClient) -> dict[str, Any]:
+    return await device.receive(timeout=scaled(5))
+
+
+async def subscribed(device: pushy.DeviceClient) -> list[str]:
+    """Subscribe ``device``; return the devices of the ``device_list`` it gets."""
+    await device.subscribe()
+    status = await device.wait_for("status", timeout=scaled(5))
+    assert status["code"] == 202, status
+    listed = await device.wait_for("event", kind="device_list", timeout=scaled(10))
+    return [d["device"] for d in listed["devices"]]
+
+
+@needs_events
+async def test_end_to_end_online_offline_across_nodes_and_a_service_restart(
+    redis_server: RedisServer, fleet: Callable[..., pushy.Node]
+) -> None:
+    from pushy.testing import token_for
+
+    node_a, node_b = fleet("node-a"), fleet("node-b")
+    svc = DeviceListService(redis_server.url, consumer="dl-e2e", block_s=scaled(0.2))
+    await svc.start()
+    phone = pushy.DeviceClient(node_a.url, token_for("phone", "home"))
+    stranger = pushy.DeviceClient(node_b.url, token_for("stranger", "elsewhere"))
+    tv = pushy.DeviceClient(
+        node_b.url, token_for("tv", "home", claims={"meta": {"room": "den"}})
+    )
+    try:
+        await phone.connect()
+        await stranger.connect()
+        assert await subscribed(phone) == []
+        assert await subscribed(stranger) == []
+
+        await tv.connect()
+        online = await phone.wait_for("event", kind="device_online", timeout=scaled(10))
+        assert online == {
+            "t": "event",
+            "kind": "device_online",
+            "device": "tv",
+            "meta": {"room": "den"},
+        }
+        listed = await svc.devices("home")
+        assert [(d["device"], d["node"]) for d in listed] == [
+            ("phone", "node-a"),
+            ("tv", "node-b"),
+        ]
+
+        # The service is down while the TV leaves; restarted, it misses
+        # nothing.
+        await svc.stop()
+        await tv.close()
+        svc = DeviceListService(
+            redis_server.url, consumer="dl-e2e", block_s=scaled(0.2)
+        )
+        await svc.start()
+        offline = await phone.wait_for(
+            "event", kind="device_offline", timeout=scaled(10)
+        )
+        assert offline == {
+            "t": "event",
+            "kind": "device_offline",
+            "device": "tv",
+            "meta": {},
+        }
+        assert [d["device"] for d in await svc.devices("home")] == ["phone"]
+
+        # The stranger heard nothing of home: the next thing it gets is this.
+        async with pushy.PushClient(redis=redis_server.url) as client:
+            result = await client.apush("stranger", {"marker": 1})
+        assert result.code == 200, result
+        assert (await next_not_pong(stranger))["data"] == {"marker": 1}
+        # Nor did the phone hear of itself.
+        assert svc.stats()["deliveries_failed"] == 0
+    finally:
+        for device in (phone, stranger, tv):
+            await device.close()
+        await svc.stop()
+
+
+@needs_events
+async def test_end_to_end_devices_of_a_killed_node_go_offline(
+    redis_server: RedisServer,
+    fleet: Callable[..., pushy.Node],
+    cluster_factory: Callable[..., pushy.Cluster],
+) -> None:
+    from pushy.testing import token_for
+
+    node_a = fleet("node-a")
+    cluster = cluster_factory(1, redis=redis_server.url, registry_ttl_s=2)
+    svc = DeviceListService(
+        redis_server.url,
+        consumer="dl-sweep",
+        sweep_s=scaled(SWEEP_S),
+        block_s=scaled(0.2),
+    )
+    await svc.start()
+    phone = pushy.DeviceClient(node_a.url, token_for("phone", "home"))
+    tv = pushy.DeviceClient(cluster.url, token_for("tv", "home"))
+    try:
+        await phone.connect()
+        await tv.connect()
+        await async_wait_until(
+            lambda: _devices_named(svc, "home", {"phone", "tv"}), timeout=scaled(10)
+        )
+        assert await subscribed(phone) == ["tv"]
+
+        cluster.nodes[0].kill()
+        offline = await phone.wait_for(
+            "event", kind="device_offline", device="tv", timeout=scaled(20)
+        )
+        assert offline["meta"] == {}
+        assert [d["device"] for d in await svc.devices("home")] == ["phone"]
+        assert svc.stats()["nodes_swept"] == 1
+    finally:
+        await phone.close()
+        await tv.close()
+        await svc.stop()
+
+
+async def _devices_named(svc: DeviceListService, account: str, names: set[str]) -> bool:
+    return {d["device"] for d in await svc.devices(account)} == names
