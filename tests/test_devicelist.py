@@ -138,6 +138,24 @@ def pending(redis: RedisServer, group: str = "devicelist") -> int:
     return redis.command("XPENDING", f"{P}events", group)[0]
 
 
+async def handle_then_stop(
+    service: Any, stream: Stream, *entries: tuple[str, str, int]
+) -> None:
+    """Run a service until it has handled ``(kind, device, conn)`` entries."""
+    svc = await service()
+    for kind, device, conn in entries:
+        stream.add(kind, device, conn=conn)
+    await handled(svc, len(entries))
+    await svc.stop()
+
+
+def read_and_die(redis: RedisServer, consumer: str) -> None:
+    """Read every new entry as ``consumer`` and acknowledge none (a crash)."""
+    redis.command(
+        "XREADGROUP", "GROUP", "devicelist", consumer, "STREAMS", f"{P}events", ">"
+    )
+
+
 # Lists and events.
 
 
@@ -298,18 +316,14 @@ def redis_members(redis: RedisServer, key: str) -> list[str]:
 async def test_a_redelivered_entry_never_tells_a_device_about_itself(
     service: Any, stream: Stream, inbox: Inbox, redis_server: RedisServer
 ) -> None:
-    first = await service()
-    stream.add("connected", "phone", conn=1)
-    stream.add("subscribe", "phone", conn=1)
-    await handled(first, 2)
-    await first.stop()
+    await handle_then_stop(
+        service, stream, ("connected", "phone", 1), ("subscribe", "phone", 1)
+    )
     # The phone's connected again, read by c1, which died before its XACK
     # (as when another consumer handled the subscribe meanwhile).
     stream.add("connected", "phone", conn=1)
     stream.add("connected", "tv", conn=2)
-    redis_server.command(
-        "XREADGROUP", "GROUP", "devicelist", "c1", "STREAMS", f"{P}events", ">"
-    )
+    read_and_die(redis_server, "c1")
 
     second = await service()
     await handled(second, 2)
@@ -465,11 +479,9 @@ async def test_devices_without_an_account_are_not_listed(
 async def test_a_restarted_service_resumes_where_it_stopped(
     service: Any, stream: Stream, inbox: Inbox, redis_server: RedisServer
 ) -> None:
-    first = await service()
-    stream.add("subscribe", "phone", conn=1)
-    stream.add("connected", "tv", conn=2)
-    await handled(first, 2)
-    await first.stop()
+    await handle_then_stop(
+        service, stream, ("subscribe", "phone", 1), ("connected", "tv", 2)
+    )
 
     stream.add("disconnected", "tv", conn=2)
     stream.add("connected", "radio", conn=3)
@@ -495,9 +507,7 @@ async def test_entries_read_but_not_acked_before_a_crash_are_handled_on_restart(
     stream.add("subscribe", "phone", conn=1)
     stream.add("connected", "tv", conn=2)
     # Consumer c1 read them and died before acknowledging them.
-    redis_server.command(
-        "XREADGROUP", "GROUP", "devicelist", "c1", "STREAMS", f"{P}events", ">"
-    )
+    read_and_die(redis_server, "c1")
     assert pending(redis_server) == 2
 
     svc = await service(consumer="c1")
@@ -510,14 +520,9 @@ async def test_entries_read_but_not_acked_before_a_crash_are_handled_on_restart(
 async def test_an_entry_applied_but_not_acked_before_a_crash_still_sends_its_event(
     service: Any, stream: Stream, inbox: Inbox, redis_server: RedisServer
 ) -> None:
-    first = await service()
-    stream.add("subscribe", "phone", conn=1)
-    await handled(first, 1)
-    await first.stop()
+    await handle_then_stop(service, stream, ("subscribe", "phone", 1))
     stream.add("connected", "tv", conn=2, at=1000)
-    redis_server.command(
-        "XREADGROUP", "GROUP", "devicelist", "c1", "STREAMS", f"{P}events", ">"
-    )
+    read_and_die(redis_server, "c1")
     # c1 listed the TV, then died before telling the phone and acking.
     record = {"node": "n1", "conn": 2, "since": 1000, "meta": {}}
     redis_server.command("HSET", f"{P}acct:{{home}}:devices", "tv", json.dumps(record))
@@ -531,15 +536,11 @@ async def test_an_entry_applied_but_not_acked_before_a_crash_still_sends_its_eve
 async def test_a_disconnect_applied_but_not_acked_before_a_crash_still_sends_offline(
     service: Any, stream: Stream, inbox: Inbox, redis_server: RedisServer
 ) -> None:
-    first = await service()
-    stream.add("subscribe", "phone", conn=1)
-    stream.add("connected", "tv", conn=2)
-    await handled(first, 2)
-    await first.stop()
-    stream.add("disconnected", "tv", conn=2)
-    redis_server.command(
-        "XREADGROUP", "GROUP", "devicelist", "c1", "STREAMS", f"{P}events", ">"
+    await handle_then_stop(
+        service, stream, ("subscribe", "phone", 1), ("connected", "tv", 2)
     )
+    stream.add("disconnected", "tv", conn=2)
+    read_and_die(redis_server, "c1")
     # c1 unlisted the TV, then died before telling the phone and acking.
     redis_server.command("HDEL", f"{P}acct:{{home}}:devices", "tv")
 
@@ -557,9 +558,7 @@ async def test_entries_of_a_dead_consumer_are_claimed(
     )
     stream.add("subscribe", "phone", conn=1)
     stream.add("connected", "tv", conn=2)
-    redis_server.command(
-        "XREADGROUP", "GROUP", "devicelist", "dead", "STREAMS", f"{P}events", ">"
-    )
+    read_and_die(redis_server, "dead")
 
     svc = await service(consumer="alive", claim_s=scaled(0.3))
     await async_wait_until(lambda: svc.stats()["events_claimed"] == 2)

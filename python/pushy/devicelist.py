@@ -1002,16 +1002,8 @@ class DeviceListService:
             "since": event.time,
             "meta": event.meta,
         }
-        applied, prev_raw, subs_flat = await self._scripts["connect"](
-            keys=[*keys.account(event.account), keys.gone(event.account, event.device)],
-            args=[
-                event.device,
-                event.node,
-                str(event.conn),
-                str(event.time),
-                _json(record),
-                "1" if only_if_absent else "0",
-            ],
+        applied, prev_raw, subs_flat = await self._on_connection(
+            "connect", event, _json(record), "1" if only_if_absent else "0"
         )
         if not applied:
             return False
@@ -1045,15 +1037,8 @@ class DeviceListService:
         for ``tombstone_s``.
         """
         keys = self._keys
-        removed, left_raw, subs_flat = await self._scripts["leave"](
-            keys=[*keys.account(event.account), keys.gone(event.account, event.device)],
-            args=[
-                event.device,
-                event.node,
-                str(event.conn),
-                str(event.time),
-                str(int(self.tombstone_s * 1000)),
-            ],
+        removed, left_raw, subs_flat = await self._on_connection(
+            "leave", event, str(int(self.tombstone_s * 1000))
         )
         left = _decode_record(event.device, left_raw) if left_raw else None
         if left is None or left["node"] != event.node:
@@ -1073,17 +1058,8 @@ class DeviceListService:
 
     async def _subscribe(self, event: Event) -> bool:
         """Record the subscription; send the subscriber the account's list."""
-        keys = self._keys
-        listed = await self._scripts["subscribe"](
-            keys=[*keys.account(event.account), keys.gone(event.account, event.device)],
-            args=[
-                event.device,
-                event.node,
-                str(event.conn),
-                str(event.time),
-                _json({"node": event.node, "conn": event.conn}),
-            ],
-        )
+        subscription = _json({"node": event.node, "conn": event.conn})
+        listed = await self._on_connection("subscribe", event, subscription)
         if listed is None:
             return False  # that connection is already gone
         others = [d for d in _listing(_flat(listed)) if d["device"] != event.device]
@@ -1093,6 +1069,18 @@ class DeviceListService:
             list_frame(others),
         )
         return True
+
+    async def _on_connection(self, script: str, event: Event, *args: str) -> Any:
+        """Run ``script`` on the event's account keys and connection, plus ``args``.
+
+        KEYS are the account's devices, subs and the device's gone hash;
+        ARGV starts with device, node, conn and time.
+        """
+        keys = self._keys
+        return await self._scripts[script](
+            keys=[*keys.account(event.account), keys.gone(event.account, event.device)],
+            args=[event.device, event.node, str(event.conn), str(event.time), *args],
+        )
 
     async def _unsubscribe(self, event: Event) -> bool:
         await self._drop_subscription(
