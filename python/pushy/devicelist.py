@@ -607,13 +607,17 @@ class DeviceListService:
         if self._deliver_fn is None:
             from .push import PushClient
 
-            self._push = await asyncio.to_thread(
-                PushClient,
-                redis=self.redis_url,
-                prefix=self.prefix,
-                timeout=self.delivery_timeout_s,
-                sender="devicelist",
-            )
+            try:
+                self._push = await asyncio.to_thread(
+                    PushClient,
+                    redis=self.redis_url,
+                    prefix=self.prefix,
+                    timeout=self.delivery_timeout_s,
+                    sender="devicelist",
+                )
+            except BaseException:
+                await self._redis.aclose()
+                raise
         self._stopping = False
         self._tasks = [
             asyncio.create_task(self._consume(), name="devicelist-consume"),
@@ -1161,8 +1165,8 @@ class DeviceListService:
             self._wake.clear()
             try:
                 if self._rebuilds_due > 0:
-                    self._rebuilds_due -= 1
                     await self.rebuild()
+                    self._rebuilds_due -= 1
                 await self._claim()
                 await self._sweep()
                 await self._forget_consumers()
