@@ -738,30 +738,43 @@ def test_the_service_runs_in_a_thread_of_its_own(
 # The command line.
 
 
-def test_pushy_devicelist_lists_devices_and_stops_on_sigterm(
-    redis_server: RedisServer, stream: Stream
+async def test_pushy_devicelist_tells_devices_and_stops_on_sigterm(
+    redis_server: RedisServer, fleet: Callable[..., pushy.Node]
 ) -> None:
-    from pushy.testing import wait_until
+    from pushy.testing import token_for
     from pushy_cli import PushyProcess
 
+    node = fleet("node-a")
     cli = PushyProcess(
         "devicelist", "--redis", redis_server.url, "--prefix", P,
         "--consumer", "cli-1", "--sweep-s", str(scaled(SWEEP_S)),
     )  # fmt: skip
+    phone = pushy.DeviceClient(node.url, token_for("phone", "home"))
+    tv = pushy.DeviceClient(node.url, token_for("tv", "home", meta={"room": "den"}))
     try:
         line = cli.wait_line(
             r"pushy: devicelist consumer (\S+) of group (\S+)", scaled(30)
         )
         assert line.groups() == ("cli-1", "devicelist")
-        stream.add("connected", "tv", conn=3, meta={"room": "den"})
-        listed = wait_until(lambda: online_devices(redis_server.url, "home"))
-        assert [(d["device"], d["meta"]) for d in listed] == [("tv", {"room": "den"})]
+        await phone.connect()
+        assert await subscribed(phone) == []
+        await tv.connect()
+        online = await phone.wait_for("event", kind="device_online", timeout=scaled(10))
+        assert (online["device"], online["meta"]) == ("tv", {"room": "den"})
+        listed = online_devices(redis_server.url, "home")
+        assert [(d["device"], d["meta"]) for d in listed] == [
+            ("phone", {}),
+            ("tv", {"room": "den"}),
+        ]
+        # The event is sent before its entry is acknowledged.
+        await async_wait_until(lambda: pending(redis_server) == 0)
         code = cli.finish(signal.SIGTERM)
     finally:
+        await phone.close()
+        await tv.close()
         cli.close()
     assert code == 0, cli.output
     assert "pushy: devicelist stopped" in "".join(cli.stdout)
-    assert pending(redis_server) == 0
 
 
 @pytest.mark.parametrize(
@@ -785,11 +798,6 @@ def test_pushy_devicelist_with_bad_options_exits_2(
 
 # End to end: real nodes, real devices, events sent through the fleet.
 
-needs_events = pytest.mark.skipif(
-    not hasattr(pushy.PushClient, "asend_event"),
-    reason="this engine has no event frames (PushClient.asend_event)",
-)
-
 
 async def next_not_pong(device: pushy.DeviceClient) -> dict[str, Any]:
     return await device.receive(timeout=scaled(5))
@@ -804,7 +812,6 @@ async def subscribed(device: pushy.DeviceClient) -> list[str]:
     return [d["device"] for d in listed["devices"]]
 
 
-@needs_events
 async def test_end_to_end_online_offline_across_nodes_and_a_service_restart(
     redis_server: RedisServer, fleet: Callable[..., pushy.Node]
 ) -> None:
@@ -815,9 +822,7 @@ async def test_end_to_end_online_offline_across_nodes_and_a_service_restart(
     await svc.start()
     phone = pushy.DeviceClient(node_a.url, token_for("phone", "home"))
     stranger = pushy.DeviceClient(node_b.url, token_for("stranger", "elsewhere"))
-    tv = pushy.DeviceClient(
-        node_b.url, token_for("tv", "home", claims={"meta": {"room": "den"}})
-    )
+    tv = pushy.DeviceClient(node_b.url, token_for("tv", "home", meta={"room": "den"}))
     try:
         await phone.connect()
         await stranger.connect()
@@ -870,7 +875,6 @@ async def test_end_to_end_online_offline_across_nodes_and_a_service_restart(
         await svc.stop()
 
 
-@needs_events
 async def test_end_to_end_devices_of_a_killed_node_go_offline(
     redis_server: RedisServer,
     fleet: Callable[..., pushy.Node],
@@ -903,7 +907,8 @@ async def test_end_to_end_devices_of_a_killed_node_go_offline(
         )
         assert offline["meta"] == {}
         assert [d["device"] for d in await svc.devices("home")] == ["phone"]
-        assert svc.stats()["nodes_swept"] == 1
+        await async_wait_until(lambda: svc.stats()["nodes_swept"] == 1)
+        assert svc.stats()["devices_swept"] == 1
     finally:
         await phone.close()
         await tv.close()
