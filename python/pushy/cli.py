@@ -88,6 +88,7 @@ _SERVE_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--d2d-burst", "d2d_burst", int, "d2d token bucket size [200]"),
     ("--max-d2d-bytes", "max_d2d_bytes", int, "largest d2d data [16384]"),
     ("--route-cache-ttl-s", "route_cache_ttl_s", float, "trust a route this long [10]"),
+    ("--events-maxlen", "events_maxlen", int, "~N stream entries, 0 off [1000000]"),
 ]
 
 
@@ -200,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--audience", help="aud claim")
     token.add_argument(
         "--private-key-file", metavar="PEM", help="PEM private key file for RS256/ES256"
+    )
+    token.add_argument(
+        "--meta",
+        metavar="JSON",
+        help="meta claim: a JSON object of at most 1024 bytes, carried in the "
+        "device's connection events",
     )
     token.set_defaults(func=_token)
 
@@ -424,6 +431,12 @@ def _token(args: argparse.Namespace) -> int:
         return _fail("--secret is required (or set PUSHY_SECRET)")
     if args.ttl <= 0:
         return _fail(f"--ttl must be a positive number of seconds, got {args.ttl:g}")
+    meta = None
+    if args.meta is not None:
+        try:
+            meta = json.loads(args.meta)
+        except ValueError as exc:
+            return _fail(f"--meta must be a JSON object: {exc}")
     if private_key is None:
         _warn_short_secret(args.algorithm, args.secret)
     with warnings.catch_warnings():
@@ -437,6 +450,7 @@ def _token(args: argparse.Namespace) -> int:
             algorithm=args.algorithm,
             audience=args.audience,
             private_key=private_key,
+            meta=meta,
         )
     print(token)
     return 0
