@@ -791,7 +791,7 @@ class FleetSimulator:
             nodes = max(1, math.ceil(demand0 / self.per_node_target))
         _require(nodes >= 0, f"nodes must be at least 0, got {nodes!r}")
 
-        self._bins = math.ceil(self.lifetime_s / self._bin_s) + 2
+        self._bins = math.ceil(self.lifetime_s / self._bin_s) + 3
         capacity = max(16, 2 * nodes)
         self._state = np.full(capacity, _GONE, dtype=np.int8)
         self._count = np.zeros(capacity)
@@ -801,6 +801,7 @@ class FleetSimulator:
         self._drain_end = np.zeros(capacity)
         self._n = 0
         self._retry_steps = math.ceil(self.backoff.max_s / self.dt) + 2
+        self._deadlines = [self._deadline_weights(p) for p in range(spb)]
         self._retry = np.zeros((self.backoff.levels, self._retry_steps))
         self._step = 0
         self._demand_now = demand0
@@ -957,18 +958,13 @@ class FleetSimulator:
     def _warm_start(self, demand: float, nodes: int) -> None:
         # Residual lifetimes in steady state: density proportional to
         # P(lifetime > r), 1 up to lifetime - stagger, then falling to 0.
-        b = self._bin_s
-        edges = np.linspace(0, self.lifetime_s, 64 * self._bins + 1)
-        mid = (edges[1:] + edges[:-1]) / 2
+        sub = 64  # samples per bin
+        mid = (np.arange(self._bins * sub) + 0.5) * (self._bin_s / sub)
         if self.stagger_s > 0:
             dens = np.clip((self.lifetime_s - mid) / self.stagger_s, 0.0, 1.0)
         else:
             dens = (mid < self.lifetime_s).astype(float)
-        weights = np.bincount(
-            np.minimum((mid // b).astype(int), self._bins - 1),
-            weights=dens,
-            minlength=self._bins,
-        )
+        weights = dens.reshape(self._bins, sub).sum(axis=1)
         weights /= weights.sum()
         per_node = demand / nodes
         self._ring[:nodes] = per_node * weights
@@ -1064,21 +1060,40 @@ class FleetSimulator:
         return float(placed.sum())
 
     def _place_deadlines(self, nodes: Any, placed: Any) -> None:
-        # Deadlines spread evenly over [t + lifetime - stagger, t + lifetime].
-        t = self.now
-        lo = t + self.lifetime_s - self.stagger_s
-        hi = t + self.lifetime_s
-        b = self._bin_s
-        first, last = int(lo // b), int(hi // b)
-        if self.stagger_s == 0:
-            weights = np.ones(1)
-            last = first
-        else:
-            starts = np.maximum(np.arange(first, last + 1) * b, lo)
-            ends = np.minimum(np.arange(first + 1, last + 2) * b, hi)
-            weights = np.maximum(ends - starts, 0.0) / self.stagger_s
-        cols = np.arange(first, last + 1) % self._bins
+        phase = self._step % self._spb
+        first, weights = self._deadlines[phase]
+        current = self._step // self._spb
+        cols = (current + first + np.arange(len(weights))) % self._bins
         self._ring[np.ix_(nodes, cols)] += placed[:, None] * weights[None, :]
+
+    def _deadline_weights(self, phase: int) -> tuple[int, Any]:
+        """Share of a step's new connections whose lifetimes end in each bin.
+
+        A connection made at a uniform time within the step (``phase`` steps
+        into its bin) ends ``lifetime_s`` minus a uniform stagger later: the
+        end time is the sum of two uniforms, whose CDF is
+        ``(R(x - lo) - R(x - lo - dt)) / (dt * stagger_s)`` with ``R`` the
+        integral of ``clip(y, 0, stagger_s)``. Returns the first bin, counted
+        from the step's own, and the share of each bin from there.
+        """
+        dt, stagger, b = self.dt, self.stagger_s, self._bin_s
+        lo = phase * dt + self.lifetime_s - stagger
+        hi = lo + stagger + dt
+        first, last = int(lo // b), int(hi // b)
+        edges = np.arange(first, last + 2) * b
+
+        def cdf(x: Any) -> Any:
+            if stagger == 0:
+                return np.clip((x - lo) / dt, 0.0, 1.0)
+
+            def integral(y: Any) -> Any:
+                y = np.maximum(y, 0.0)
+                inside = np.minimum(y, stagger)
+                return inside**2 / 2 + stagger * (y - inside)
+
+            return (integral(x - lo) - integral(x - lo - dt)) / (dt * stagger)
+
+        return first, np.diff(cdf(edges))
 
     def _retry_spread(
         self, level: int, amount: float, window_s: float, *, first: int = 1
@@ -1130,7 +1145,7 @@ class FleetSimulator:
         s["max_per_node"].append(float(counts.max()) if len(counts) else 0.0)
         s["connect_rate"].append(accepted / dt)
         s["attempt_rate"].append(attempts / dt)
-        s["refused_rate"].append((attempts - accepted) / dt)
+        s["refused_rate"].append(max(0.0, attempts - accepted) / dt)
         s["reconnect_rate"].append(ended / dt)
         s["drain_rate"].append(drained / dt)
 
