@@ -1,8 +1,8 @@
-"""The examples and the notebook run as a user would run them.
+"""The examples and the notebooks run as a user would run them.
 
 ``examples/quickstart.py`` runs in a subprocess of the current interpreter;
-``notebooks/quickstart.ipynb`` is executed with nbclient in an ipykernel of
-the current interpreter. Files are found relative to this test file, so the
+``notebooks/quickstart.ipynb`` and ``notebooks/autoscale.ipynb`` are executed
+with nbclient in an ipykernel of the current interpreter. Files are found relative to this test file, so the
 test works from a clone and with pushy installed into a virtual environment.
 """
 
@@ -13,7 +13,10 @@ import os
 import re
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nbclient
 import nbformat
@@ -24,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "examples" / "quickstart.py"
 REMOTE_CONTROL = ROOT / "examples" / "remote_control.py"
 NOTEBOOK = ROOT / "notebooks" / "quickstart.ipynb"
+AUTOSCALE_NOTEBOOK = ROOT / "notebooks" / "autoscale.ipynb"
 
 
 def _child_env() -> dict[str, str]:
@@ -118,35 +122,71 @@ def python3_kernel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     return "python3"
 
 
-def test_quickstart_notebook_runs_and_plots_the_latencies(python3_kernel: str) -> None:
-    nb = nbformat.read(NOTEBOOK, as_version=4)
+@dataclass
+class ExecutedNotebook:
+    """What the code cells of an executed notebook put out."""
 
+    errors: list[Any]
+    plots: list[Any]  # the code cells tagged "plot"
+    stdout: str
+
+    def images(self, plot: Any) -> int:
+        """The PNG images among a plot cell's outputs."""
+        return sum("image/png" in output.get("data", {}) for output in plot.outputs)
+
+
+def execute_notebook(path: Path, kernel_name: str) -> ExecutedNotebook:
+    """Run every cell of a notebook, in its folder, as Jupyter would."""
+    nb = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(
         nb,
-        kernel_name=python3_kernel,
+        kernel_name=kernel_name,
         timeout=int(scaled(120)),
         startup_timeout=int(scaled(60)),
-        resources={"metadata": {"path": str(NOTEBOOK.parent)}},
+        resources={"metadata": {"path": str(path.parent)}},
     )
     client.execute()
 
     code_cells = [cell for cell in nb.cells if cell.cell_type == "code"]
-    errors = [
-        output
-        for cell in code_cells
-        for output in cell.outputs
-        if output.output_type == "error"
-    ]
-    assert not errors, errors
-    plots = [cell for cell in code_cells if "plot" in cell.metadata.get("tags", [])]
-    assert len(plots) == 1
-    assert any("image/png" in output.get("data", {}) for output in plots[0].outputs)
-    text = "".join(
-        output.get("text", "")
-        for cell in code_cells
-        for output in cell.outputs
-        if output.output_type == "stream" and output.get("name") == "stdout"
+    outputs = [output for cell in code_cells for output in cell.outputs]
+    return ExecutedNotebook(
+        errors=[output for output in outputs if output.output_type == "error"],
+        plots=[cell for cell in code_cells if "plot" in cell.metadata.get("tags", [])],
+        stdout="".join(
+            output.get("text", "")
+            for output in outputs
+            if output.output_type == "stream" and output.get("name") == "stdout"
+        ),
     )
+
+
+def test_quickstart_notebook_runs_and_plots_the_latencies(python3_kernel: str) -> None:
+    run = execute_notebook(NOTEBOOK, python3_kernel)
+
+    assert not run.errors, run.errors
+    assert len(run.plots) == 1
+    assert run.images(run.plots[0]) >= 1
+    text = run.stdout
     assert "1000/1000 delivered" in text
     assert "push latency: p50 " in text
     assert "node stopped: True" in text
+
+
+def test_autoscale_notebook_plots_a_simulated_day_and_a_reconnect_storm(
+    python3_kernel: str,
+) -> None:
+    started = time.perf_counter()
+    run = execute_notebook(AUTOSCALE_NOTEBOOK, python3_kernel)
+    elapsed = time.perf_counter() - started
+
+    assert not run.errors, run.errors
+    assert len(run.plots) == 2  # the day, then the node loss
+    assert [run.images(plot) for plot in run.plots] == [1, 1]
+    text = run.stdout
+    assert "simulated 24 h in " in text
+    assert "devices conserved: True" in text
+    assert "node 0 held 200,000 connections" in text
+    rehomed = re.findall(r"all re-homed in ([0-9.]+) s", text)
+    assert len(rehomed) == 3, text
+    assert float(rehomed[0]) <= 1.1  # within the first backoff window
+    assert elapsed < scaled(60)
