@@ -704,6 +704,18 @@ class load_generator {
         payload += "\",\"data\":";
         payload += data;
         payload += "}";
+        text_frame(frame, payload);
+        if (send(c.fd, frame.data(), frame.size(), MSG_NOSIGNAL) !=
+            ssize_t(frame.size())) {
+            ++d2d_dropped_;
+            return;
+        }
+        ++d2d_sent_;
+    }
+
+    // Makes `frame` one masked text frame of `payload` (RFC 6455 section
+    // 5.3); payloads of up to 64 KiB.
+    void text_frame(std::string& frame, std::string_view payload) {
         frame.clear();
         frame += char(0x81);
         if (payload.size() < 126) {
@@ -720,12 +732,6 @@ class load_generator {
         for (std::size_t k = 0; k < payload.size(); ++k) {
             frame += char(payload[k] ^ m[k % 4]);
         }
-        if (send(c.fd, frame.data(), frame.size(), MSG_NOSIGNAL) !=
-            ssize_t(frame.size())) {
-            ++d2d_dropped_;
-            return;
-        }
-        ++d2d_sent_;
     }
 
     // Reads a push: records the latency from its data's "ts" and acks it
@@ -760,18 +766,8 @@ class load_generator {
         msg += id.substr(0, end);
         msg += "}";
         std::string& frame = ack_frame_;
-        frame.clear();
-        frame += char(0x81);
-        frame += char(0x80 | msg.size());  // an id is short: < 126 bytes
-        std::uint32_t mask = masks_.next();
-        char m[4];
-        std::memcpy(m, &mask, 4);
-        frame.append(m, 4);
-        for (std::size_t k = 0; k < msg.size(); ++k) {
-            frame += char(msg[k] ^ m[k % 4]);
-        }
-        if (msg.size() < 126 &&
-            send(c.fd, frame.data(), frame.size(), MSG_NOSIGNAL) ==
+        text_frame(frame, msg);
+        if (send(c.fd, frame.data(), frame.size(), MSG_NOSIGNAL) ==
                 ssize_t(frame.size())) {
             ++pushes_acked_;
         }

@@ -113,6 +113,26 @@ pushy::node_config config_from(const py::dict& d) {
     return c;
 }
 
+// A C++ completion that calls the Python `callback` with `convert(result)`,
+// on whichever thread completes it: it takes the GIL, reports an exception
+// of the callback as unraisable (`what`), and drops the callback with the
+// GIL held.
+template <class Result, class Convert>
+std::function<void(Result)> python_callback(py::function callback,
+                                            Convert convert,
+                                            const char* what) {
+    auto keep = std::make_shared<py::function>(std::move(callback));
+    return [keep, convert, what](Result r) {
+        py::gil_scoped_acquire gil;
+        try {
+            (*keep)(convert(r));
+        } catch (py::error_already_set& e) {
+            e.discard_as_unraisable(what);
+        }
+        py::function gone = std::move(*keep);
+    };
+}
+
 // Builds a processor_config from a dict of MessageProcessor field names.
 pushy::processor_config processor_config_from(const py::dict& d) {
     pushy::processor_config c;
@@ -198,6 +218,9 @@ PYBIND11_MODULE(_core, m) {
                                      double, bool, std::string, unsigned>;
     using enqueued_tuple = std::tuple<int, std::string, std::string,
                                       std::string, std::string>;
+    auto to_enqueued = [](const pushy::enqueue_result& r) {
+        return enqueued_tuple{r.code, r.status, r.id, r.entry, r.reason};
+    };
 
     py::class_<pushy::push_client>(
         m, "PushClient",
@@ -229,17 +252,9 @@ PYBIND11_MODULE(_core, m) {
             [to_tuple, spec](pushy::push_client& c, std::string device,
                              std::string data, bool ack, double timeout,
                              std::string from, py::function callback) {
-                auto keep = std::make_shared<py::function>(std::move(callback));
-                auto done = [keep, to_tuple](pushy::push_result r) {
-                    py::gil_scoped_acquire gil;
-                    try {
-                        (*keep)(to_tuple(r));
-                    } catch (py::error_already_set& e) {
-                        e.discard_as_unraisable("pushy push callback");
-                    }
-                    // Released here, with the GIL held.
-                    py::function gone = std::move(*keep);
-                };
+                auto done = python_callback<pushy::push_result>(
+                    std::move(callback), to_tuple,
+                    "pushy push callback");
                 py::gil_scoped_release nogil;
                 c.push_async(spec(std::move(device), std::move(data), ack,
                                   timeout, std::move(from)),
@@ -273,7 +288,8 @@ PYBIND11_MODULE(_core, m) {
             "concurrently; one result tuple each, in order.")
         .def(
             "enqueue_many",
-            [](pushy::push_client& c, std::vector<enqueue_tuple> items) {
+            [to_enqueued](pushy::push_client& c,
+                          std::vector<enqueue_tuple> items) {
                 std::vector<pushy::enqueue_spec> specs;
                 specs.reserve(items.size());
                 for (auto& [d, data, id, ttl, ack, from, shards] : items) {
@@ -287,10 +303,7 @@ PYBIND11_MODULE(_core, m) {
                     results = c.enqueue_many(std::move(specs));
                 }
                 std::vector<enqueued_tuple> out;
-                for (auto& r : results) {
-                    out.emplace_back(r.code, r.status, r.id, r.entry,
-                                     r.reason);
-                }
+                for (auto& r : results) out.push_back(to_enqueued(r));
                 return out;
             },
             py::arg("items"),
@@ -298,19 +311,11 @@ PYBIND11_MODULE(_core, m) {
             "one (code, status, id, entry, reason) tuple each, in order.")
         .def(
             "enqueue_async",
-            [](pushy::push_client& c, enqueue_tuple item,
-               py::function callback) {
-                auto keep = std::make_shared<py::function>(std::move(callback));
-                auto done = [keep](pushy::enqueue_result r) {
-                    py::gil_scoped_acquire gil;
-                    try {
-                        (*keep)(enqueued_tuple{r.code, r.status, r.id,
-                                               r.entry, r.reason});
-                    } catch (py::error_already_set& e) {
-                        e.discard_as_unraisable("pushy enqueue callback");
-                    }
-                    py::function gone = std::move(*keep);
-                };
+            [to_enqueued](pushy::push_client& c, enqueue_tuple item,
+                          py::function callback) {
+                auto done = python_callback<pushy::enqueue_result>(
+                    std::move(callback), to_enqueued,
+                    "pushy enqueue callback");
                 auto& [d, data, id, ttl, ack, from, shards] = item;
                 pushy::enqueue_spec spec{std::move(d), std::move(data),
                                          std::move(id), ttl, ack,
@@ -346,17 +351,9 @@ PYBIND11_MODULE(_core, m) {
             [to_tuple](pushy::push_client& c, std::string device,
                        std::string frame, std::uint64_t conn,
                        py::function callback) {
-                auto keep = std::make_shared<py::function>(std::move(callback));
-                auto done = [keep, to_tuple](pushy::push_result r) {
-                    py::gil_scoped_acquire gil;
-                    try {
-                        (*keep)(to_tuple(r));
-                    } catch (py::error_already_set& e) {
-                        e.discard_as_unraisable("pushy event callback");
-                    }
-                    // Released here, with the GIL held.
-                    py::function gone = std::move(*keep);
-                };
+                auto done = python_callback<pushy::push_result>(
+                    std::move(callback), to_tuple,
+                    "pushy event callback");
                 py::gil_scoped_release nogil;
                 c.send_event_async(std::move(device), std::move(frame), conn,
                                    std::move(done));

@@ -595,20 +595,33 @@ def _d2d_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _d2d_plot(phases: list[dict[str, Any]], path: Path) -> None:
+    _percentile_bars(
+        [(f"{p['rate']:,.0f}/s", p["summary"], "{}_us") for p in phases],
+        "send to status, at the sender (us)",
+        "pushy bench d2d (two nodes, median of runs)", path,
+    )
+
+
+def _percentile_bars(
+    groups: list[tuple[str, dict[str, Any], str]], ylabel: str, title: str,
+    path: Path,
+) -> None:
+    """A bar per (label, figures, key) group at p50, p99 and p99.9; a
+    figure is ``figures[key.format(q)]``, a number or a median/min/max."""
     plt = _pyplot()
     if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 4))
     labels = ("p50", "p99", "p99.9")
-    width = 0.8 / max(len(phases), 1)
-    for k, phase in enumerate(phases):
-        values = [phase["summary"][f"{q}_us"]["median"] for q in labels]
+    width = 0.8 / max(len(groups), 1)
+    for k, (label, figures, key) in enumerate(groups):
+        values = [figures[key.format(q)] for q in labels]
+        values = [v["median"] if isinstance(v, dict) else v for v in values]
         ax.bar([i + k * width for i in range(len(labels))], values, width,
-               label=f"{phase['rate']:,.0f}/s")
-    ax.set_xticks([i + width * (len(phases) - 1) / 2 for i in range(len(labels))])
+               label=label)
+    ax.set_xticks([i + width * (len(groups) - 1) / 2 for i in range(len(labels))])
     ax.set_xticklabels(labels)
-    ax.set(yscale="log", ylabel="send to status, at the sender (us)",
-           title="pushy bench d2d (two nodes, median of runs)")
+    ax.set(yscale="log", ylabel=ylabel, title=title)
     _save(plt, fig, ax, path)
 
 
@@ -790,17 +803,7 @@ def _wait_delivered(cluster: Cluster, target: int, timeout: float) -> None:
 
 
 def _queue_plot(runs: list[dict[str, Any]], path: Path) -> None:
-    plt = _pyplot()
-    if plt is None:
-        return
-    fig, ax = plt.subplots(figsize=(7, 4))
-    labels = ("p50", "p99", "p99.9")
-    width = 0.8 / max(len(runs), 1)
-    for k, run in enumerate(runs):
-        ax.bar([i + k * width for i in range(len(labels))],
-               [run["latency_us"][q] for q in labels], width, label=f"run {k}")
-    ax.set_xticks([i + width * (len(runs) - 1) / 2 for i in range(len(labels))])
-    ax.set_xticklabels(labels)
-    ax.set(yscale="log", ylabel="enqueue to device (us)",
-           title="pushy bench queue")
-    _save(plt, fig, ax, path)
+    _percentile_bars(
+        [(f"run {k}", r["latency_us"], "{}") for k, r in enumerate(runs)],
+        "enqueue to device (us)", "pushy bench queue", path,
+    )

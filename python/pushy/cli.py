@@ -224,17 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("PUSHY_PUSH_URL", "http://127.0.0.1:8081"),
         help="push API URL [PUSHY_PUSH_URL or http://127.0.0.1:8081]",
     )
-    push.add_argument(
-        "--redis",
-        metavar="URL",
-        default=os.environ.get("PUSHY_REDIS") or None,
-        help="find the device's node in this Redis registry and push to it "
-        "directly (instead of --url) [PUSHY_REDIS]",
-    )
-    push.add_argument(
-        "--redis-prefix",
-        default=os.environ.get("PUSHY_REDIS_PREFIX", "pushy:"),
-        help="prefix of the registry's keys [pushy:]",
+    _add_redis_options(
+        push,
+        "find the device's node in this Redis registry and push to it "
+        "directly (instead of --url)",
     )
     push.add_argument(
         "--ack",
@@ -296,17 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
         "while the device is offline, until SIGINT or SIGTERM. Run several "
         "(distinct --consumer names) to share the work.",
     )
-    processor.add_argument(
-        "--redis",
-        metavar="URL",
-        default=os.environ.get("PUSHY_REDIS") or None,
-        help="Redis URL of the registry and the queue [PUSHY_REDIS]",
-    )
-    processor.add_argument(
-        "--redis-prefix",
-        default=os.environ.get("PUSHY_REDIS_PREFIX", "pushy:"),
-        help="prefix of Redis keys [pushy:]",
-    )
+    _add_redis_options(processor, "Redis URL of the registry and the queue")
     processor.add_argument("--group", default="processors", help="consumer group")
     processor.add_argument("--consumer", help="name in the group [HOST-PID]")
     processor.add_argument("--shards", type=int, default=4, help="queue shards [4]")
@@ -327,20 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
         "tells subscribed devices when another device of their account comes "
         "online or goes offline.",
     )
-    devicelist.add_argument(
-        "--redis",
-        metavar="URL",
-        default=os.environ.get("PUSHY_REDIS") or None,
-        help="Redis URL of the fleet [PUSHY_REDIS]",
-    )
-    devicelist.add_argument(
-        "--redis-prefix",
-        "--prefix",
-        dest="redis_prefix",
-        metavar="P",
-        default=os.environ.get("PUSHY_REDIS_PREFIX", "pushy:"),
-        help="prefix of the fleet's keys [PUSHY_REDIS_PREFIX or pushy:]",
-    )
+    _add_redis_options(devicelist, "Redis URL of the fleet", "--prefix")
     devicelist.add_argument(
         "--group", default="devicelist", help="consumer group [devicelist]"
     )
@@ -673,6 +643,26 @@ def _warn_short_secret(algorithm: str, secret: str | None) -> None:
 def _fail(message: str, code: int = 2) -> int:
     print(f"pushy: error: {message}", file=sys.stderr, flush=True)
     return code
+
+
+def _add_redis_options(
+    parser: argparse.ArgumentParser, what: str, *prefix_aliases: str
+) -> None:
+    """``--redis URL`` (from ``PUSHY_REDIS``) and ``--redis-prefix P``."""
+    parser.add_argument(
+        "--redis",
+        metavar="URL",
+        default=os.environ.get("PUSHY_REDIS") or None,
+        help=f"{what} [PUSHY_REDIS]",
+    )
+    parser.add_argument(
+        "--redis-prefix",
+        *prefix_aliases,
+        dest="redis_prefix",
+        metavar="P",
+        default=os.environ.get("PUSHY_REDIS_PREFIX", "pushy:"),
+        help="prefix of Redis keys [PUSHY_REDIS_PREFIX or pushy:]",
+    )
 
 
 def _add_log_level(parser: argparse.ArgumentParser) -> None:

@@ -159,16 +159,7 @@ public:
                              const peer::reply& rep) {
                              hits_ = router_.cache().hits.load();
                              misses_ = router_.cache().misses.load();
-                             push_result r;
-                             r.code = rep.code;
-                             r.status = rep.status;
-                             r.node = rep.node;
-                             r.id = rep.push_id;
-                             r.reason = rep.reason;
-                             r.latency_s = std::chrono::duration<double>(
-                                               clock::now() - started)
-                                               .count();
-                             done(std::move(r));
+                             done(result_of(rep, started));
                          });
         });
     }
@@ -304,6 +295,35 @@ push_client::push_client(const std::string& redis_url,
 
 push_client::~push_client() = default;
 
+namespace {
+
+// Runs `start(done)` and blocks until `done` got the result.
+template <class Result, class Start>
+Result wait_for(Start start) {
+    std::promise<Result> p;
+    auto f = p.get_future();
+    start([&p](Result r) { p.set_value(std::move(r)); });
+    return f.get();
+}
+
+// Runs `start(spec, done)` for every spec at once and blocks until each
+// result came; the results in the order of `specs`.
+template <class Result, class Spec, class Start>
+std::vector<Result> wait_for_all(std::vector<Spec> specs, Start start) {
+    std::vector<Result> out(specs.size());
+    std::vector<std::promise<void>> promises(specs.size());
+    for (std::size_t i = 0; i < specs.size(); ++i) {
+        start(std::move(specs[i]), [&out, &promises, i](Result r) {
+            out[i] = std::move(r);
+            promises[i].set_value();
+        });
+    }
+    for (auto& p : promises) p.get_future().wait();
+    return out;
+}
+
+}  // namespace
+
 void push_client::send_event_async(std::string device, std::string frame_json,
                                    std::uint64_t conn,
                                    std::function<void(push_result)> done) {
@@ -313,11 +333,10 @@ void push_client::send_event_async(std::string device, std::string frame_json,
 
 push_result push_client::send_event(std::string device, std::string frame_json,
                                     std::uint64_t conn) {
-    std::promise<push_result> p;
-    auto f = p.get_future();
-    impl_->send_event_async(std::move(device), std::move(frame_json), conn,
-                            [&p](push_result r) { p.set_value(std::move(r)); });
-    return f.get();
+    return wait_for<push_result>([&](auto done) {
+        impl_->send_event_async(std::move(device), std::move(frame_json), conn,
+                                std::move(done));
+    });
 }
 
 void push_client::push_async(push_spec_in spec,
@@ -326,28 +345,15 @@ void push_client::push_async(push_spec_in spec,
 }
 
 push_result push_client::push(push_spec_in spec) {
-    std::promise<push_result> p;
-    auto f = p.get_future();
-    impl_->push_async(std::move(spec),
-                      [&p](push_result r) { p.set_value(std::move(r)); });
-    return f.get();
+    return wait_for<push_result>(
+        [&](auto done) { impl_->push_async(std::move(spec), std::move(done)); });
 }
 
 std::vector<push_result> push_client::push_many(
     std::vector<push_spec_in> specs) {
-    std::vector<push_result> out(specs.size());
-    std::vector<std::future<void>> waits;
-    std::vector<std::promise<void>> promises(specs.size());
-    for (std::size_t i = 0; i < specs.size(); ++i) {
-        waits.push_back(promises[i].get_future());
-        impl_->push_async(std::move(specs[i]),
-                          [&out, &promises, i](push_result r) {
-                              out[i] = std::move(r);
-                              promises[i].set_value();
-                          });
-    }
-    for (auto& w : waits) w.wait();
-    return out;
+    return wait_for_all<push_result>(std::move(specs), [this](auto s, auto d) {
+        impl_->push_async(std::move(s), std::move(d));
+    });
 }
 
 void push_client::enqueue_async(enqueue_spec spec,
@@ -356,27 +362,17 @@ void push_client::enqueue_async(enqueue_spec spec,
 }
 
 enqueue_result push_client::enqueue(enqueue_spec spec) {
-    std::promise<enqueue_result> p;
-    auto f = p.get_future();
-    impl_->enqueue_async(std::move(spec), [&p](enqueue_result r) {
-        p.set_value(std::move(r));
+    return wait_for<enqueue_result>([&](auto done) {
+        impl_->enqueue_async(std::move(spec), std::move(done));
     });
-    return f.get();
 }
 
 std::vector<enqueue_result> push_client::enqueue_many(
     std::vector<enqueue_spec> specs) {
-    std::vector<enqueue_result> out(specs.size());
-    std::vector<std::promise<void>> promises(specs.size());
-    for (std::size_t i = 0; i < specs.size(); ++i) {
-        impl_->enqueue_async(std::move(specs[i]),
-                             [&out, &promises, i](enqueue_result r) {
-                                 out[i] = std::move(r);
-                                 promises[i].set_value();
-                             });
-    }
-    for (auto& p : promises) p.get_future().wait();
-    return out;
+    return wait_for_all<enqueue_result>(
+        std::move(specs), [this](auto s, auto d) {
+            impl_->enqueue_async(std::move(s), std::move(d));
+        });
 }
 
 bool push_client::connected() const { return impl_->connected(); }
