@@ -545,7 +545,7 @@ def _processor(args: argparse.Namespace) -> int:
     from .processor import MessageProcessor
 
     if not args.redis:
-        return _fail("processor needs --redis URL (or PUSHY_REDIS)")
+        return _fail("--redis is required (or set PUSHY_REDIS)")
     _setup_logging(args.log_level)
     options = {dest: getattr(args, dest) for _, dest, _, _ in _PROCESSOR_OPTIONS}
     processor = MessageProcessor(
