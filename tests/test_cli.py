@@ -170,10 +170,10 @@ def test_token_with_a_short_secret_is_issued_with_one_warning() -> None:
 # pushy serve and pushy push.
 
 
-async def test_serve_prints_ports_delivers_a_cli_push_and_stops_on_sigterm(
+async def test_serve_prints_ports_delivers_a_cli_push_and_drains_on_sigterm(
     serve: Callable[..., Served],
 ) -> None:
-    served = serve(*FREE_PORTS, "--secret", FLAG_SECRET)
+    served = serve(*FREE_PORTS, "--secret", FLAG_SECRET, "--reconnect-grace-s", "1")
     assert served.port != 0 and served.push_port != 0
     assert served.port != served.push_port
     device = await connect(served.url, FLAG_SECRET, "tv-1")
@@ -192,13 +192,18 @@ async def test_serve_prints_ports_delivers_a_cli_push_and_stops_on_sigterm(
     assert frame["data"] == {"x": 1}
     assert frame["id"] == result["id"]
 
+    # SIGTERM drains: the device is asked to reconnect, and closed with 1001
+    # when it has not left a grace period later.
     served.process.send_signal(signal.SIGTERM)
+    reconnect = await device.wait_for("reconnect", timeout=scaled(15))
     code = await device.wait_closed(timeout=scaled(10))
     exit_code = await asyncio.to_thread(served.process.wait, scaled(10))
 
+    assert reconnect["reason"] == "drain"
     assert code == 1001
     assert exit_code == 0, served.output
-    assert f"node {served.node_id} stopped" in "".join(served.stdout)
+    assert f"node {served.node_id} draining over 10 s" in "".join(served.stdout)
+    assert f"node {served.node_id} drained and stopped" in "".join(served.stdout)
 
 
 async def test_serve_stops_on_sigint_like_ctrl_c(serve: Callable[..., Served]) -> None:

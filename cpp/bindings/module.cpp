@@ -94,6 +94,11 @@ pushy::node_config config_from(const py::dict& d) {
         else if (key == "d2d_burst") size(c.d2d_burst);
         else if (key == "max_d2d_bytes") size(c.max_d2d_bytes);
         else if (key == "events_maxlen") size(c.events_maxlen);
+        else if (key == "accept_rate") num(c.accept_rate);
+        else if (key == "accept_burst") size(c.accept_burst);
+        else if (key == "max_outbound_bytes") size(c.max_outbound_bytes);
+        else if (key == "reconnect_grace_s") num(c.reconnect_grace_s);
+        else if (key == "drain_s") num(c.drain_s);
         else if (key == "max_message_bytes") size(c.max_message_bytes);
         else if (key == "max_push_bytes") size(c.max_push_bytes);
         else if (key == "max_header_bytes") size(c.max_header_bytes);
@@ -189,6 +194,12 @@ PYBIND11_MODULE(_core, m) {
         .def("stop", &pushy::node::stop,
              py::call_guard<py::gil_scoped_release>(),
              "Closes every device with 1001 and stops. Idempotent.")
+        .def("drain", &pushy::node::drain, py::arg("over_s"),
+             "Asks every device to reconnect, spread over over_s seconds, "
+             "refuses new ones, and stops once empty (or at over_s + "
+             "reconnect_grace_s). False when not running or already "
+             "draining.")
+        .def_property_readonly("draining", &pushy::node::draining)
         .def("stats_json", &pushy::node::stats_json,
              py::call_guard<py::gil_scoped_release>(),
              "The GET /v1/stats document as a JSON string.")

@@ -89,6 +89,11 @@ _SERVE_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--max-d2d-bytes", "max_d2d_bytes", int, "largest d2d data [16384]"),
     ("--route-cache-ttl-s", "route_cache_ttl_s", float, "trust a route this long [10]"),
     ("--events-maxlen", "events_maxlen", int, "~N stream entries, 0 off [1000000]"),
+    ("--accept-rate", "accept_rate", float, "upgrades/s; 0 = no limit [0]"),
+    ("--accept-burst", "accept_burst", int, "upgrades at once; 0 = 1 s worth [0]"),
+    ("--max-outbound-bytes", "max_outbound_bytes", int, "unread bytes, then 4003 [1048576]"),
+    ("--reconnect-grace-s", "reconnect_grace_s", float, "close after reconnect [5]"),
+    ("--drain-s", "drain_s", float, "SIGTERM drains over this long [10]"),
 ]
 
 
@@ -369,8 +374,16 @@ def _serve(args: argparse.Namespace) -> int:
     _warn_short_secret(config.algorithm, config.secret)
     node = Node(config)
 
-    stop = threading.Event()
-    restore = _on_signals(lambda: stop.set())
+    # SIGTERM (a deploy) drains the node over drain_s; SIGINT (Ctrl-C), or
+    # a second signal during a drain, stops it at once.
+    signals: list[int] = []
+    wake = threading.Event()
+
+    def on_signal(signum: int) -> None:
+        signals.append(signum)
+        wake.set()
+
+    restore = _on_signals(on_signal, with_signum=True)
     try:
         node.start()
         peer = f", peer {node.peer_address}" if node.peer_address else ""
@@ -379,15 +392,27 @@ def _serve(args: argparse.Namespace) -> int:
             f"push {node.push_url}{peer}",
             flush=True,
         )
-        while not stop.wait(0.5):
-            if not node.running:
-                return _fail("node stopped unexpectedly", code=1)
+        while node.running:
+            if wake.wait(0.05):
+                wake.clear()
+                if signals == [signal.SIGTERM]:
+                    node.drain()
+                    print(
+                        f"pushy: node {node.node_id} draining over "
+                        f"{config.drain_s:g} s",
+                        flush=True,
+                    )
+                else:
+                    break
+        if not signals and not node.draining:
+            return _fail("node stopped unexpectedly", code=1)
     finally:
         # The handlers stay until the node is down: a second SIGTERM during
         # the shutdown is not a reason to skip the rest of it.
         node.stop()
         restore()
-    print(f"pushy: node {node.node_id} stopped", flush=True)
+    how = "drained and stopped" if node.draining else "stopped"
+    print(f"pushy: node {node.node_id} {how}", flush=True)
     return 0
 
 
@@ -695,8 +720,9 @@ def _read_text(path: str, option: str) -> str:
         raise ConfigError(f"{option}: cannot read {path!r}: {exc.strerror}") from exc
 
 
-def _on_signals(callback: Any) -> Any:
-    """Call ``callback`` on SIGINT and SIGTERM; return a function that undoes it.
+def _on_signals(callback: Any, with_signum: bool = False) -> Any:
+    """Call ``callback`` on SIGINT and SIGTERM (with the signal number when
+    ``with_signum``); return a function that undoes it.
 
     Outside the main thread signals cannot be caught; Ctrl-C then raises
     KeyboardInterrupt as usual.
@@ -705,7 +731,10 @@ def _on_signals(callback: Any) -> Any:
         return lambda: None
     previous = {}
     for signum in (signal.SIGINT, signal.SIGTERM):
-        previous[signum] = signal.signal(signum, lambda s, f: callback())
+        if with_signum:
+            previous[signum] = signal.signal(signum, lambda s, f: callback(s))
+        else:
+            previous[signum] = signal.signal(signum, lambda s, f: callback())
 
     def restore() -> None:
         for signum, handler in previous.items():

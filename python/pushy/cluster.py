@@ -191,7 +191,14 @@ class NodeProcess:
         ready.set()  # exited: start() reports it
 
     def stop(self, timeout: float = 15.0) -> int | None:
-        """Stop with SIGTERM (as a deploy would) and wait; return the exit code."""
+        """Stop at once with SIGINT (devices are closed with 1001) and wait;
+        return the exit code."""
+        return self._end(signal.SIGINT, timeout)
+
+    def drain(self, timeout: float = 60.0) -> int | None:
+        """Drain with SIGTERM, as a deploy would (devices are asked to
+        reconnect over the node's ``drain_s``), and wait until the node has
+        stopped; return the exit code."""
         return self._end(signal.SIGTERM, timeout)
 
     def kill(self) -> int | None:
@@ -332,12 +339,12 @@ class Cluster:
         return self
 
     def stop(self) -> None:
-        """Stop every node (SIGTERM), all at once."""
+        """Stop every node at once (SIGINT: devices are closed with 1001)."""
         for node in self.nodes:
             if node.running:
                 assert node.process is not None
-                node.process.send_signal(signal.SIGTERM)
-        # Once is enough: a second SIGTERM could end a node mid-shutdown.
+                node.process.send_signal(signal.SIGINT)
+        # Once is enough: a second signal could end a node mid-shutdown.
         for node in self.nodes:
             node.join()
 

@@ -104,6 +104,18 @@ class NodeConfig:
             entries (``XADD MAXLEN ~``); 0 writes no events (and leaves
             service streams untrimmed).
 
+        accept_rate: upgrades accepted per second (0: no limit); above it
+            HTTP 503 with ``Retry-After: 1``, counted ``accept_rate``.
+        accept_burst: upgrades accepted at once above the rate (the token
+            bucket); 0 means one second's worth.
+        max_outbound_bytes: bytes a device may leave unread before it is
+            closed as a slow consumer (4003).
+        reconnect_grace_s: a device asked to reconnect (lifetime or drain)
+            that is still connected this much later is closed with 1001.
+        drain_s: seconds over which a drain that names none (``POST
+            /v1/drain`` without ``over_s``, SIGTERM of ``pushy serve``)
+            spreads the reconnects.
+
     Raises:
         ConfigError: a field has the wrong type or is out of range.
     """
@@ -142,6 +154,11 @@ class NodeConfig:
     max_d2d_bytes: int = 16 * 1024
     route_cache_ttl_s: float = 10.0
     events_maxlen: int = 1_000_000
+    accept_rate: float = 0.0
+    accept_burst: int = 0
+    max_outbound_bytes: int = 1 << 20
+    reconnect_grace_s: float = 5.0
+    drain_s: float = 10.0
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -256,6 +273,8 @@ _INT_RANGES: dict[str, tuple[int, int]] = {
     "d2d_burst": (1, 1_000_000),
     "max_d2d_bytes": (1, 8 * 2**20),
     "events_maxlen": (0, 1_000_000_000),
+    "accept_burst": (0, 10_000_000),
+    "max_outbound_bytes": (4096, 2**30),
 }
 
 _POSITIVE_FLOATS = (
@@ -268,7 +287,14 @@ _POSITIVE_FLOATS = (
     "registry_ttl_s",
     "d2d_rate",
     "route_cache_ttl_s",
+    "reconnect_grace_s",
 )
+
+#: Fields that may be 0, with their largest value.
+_NON_NEGATIVE_FLOATS: dict[str, float] = {
+    "accept_rate": 10_000_000.0,
+    "drain_s": 86400.0,
+}
 
 _STRINGS = (
     "host",
@@ -335,6 +361,14 @@ def _check_field(name: str, value: Any) -> Any:
             raise ConfigError(
                 f"registry_ttl_s must be between 1 and 86400, got {value}"
             )
+        return value
+    if name in _NON_NEGATIVE_FLOATS:
+        high = _NON_NEGATIVE_FLOATS[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        value = float(value)
+        if not (math.isfinite(value) and 0 <= value <= high):
+            raise ConfigError(f"{name} must be between 0 and {high:g}, got {value}")
         return value
     if name in _STRINGS:
         if not isinstance(value, str):

@@ -39,12 +39,13 @@ import contextlib
 import json
 import logging
 import threading
+import time
 import weakref
 from types import ModuleType, TracebackType
 from typing import Any, Self
 
 from .config import NodeConfig
-from .errors import PushyError
+from .errors import ConfigError, PushyError
 
 __all__ = ["TRACE", "Node", "http_host", "set_log_level"]
 
@@ -205,6 +206,65 @@ class Node:
             if engine is not None:
                 engine.stop()
             _running.discard(self)
+
+    def drain(self, over_s: float | None = None, *, wait: bool = False) -> bool:
+        """Drain the node: move its devices elsewhere, then stop.
+
+        New devices are refused (HTTP 503, ``Retry-After: 1``); every
+        connected device is sent ``{"t":"reconnect","reason":"drain"}`` at a
+        moment spread evenly over ``over_s`` seconds; a device still
+        connected ``reconnect_grace_s`` after its message is closed with
+        1001. The node stops itself once no device is left, or
+        ``over_s + reconnect_grace_s`` after the start at the latest.
+        Progress is in ``stats()["drain"]``.
+
+        Args:
+            over_s: seconds to spread the reconnects over; the config's
+                ``drain_s`` when ``None``.
+            wait: block until the node has stopped.
+
+        Returns:
+            ``True`` when the drain started; ``False`` when the node is not
+            running or already drains.
+
+        Raises:
+            ConfigError: ``over_s`` is not a number from 0 to 86400.
+        """
+        over = self._config.drain_s if over_s is None else over_s
+        if isinstance(over, bool) or not isinstance(over, int | float) or not (
+            0 <= over <= 86400
+        ):
+            raise ConfigError(f"over_s must be a number from 0 to 86400, got {over!r}")
+        engine = self._core
+        if engine is None or not engine.running:
+            return False
+        started = bool(engine.drain(float(over)))
+        if started and wait:
+            self.wait_stopped()
+        return started
+
+    async def adrain(self, over_s: float | None = None) -> bool:
+        """:meth:`drain` that waits, without blocking the event loop, until
+        the node has stopped; returns whether the drain started."""
+        started = self.drain(over_s)
+        if started:
+            await asyncio.to_thread(self.wait_stopped)
+        return started
+
+    @property
+    def draining(self) -> bool:
+        """Whether a drain has started (and the node has not restarted)."""
+        return self._core is not None and bool(self._core.draining)
+
+    def wait_stopped(self, timeout: float | None = None) -> bool:
+        """Block until the node is stopped (by a drain, say); return whether
+        it is, ``False`` after ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.running:
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+        return True
 
     async def astop(self) -> None:
         """:meth:`stop` in a worker thread, for use from a running event loop.

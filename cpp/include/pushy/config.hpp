@@ -68,6 +68,20 @@ struct node_config {
     std::size_t max_header_bytes = 8 * 1024;
     std::size_t max_headers = 64;
     std::size_t max_connections = 0;  // 0: limited only by open files
+    // Upgrades accepted per second (a token bucket of `accept_burst`,
+    // 0: one second's worth); above it HTTP 503 with Retry-After. 0: no
+    // limit.
+    double accept_rate = 0;
+    std::size_t accept_burst = 0;
+    // Bytes a device may leave unread before it is a slow consumer (4003).
+    std::size_t max_outbound_bytes = 1 << 20;
+
+    // A connection asked to reconnect (lifetime or drain) that is still
+    // open this much later is closed with 1001.
+    double reconnect_grace_s = 5;
+    // A drain that names no duration (POST /v1/drain without over_s, and
+    // SIGTERM of `pushy serve`) spreads the reconnects over this long.
+    double drain_s = 10;
 
     // Allowed Origin values for browsers; empty allows any.
     std::vector<std::string> allowed_origins;

@@ -31,6 +31,14 @@ public:
     // timeout for the closing handshakes, and stops. Idempotent.
     void stop();
 
+    // Drains the node: new devices are refused (503), every connected
+    // device is asked to reconnect at a time spread evenly over `over_s`
+    // ({"t":"reconnect","reason":"drain"}), and the node stops itself when
+    // none is left, or over_s + reconnect_grace_s from now at the latest.
+    // Any thread. Returns false when not running or already draining.
+    bool drain(double over_s);
+    bool draining() const noexcept;
+
     bool running() const noexcept;
     std::uint16_t port() const noexcept;
     std::uint16_t push_port() const noexcept;

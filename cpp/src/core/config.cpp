@@ -50,6 +50,16 @@ void node_config::validate() const {
             "max_d2d_bytes must be between 1 byte and 8 MiB");
     require(events_maxlen <= 1000000000,
             "events_maxlen must be between 0 and 1000000000");
+    require(accept_rate >= 0 && accept_rate <= 10000000,
+            "accept_rate must be between 0 and 10000000");
+    require(accept_burst <= 10000000,
+            "accept_burst must be between 0 and 10000000");
+    require(max_outbound_bytes >= 4096 && max_outbound_bytes <= (1u << 30),
+            "max_outbound_bytes must be between 4 KiB and 1 GiB");
+    require(reconnect_grace_s > 0 && reconnect_grace_s <= 3600,
+            "reconnect_grace_s must be above 0 and at most 3600");
+    require(drain_s >= 0 && drain_s <= 86400,
+            "drain_s must be between 0 and 86400");
     require(max_message_bytes >= 16 && max_message_bytes <= (64u << 20),
             "max_message_bytes must be between 16 and 64 MiB");
     require(max_push_bytes >= 1 && max_push_bytes <= (8u << 20),

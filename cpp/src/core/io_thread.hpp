@@ -8,6 +8,7 @@
 
 #include <simdjson.h>
 
+#include <chrono>
 #include <memory>
 #include <string>
 #include <thread>
@@ -15,6 +16,7 @@
 
 #include "core/stats.hpp"
 #include "core/timer_wheel.hpp"
+#include "pushy/config.hpp"
 
 namespace pushy {
 
@@ -47,6 +49,14 @@ struct io_thread {
 
     std::thread thread;
     unsigned index = 0;
+    unsigned thread_count = 1;
+
+    // This thread's share of the node's accept rate: a token bucket of
+    // accept_rate / threads per second (accept_burst, or one second's
+    // worth, split the same way). Takes a token; false when none is left.
+    bool take_accept_token(const node_config& cfg);
+    double accept_tokens = -1;  // negative: not used yet (full)
+    std::chrono::steady_clock::time_point accept_filled;
 
     // Starts the wheel's ticker; call on the thread before run().
     void start_ticker();

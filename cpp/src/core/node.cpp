@@ -189,6 +189,7 @@ void node_impl::send_d2d(io_thread& home, d2d_message m, d2d_done done) {
 
 node_impl::~node_impl() {
     stop();
+    if (drain_watcher_.joinable()) drain_watcher_.join();
     release();
 }
 
@@ -218,6 +219,9 @@ io_thread& node_impl::thread_of(net::io_context& ioc) noexcept {
 
 void node_impl::start() {
     if (running_) return;
+    // A drain of an earlier run has stopped that run; its watcher is done.
+    if (drain_watcher_.joinable()) drain_watcher_.join();
+    draining_ = false;
     cfg_.validate();
     bool hs = cfg_.algorithm.starts_with("HS");
     verifier_ = std::make_unique<auth::jwt_verifier>(
@@ -230,6 +234,7 @@ void node_impl::start() {
     for (unsigned i = 0; i < n; ++i) {
         threads_.push_back(std::make_unique<io_thread>());
         threads_.back()->index = i;
+        threads_.back()->thread_count = n;
     }
     auto& io0 = threads_[0]->ioc;
     try {
@@ -284,6 +289,7 @@ void node_impl::start() {
 }
 
 void node_impl::stop() {
+    std::lock_guard lock(stop_mutex_);
     if (!running_) return;
     stopping_ = true;
 
@@ -320,6 +326,73 @@ void node_impl::stop() {
     PUSHY_INFO("node {} stopped", node_id_);
 }
 
+bool node_impl::drain(double over_s) {
+    if (!running_ || stopping_) return false;
+    if (draining_.exchange(true)) return false;
+    auto sessions = table_.snapshot();
+    auto now = std::chrono::steady_clock::now();
+    {
+        std::lock_guard lock(drain_mutex_);
+        drain_started_ = now;
+        drain_over_s_ = over_s;
+        drain_devices_ = sessions.size();
+    }
+    PUSHY_INFO("node {} draining: {} device{} asked to reconnect over {}s",
+               node_id_, sessions.size(), sessions.size() == 1 ? "" : "s",
+               over_s);
+    // Evenly spread: device k of N leaves at k * over_s / N.
+    auto span = std::chrono::duration<double>(over_s);
+    for (std::size_t k = 0; k < sessions.size(); ++k) {
+        auto at = now + std::chrono::duration_cast<
+                            std::chrono::steady_clock::duration>(
+                            span * (static_cast<double>(k) /
+                                    static_cast<double>(sessions.size())));
+        auto& s = sessions[k];
+        net::post(s->context(), [s, at] { s->drain_at(at); });
+    }
+    drain_watcher_ = std::thread([this] { watch_drain(); });
+    return true;
+}
+
+void node_impl::watch_drain() {
+    std::chrono::steady_clock::time_point deadline;
+    {
+        std::lock_guard lock(drain_mutex_);
+        deadline = drain_started_ +
+                   std::chrono::duration_cast<
+                       std::chrono::steady_clock::duration>(
+                       std::chrono::duration<double>(
+                           drain_over_s_ + cfg_.reconnect_grace_s));
+    }
+    while (running_ && !stopping_) {
+        bool empty = table_.size() == 0 && pending_upgrades.load() == 0;
+        if (empty || std::chrono::steady_clock::now() >= deadline) break;
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    if (!running_) return;
+    PUSHY_INFO("node {} drained ({} device{} left); stopping", node_id_,
+               table_.size(), table_.size() == 1 ? "" : "s");
+    stop();
+}
+
+std::string node_impl::drain_json() const {
+    if (!draining_) return R"({"draining":false})";
+    std::lock_guard lock(drain_mutex_);
+    double elapsed = std::chrono::duration<double>(
+                         std::chrono::steady_clock::now() - drain_started_)
+                         .count();
+    std::string s = R"({"draining":true,"over_s":)";
+    json::append_number(s, drain_over_s_);
+    s += ",\"elapsed_s\":";
+    json::append_number(s, elapsed);
+    s += ",\"deadline_s\":";
+    json::append_number(s, drain_over_s_ + cfg_.reconnect_grace_s);
+    s += ",\"devices\":" + std::to_string(drain_devices_);
+    s += ",\"left\":" + std::to_string(table_.size());
+    s += '}';
+    return s;
+}
+
 std::string node_impl::stats_json() const {
     std::vector<const counters*> blocks;
     for (auto& t : threads_) blocks.push_back(&t->stats);
@@ -328,10 +401,10 @@ std::string node_impl::stats_json() const {
                                .count()
                          : 0;
     auto s = pushy::stats_json(node_id_, table_.size(), blocks, up);
-    if (fleet_) {
-        s.pop_back();  // the closing brace
-        s += ",\"fleet\":" + fleet_->stats_json() + "}";
-    }
+    s.pop_back();  // the closing brace
+    s += ",\"drain\":" + drain_json();
+    if (fleet_) s += ",\"fleet\":" + fleet_->stats_json();
+    s += '}';
     return s;
 }
 
@@ -342,6 +415,8 @@ node::node(node_config cfg)
 node::~node() = default;
 void node::start() { impl_->start(); }
 void node::stop() { impl_->stop(); }
+bool node::drain(double over_s) { return impl_->drain(over_s); }
+bool node::draining() const noexcept { return impl_->draining(); }
 bool node::running() const noexcept { return impl_->running(); }
 std::uint16_t node::port() const noexcept { return impl_->port(); }
 std::uint16_t node::push_port() const noexcept { return impl_->push_port(); }

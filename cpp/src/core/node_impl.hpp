@@ -7,7 +7,9 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <optional>
+#include <thread>
 #include <string>
 #include <vector>
 
@@ -115,8 +117,24 @@ public:
         return stopping_.load(std::memory_order_relaxed);
     }
 
+    // Starts a drain (any thread): new upgrades are refused with 503, every
+    // connected device is sent {"t":"reconnect","reason":"drain"} at a time
+    // spread evenly over `over_s`, and the node stops itself once no device
+    // is left, or `over_s` + reconnect_grace_s after the start at the
+    // latest. Returns false (and does nothing) when the node is not running
+    // or already drains.
+    bool drain(double over_s);
+    // True from drain() on.
+    bool draining() const noexcept {
+        return draining_.load(std::memory_order_relaxed);
+    }
+    // The "drain" object of /v1/stats.
+    std::string drain_json() const;
+
 private:
     void release() noexcept;
+    // Waits, on its own thread, until the drain is over; then stops.
+    void watch_drain();
 
     node_config cfg_;
     std::string node_id_;
@@ -131,8 +149,18 @@ private:
     std::atomic<std::uint64_t> conn_ids_{1};
     std::uint16_t port_ = 0;
     std::uint16_t push_port_ = 0;
-    bool running_ = false;
+    std::atomic<bool> running_{false};
     std::atomic<bool> stopping_{false};
+    // stop() may come from the owner and from the drain watcher at once.
+    std::mutex stop_mutex_;
+    mutable std::mutex drain_mutex_;
+    std::atomic<bool> draining_{false};
+    std::thread drain_watcher_;
+    // Set by drain() before draining_ (and read only once it is true).
+    std::chrono::steady_clock::time_point drain_started_;
+    double drain_over_s_ = 0;
+    std::size_t drain_devices_ = 0;
+    std::atomic<bool> drain_done_{false};
     std::chrono::steady_clock::time_point started_at_;
 };
 

@@ -23,7 +23,9 @@ constexpr std::string_view reject_names[] = {
     "bad_ws_key",         "bad_subprotocol",
     "bad_origin",         "headers_too_large",
     "too_many_headers",   "upgrade_timeout",
-    "too_many_connections", "token_missing",
+    "too_many_connections", "accept_rate",
+    "draining",           "shutting_down",
+    "token_missing",
     "token_malformed",    "token_bad_signature",
     "token_wrong_algorithm", "token_expired",
     "token_no_expiry",
@@ -121,6 +123,15 @@ std::string stats_json(std::string_view node_id, std::size_t connections,
           sum(blocks, [](auto& b) -> auto& { return b.messages_out; }));
     field("pings_sent",
           sum(blocks, [](auto& b) -> auto& { return b.pings_sent; }));
+    s += ",\"reconnects\":{\"lifetime\":";
+    s += std::to_string(
+        sum(blocks, [](auto& b) -> auto& { return b.reconnects_lifetime; }));
+    s += ",\"drain\":";
+    s += std::to_string(
+        sum(blocks, [](auto& b) -> auto& { return b.reconnects_drain; }));
+    s += '}';
+    field("reconnect_grace_closes",
+          sum(blocks, [](auto& b) -> auto& { return b.reconnect_closes; }));
     s += ",\"pushes\":{";
     for (std::size_t i = 0; i < std::size(outcome_names); ++i) {
         if (i) s += ',';

@@ -47,6 +47,9 @@ enum class reject : std::uint8_t {
     too_many_headers,
     upgrade_timeout,
     too_many_connections,
+    accept_rate,          // 503: over the accept rate
+    draining,             // 503: the node is draining
+    shutting_down,        // 503: the node is stopping
     token_missing,
     token_malformed,
     token_bad_signature,
@@ -100,6 +103,11 @@ struct alignas(64) counters {
     std::atomic<std::uint64_t> messages_in{0};
     std::atomic<std::uint64_t> messages_out{0};
     std::atomic<std::uint64_t> pings_sent{0};
+    // Reconnect messages sent (lifetime, drain), and connections closed
+    // because they were still open a grace period after theirs.
+    std::atomic<std::uint64_t> reconnects_lifetime{0};
+    std::atomic<std::uint64_t> reconnects_drain{0};
+    std::atomic<std::uint64_t> reconnect_closes{0};
     std::array<std::atomic<std::uint64_t>,
                static_cast<std::size_t>(push_outcome::count_)>
         pushes{};

@@ -222,6 +222,10 @@ private:
             b += '}';
             return respond(http::status::ok, b);
         }
+        if (target == "/v1/drain") {
+            if (method != http::verb::post) return not_allowed("POST");
+            return drain(req.body());
+        }
         if (target == "/v1/stats") {
             if (method != http::verb::get) return not_allowed("GET");
             return respond(http::status::ok, node_.stats_json());
@@ -402,6 +406,51 @@ private:
         }
         s += "]}";
         respond(http::status::ok, s);
+    }
+
+    // POST /v1/drain {"over_s":S}: spreads the devices' reconnects over S
+    // seconds (drain_s when the body is empty or has no over_s), then the
+    // node stops itself. 202 with the plan; 409 when already draining.
+    void drain(const std::string& body) {
+        double over_s = node_.config().drain_s;
+        if (body.find_first_not_of(" \t\r\n") != std::string::npos) {
+            if (auto why = validate_json(body); !why.empty()) {
+                return respond(http::status::bad_request,
+                               R"({"error":"body is not valid JSON"})");
+            }
+            simdjson::dom::element doc;
+            auto padded = thread_.padded(body);
+            if (thread_.dom.parse(padded.data(), padded.size(), false)
+                    .get(doc) ||
+                !doc.is_object()) {
+                return respond(http::status::bad_request,
+                               R"({"error":"body must be a JSON object"})");
+            }
+            simdjson::dom::element v;
+            if (!doc["over_s"].get(v)) {
+                double d = -1;
+                if (v.is_number()) d = double(v);
+                if (!(d >= 0 && d <= 86400)) {
+                    return respond(
+                        http::status::bad_request,
+                        R"({"error":"over_s must be a number from 0 to 86400"})");
+                }
+                over_s = d;
+            }
+        }
+        auto devices = node_.table().size();
+        if (!node_.drain(over_s)) {
+            return respond(http::status::conflict,
+                           R"({"error":"node is already draining or stopping"})");
+        }
+        std::string b = R"({"status":"draining","node":)";
+        json::append_string(b, node_.node_id());
+        b += R"(,"over_s":)";
+        json::append_number(b, over_s);
+        b += R"(,"deadline_s":)";
+        json::append_number(b, over_s + node_.config().reconnect_grace_s);
+        b += ",\"devices\":" + std::to_string(devices) + '}';
+        respond(http::status::accepted, b);
     }
 
     void device_info(const std::string& device) {

@@ -17,10 +17,6 @@ namespace pushy {
 namespace net = boost::asio;
 using boost::system::error_code;
 
-// Outbound bytes a device may leave unread before it counts as a slow
-// consumer and is dropped.
-constexpr std::size_t max_outbound_bytes = 1 << 20;
-
 // A push written to the device and waiting for its ack.
 struct session::pending_ack : timer_entry {
     session* owner = nullptr;
@@ -121,6 +117,8 @@ void session::begin(std::string_view leftover) {
     next_ping_ = now + seconds(cfg.heartbeat_s * jitter(0.8));
     auto lifetime = cfg.lifetime_s * jitter(0.9);
     lifetime_end_ = now + seconds(lifetime);
+    // Started after a drain began (its snapshot missed it): leave at once.
+    if (node_.draining()) drain_at(now);
 
     std::string hello;
     hello.reserve(128);
@@ -544,7 +542,7 @@ void session::deliver(push_request req) {
     counters::bump(thread_.stats.messages_out);
     auto deadline = clock::now() + req.timeout;
     waiters_.push_back({queued_, deadline, std::move(req)});
-    if (out_.size() - out_offset_ > max_outbound_bytes) {
+    if (out_.size() - out_offset_ > node_.config().max_outbound_bytes) {
         thread_.stats.count(reject::slow_consumer);
         PUSHY_WARN("device {}: slow consumer, {} bytes unsent; closing",
                    device_, out_.size() - out_offset_);
@@ -778,12 +776,37 @@ void session::schedule_timer() {
     } else {
         next = awaiting_pong_ ? pong_deadline_ : next_ping_;
         if (has_expiry_) next = std::min(next, token_expiry_);
-        if (!reconnect_sent_) next = std::min(next, lifetime_end_);
+        // Before the reconnect message: when to send it; after: when the
+        // grace period of a device that did not leave ends.
+        next = std::min(next, lifetime_end_);
         if (writing_ && !waiters_.empty()) {
             next = std::min(next, waiters_.front().deadline);
         }
     }
     thread_.wheel.schedule(*this, next);
+}
+
+// Sends {"t":"reconnect"} (its lifetime ended, or the node drains) and
+// gives the device reconnect_grace_s to leave before closing it.
+void session::send_reconnect(clock::time_point now) {
+    reconnect_sent_ = true;
+    lifetime_end_ = now + seconds(node_.config().reconnect_grace_s);
+    if (draining_) {
+        counters::bump(thread_.stats.reconnects_drain);
+        send_frame(ws::opcode::text,
+                   R"({"t":"reconnect","in_ms":0,"reason":"drain"})");
+    } else {
+        counters::bump(thread_.stats.reconnects_lifetime);
+        send_frame(ws::opcode::text,
+                   R"({"t":"reconnect","in_ms":0,"reason":"lifetime"})");
+    }
+}
+
+void session::drain_at(clock::time_point at) {
+    if (state_ != state::open || reconnect_sent_) return;
+    draining_ = true;
+    if (at < lifetime_end_) lifetime_end_ = at;
+    schedule_timer();
 }
 
 void session::on_timer(timer_entry* e) {
@@ -829,10 +852,17 @@ void session::on_deadline() {
         close(ws::close_token_expired, "token expired");
         return;
     }
-    if (!reconnect_sent_ && now >= lifetime_end_) {
-        reconnect_sent_ = true;
-        send_frame(ws::opcode::text,
-                   R"({"t":"reconnect","in_ms":0,"reason":"lifetime"})");
+    if (now >= lifetime_end_) {
+        if (reconnect_sent_) {
+            // Asked to reconnect a grace period ago and still here.
+            counters::bump(thread_.stats.reconnect_closes);
+            PUSHY_DEBUG("device {}: still connected {}s after its reconnect; "
+                        "closing",
+                        device_, cfg.reconnect_grace_s);
+            close(ws::close_going_away, "reconnect requested");
+            return;
+        }
+        send_reconnect(now);
     }
     if (!awaiting_pong_ && now >= next_ping_) {
         awaiting_pong_ = true;

@@ -57,6 +57,10 @@ public:
     // once. No-op if already closing.
     void close(std::uint16_t code, std::string_view reason);
 
+    // The node drains: the reconnect message goes out at `at` (or at the
+    // end of the lifetime, if sooner), with reason "drain".
+    void drain_at(clock::time_point at);
+
     boost::asio::io_context& context() noexcept;
     const std::string& device() const noexcept { return device_; }
     const std::string& account() const noexcept { return account_; }
@@ -117,6 +121,7 @@ private:
     void settle_ack(pending_ack* p, push_outcome o, std::string_view why);
 
     void schedule_timer();
+    void send_reconnect(clock::time_point now);
     static void on_timer(timer_entry* e);
     void on_deadline();
 
@@ -162,6 +167,7 @@ private:
     bool awaiting_pong_ = false;
     bool has_expiry_ = false;
     bool reconnect_sent_ = false;
+    bool draining_ = false;
     bool registered_ = false;
     bool started_ = false;
 };

@@ -167,16 +167,27 @@ private:
             return refuse(http::status::bad_request, reject::bad_subprotocol,
                           "the only subprotocol is pushy.v1");
         }
+        // Admission, before the token costs a signature check. A device
+        // refused here tries again after Retry-After (another node, with a
+        // shared port or a load balancer).
         if (node_.stopping()) {
             return refuse(http::status::service_unavailable,
-                          reject::too_many_connections,
-                          "node is shutting down");
+                          reject::shutting_down, "node is shutting down", 1);
+        }
+        if (node_.draining()) {
+            return refuse(http::status::service_unavailable, reject::draining,
+                          "node is draining", 1);
         }
         if (cfg.max_connections != 0 &&
             node_.table().size() >= cfg.max_connections) {
             return refuse(http::status::service_unavailable,
                           reject::too_many_connections,
-                          "node is at its connection limit");
+                          "node is at its connection limit", 5);
+        }
+        if (cfg.accept_rate > 0 && !thread_.take_accept_token(cfg)) {
+            return refuse(http::status::service_unavailable,
+                          reject::accept_rate,
+                          "node is over its accept rate", 1);
         }
 
         // Authenticate: header first, then ?token= for browsers.
@@ -241,7 +252,8 @@ private:
 
     // Answers an error and closes. Each refusal is counted by reason; a
     // broken limit is a warning, the rest are debug (clients retry often).
-    void refuse(http::status status, reject why, std::string reason) {
+    void refuse(http::status status, reject why, std::string reason,
+                int retry_after_s = 0) {
         thread_.stats.count(why);
         if (status == http::status::request_header_fields_too_large) {
             PUSHY_WARN("upgrade refused ({}): {}", reject_name(why), reason);
@@ -262,8 +274,9 @@ private:
         if (status == http::status::unauthorized) {
             response_ += "WWW-Authenticate: Bearer error=\"invalid_token\"\r\n";
         }
-        if (status == http::status::service_unavailable) {
-            response_ += "Retry-After: 5\r\n";
+        if (retry_after_s > 0) {
+            response_ += "Retry-After: " + std::to_string(retry_after_s) +
+                         "\r\n";
         }
         response_ += "Connection: close\r\nContent-Length: ";
         response_ += std::to_string(body.size());
