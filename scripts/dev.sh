@@ -21,7 +21,7 @@ debs=(
     g++ cmake ninja-build pkg-config ccache
     python3 python3-venv python3-dev
     libboost-dev libssl-dev libhiredis-dev libmsgpack-cxx-dev
-    libspdlog-dev libjwt-dev libsimdjson-dev doctest-dev
+    libspdlog-dev libjwt-dev libsimdjson-dev prometheus-cpp-dev doctest-dev
     redis-server
 )
 

@@ -467,3 +467,34 @@ async def test_stats_count_pushes_by_outcome_and_bytes_in_and_out(
     ack_bytes = len(json.dumps({"t": "ack", "id": first["id"]}, separators=(",", ":")))
     assert after["bytes_out"] - before["bytes_out"] >= push_bytes
     assert after["bytes_in"] - before["bytes_in"] >= ack_bytes
+
+
+async def test_metrics_serve_the_stats_in_the_prometheus_text_format(
+    pushy_node_factory: Callable[..., Node], device_factory: DeviceFactory
+) -> None:
+    node = pushy_node_factory(node_id="m-1")
+    await device_factory("d1", node=node)
+    async with httpx.AsyncClient(
+        base_url=node.push_url, timeout=scaled(10), trust_env=False
+    ) as client:
+        await client.post("/v1/push", json={"device": "d1", "data": 1})
+        await client.post("/v1/push", json={"device": "nobody", "data": 1})
+        response = await client.get("/metrics")
+        refused = await client.post("/metrics")
+
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    samples = {}
+    for line in response.text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    assert samples['pushy_connections{node="m-1"}'] == 1
+    assert samples['pushy_pushes_total{node="m-1",outcome="delivered"}'] >= 1
+    assert samples['pushy_pushes_total{node="m-1",outcome="not_connected"}'] >= 1
+    assert samples['pushy_rejects_total{node="m-1",reason="draining"}'] == 0
+    assert samples['pushy_drain_draining{node="m-1"}'] == 0
+    assert samples['pushy_d2d_status_total{node="m-1",code="200"}'] == 0
+    assert "# TYPE pushy_connections_opened_total counter" in response.text
+    assert "# TYPE pushy_d2d_latency_seconds histogram" in response.text
+    assert refused.status_code == 405

@@ -15,6 +15,7 @@
 #include "detail/json_out.hpp"
 #include "detail/json_raw.hpp"
 #include "detail/url.hpp"
+#include "metrics/prometheus.hpp"
 #include "net/session.hpp"
 #include "routing/fleet.hpp"
 
@@ -225,6 +226,13 @@ private:
         if (target == "/v1/drain") {
             if (method != http::verb::post) return not_allowed("POST");
             return drain(req.body());
+        }
+        if (target == "/metrics") {
+            if (method != http::verb::get) return not_allowed("GET");
+            return respond(http::status::ok,
+                           metrics::prometheus_text(node_.stats_json(),
+                                                    thread_.dom),
+                           "text/plain; version=0.0.4");
         }
         if (target == "/v1/stats") {
             if (method != http::verb::get) return not_allowed("GET");
@@ -473,18 +481,21 @@ private:
     }
 
     // Writes a JSON response, then reads the next request (or closes).
-    void respond(http::status status, std::string body) {
+    void respond(http::status status, std::string body,
+                 std::string_view content_type = "application/json") {
         res_.emplace();
         res_->result(status);
         res_->version(11);
-        res_->set(http::field::content_type, "application/json");
+        res_->set(http::field::content_type, content_type);
         if (!res_extra_allow_.empty()) {
             res_->set(http::field::allow, res_extra_allow_);
             res_extra_allow_ = {};
         }
         res_->keep_alive(keep_alive_);
         res_->body() = std::move(body);
-        res_->body() += '\n';
+        if (res_->body().empty() || res_->body().back() != '\n') {
+            res_->body() += '\n';
+        }
         res_->prepare_payload();
         http::async_write(stream_, *res_,
                           [self = shared_from_this()](error_code ec,
