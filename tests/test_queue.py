@@ -56,6 +56,10 @@ def entries(redis: RedisServer, key: str) -> list[dict[str, str]]:
     return out
 
 
+def _flat(fields: dict[str, str]) -> list[str]:
+    return [x for kv in fields.items() for x in kv]
+
+
 def queued(redis: RedisServer, shards: int = 4) -> int:
     """Entries left in the queue's shards."""
     return sum(int(redis.command("XLEN", f"pushy:q:{i}")) for i in range(shards))
@@ -186,20 +190,54 @@ async def test_malformed_queue_entry_is_dead_lettered_and_the_rest_flows(
     node = fleet("node-a")
     tv = await device_factory("tv-1", node=node)
     redis_server.command("XADD", "pushy:q:0", "*", "device", "tv-1", "data", "1")
+    bad = {"id": "b", "device": "tv-1", "exp": str(2**62), "data": "1"}
+    redis_server.command("XADD", "pushy:q:0", "*",
+                         *_flat({**bad, "data": "{not json"}))
+    redis_server.command("XADD", "pushy:q:0", "*", *_flat({**bad, "ack": "maybe"}))
     processor = processor_factory()
     with PushClient(redis=redis_server.url) as client:
         mid = client.enqueue("tv-1", 2, ttl=scaled(30))
 
-    assert (await tv.wait_for("push", timeout=scaled(5)))["id"] == mid
-    await async_wait_until(lambda: processor.stats()["malformed"] == 1)
-    await async_wait_until(lambda: entries(redis_server, "pushy:q:dead") != [])
-    [dead] = entries(redis_server, "pushy:q:dead")
-    assert dead["reason"] == "malformed: no 'id' field"
-    assert (dead["device"], dead["stream"]) == ("tv-1", "pushy:q:0")
+    # Only the good message reaches the device, which can still read it.
+    assert (await tv.receive(timeout=scaled(5)))["id"] == mid
+    await async_wait_until(lambda: processor.stats()["malformed"] == 3)
+    await async_wait_until(lambda: len(entries(redis_server, "pushy:q:dead")) == 3)
+    dead = entries(redis_server, "pushy:q:dead")
+    assert [d["reason"] for d in dead] == [
+        "malformed: no 'id' field",
+        "malformed: 'data' is not valid JSON",
+        "malformed: 'ack' is neither 'written' nor 'client'",
+    ]
+    assert (dead[0]["device"], dead[0]["stream"]) == ("tv-1", "pushy:q:0")
+
+
+async def test_messages_for_offline_devices_never_hold_up_an_online_one(
+    fleet: Callable[..., Node],
+    device_factory: DeviceFactory,
+    redis_server: RedisServer,
+    processor_factory: Callable[..., MessageProcessor],
+) -> None:
+    node = fleet("node-a")
+    tv = await device_factory("tv-1", node=node)
+    processor = processor_factory(batch=8, max_in_flight=16)
+    with PushClient(redis=redis_server.url) as client:
+        client.enqueue_many([(f"away-{i}", i) for i in range(400)], ttl=scaled(60))
+        await async_wait_until(lambda: processor.stats()["waiting"] >= 300)
+        mid = client.enqueue("tv-1", "now", ttl=scaled(60))
+
+    push = await tv.wait_for("push", timeout=scaled(5))
+    assert push["id"] == mid
+    assert processor.stats()["expired"] == 0
 
 
 def test_enqueue_refuses_what_it_cannot_queue(redis_server: RedisServer) -> None:
+    with pytest.raises(pushy.ConfigError, match="sender must be a service name"):
+        PushClient(redis=redis_server.url, sender='we"ird')
     with PushClient(redis=redis_server.url) as client:
+        with pytest.raises(TypeError, match="device must be a string, got 5"):
+            client.enqueue(5, 1)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="id must be a string or None"):
+            client.enqueue("tv-1", 1, id=17)  # type: ignore[arg-type]
         with pytest.raises(pushy.PushError, match="'device' must not be empty"):
             client.enqueue("", 1)
         with pytest.raises(pushy.PushError, match="'ttl' must be more than 0"):
@@ -228,6 +266,10 @@ def test_processor_options_are_checked(redis_server: RedisServer) -> None:
         MessageProcessor(redis_server.url, shards=0)
     with pytest.raises(pushy.ConfigError, match="retry_max_s"):
         MessageProcessor(redis_server.url, retry_min_s=2, retry_max_s=1)
+    with pytest.raises(pushy.ConfigError, match="batch must be between 1 and 10000"):
+        MessageProcessor(redis_server.url, batch=-1)
+    with pytest.raises(pushy.ConfigError, match="must not contain blanks"):
+        MessageProcessor(redis_server.url, group="a b")
     with pytest.raises(pushy.ConfigError):
         MessageProcessor("http://not-redis")
 

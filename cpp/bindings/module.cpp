@@ -158,6 +158,7 @@ pushy::processor_config processor_config_from(const py::dict& d) {
         else if (key == "shards") count(c.shards);
         else if (key == "batch") count(c.batch);
         else if (key == "max_in_flight") count(c.max_in_flight);
+        else if (key == "max_waiting") count(c.max_waiting);
         else if (key == "claim_idle_s") num(c.claim_idle_s);
         else if (key == "retry_min_s") num(c.retry_min_s);
         else if (key == "retry_max_s") num(c.retry_max_s);

@@ -104,6 +104,10 @@ TEST_CASE("entries without the needed fields are malformed, saying which") {
     check({"id", "m", "device", "tv", "exp", "5"}, "no 'data' field");
     check({"id", "m", "device", "tv", "data", "1", "exp", "soon"},
           "no valid 'exp' field");
+    check({"id", "m", "device", "tv", "data", "{not json", "exp", "5"},
+          "'data' is not valid JSON");
+    check({"id", "m", "device", "tv", "data", "1", "exp", "5", "ack", "maybe"},
+          "'ack' is neither 'written' nor 'client'");
     // A message without `from` comes from the queue; `ack` is written.
     queue::entry e;
     queue::parse_fields(R.fields({"id", "m", "device", "tv", "data", "1",

@@ -100,7 +100,8 @@ _SERVE_OPTIONS: list[tuple[str, str, Any, str]] = [
 # processor options: flag, MessageProcessor argument, default, help.
 _PROCESSOR_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--batch", "batch", 256, "entries read per request"),
-    ("--max-in-flight", "max_in_flight", 10000, "messages held at once"),
+    ("--max-in-flight", "max_in_flight", 10000, "messages being delivered at once"),
+    ("--max-waiting", "max_waiting", 100000, "messages waiting for a retry"),
     ("--claim-idle-s", "claim_idle_s", 30.0, "claim entries pending this long"),
     ("--retry-min-s", "retry_min_s", 0.1, "first retry backoff"),
     ("--retry-max-s", "retry_max_s", 5.0, "longest retry backoff"),
@@ -295,7 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(distinct --consumer names) to share the work.",
     )
     _add_redis_options(processor, "Redis URL of the registry and the queue")
-    processor.add_argument("--group", default="processors", help="consumer group")
+    processor.add_argument(
+        "--group", default="processors", help="consumer group [processors]"
+    )
     processor.add_argument("--consumer", help="name in the group [HOST-PID]")
     processor.add_argument("--shards", type=int, default=4, help="queue shards [4]")
     for flag, dest, default, text in _PROCESSOR_OPTIONS:
@@ -529,6 +532,8 @@ def _cluster(args: argparse.Namespace) -> int:
     try:
         try:
             cluster.start()
+        except ConfigError as exc:  # refused credentials or database
+            return _fail(str(exc))
         except PushyError as exc:
             return _fail(str(exc), code=1)
         for node in cluster.nodes:
@@ -625,6 +630,8 @@ def _devicelist(args: argparse.Namespace) -> int:
     try:
         try:
             service.start_thread()
+        except ConfigError as exc:  # refused credentials or database
+            return _fail(str(exc))
         except PushyError as exc:
             return _fail(str(exc), code=1)
         print(

@@ -368,12 +368,17 @@ def _check_prefix(prefix: str) -> None:
 def _check_redis_url(url: str) -> None:
     from redis.connection import parse_url
 
-    if not isinstance(url, str) or not url:
-        raise ConfigError(f"redis must be a redis:// URL, got {url!r}")
+    # The events go out through the engine's push client, which speaks
+    # plain redis:// (no TLS, no Unix socket), as the nodes do.
+    if not isinstance(url, str) or not url.startswith("redis://"):
+        shown = _redacted(url) if isinstance(url, str) else repr(url)
+        raise ConfigError(f"redis must be a redis:// URL, got {shown!r}")
     try:
         parse_url(url)
     except ValueError as exc:
-        raise ConfigError(f"redis must be a redis:// URL, got {url!r}: {exc}") from None
+        raise ConfigError(
+            f"redis must be a redis:// URL, got {_redacted(url)!r}: {exc}"
+        ) from None
 
 
 def _redacted(url: str) -> str:
@@ -601,7 +606,10 @@ class DeviceListService:
             raise ConfigError(f"redis refused the service: {exc}") from None
         except rexc.ResponseError as exc:
             await self._redis.aclose()
-            raise ConfigError(f"redis refused the service: {exc}") from None
+            text = str(exc)
+            if "NOAUTH" in text or "authenticated" in text:
+                text = "it needs a password (redis://:PASSWORD@HOST:PORT)"
+            raise ConfigError(f"redis refused the service: {text}") from None
         except _REDIS_ERRORS as exc:
             self._redis_down(exc)
         if self._deliver_fn is None:

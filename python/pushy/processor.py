@@ -47,8 +47,11 @@ class MessageProcessor:
             the messages it held.
         shards: number of queue shards, as :class:`pushy.PushClient` uses.
         batch: entries read per request.
-        max_in_flight: messages held (delivering or waiting to retry) before
-            reading pauses.
+        max_in_flight: messages being delivered at once; reading pauses
+            at this many.
+        max_waiting: messages waiting for a retry (their device offline,
+            say); reading pauses at this many, so that below it an offline
+            device's messages never hold up the others.
         claim_idle_s: an entry pending this long on another consumer is
             claimed (that consumer is taken for dead).
         retry_min_s: first backoff; it doubles per attempt up to
@@ -80,6 +83,7 @@ class MessageProcessor:
         shards: int = 4,
         batch: int = 256,
         max_in_flight: int = 10000,
+        max_waiting: int = 100_000,
         claim_idle_s: float = 30.0,
         retry_min_s: float = 0.1,
         retry_max_s: float = 5.0,
@@ -98,6 +102,7 @@ class MessageProcessor:
             "shards": shards,
             "batch": batch,
             "max_in_flight": max_in_flight,
+            "max_waiting": max_waiting,
             "claim_idle_s": claim_idle_s,
             "retry_min_s": retry_min_s,
             "retry_max_s": retry_max_s,
@@ -106,10 +111,13 @@ class MessageProcessor:
             "route_cache_ttl_s": route_cache_ttl_s,
             "dead_maxlen": dead_maxlen,
         }
-        for name in ("shards", "batch", "max_in_flight", "dead_maxlen"):
+        for name in ("shards", "batch", "max_in_flight", "max_waiting", "dead_maxlen"):
             value = options[name]
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(f"{name} must be an integer, got {value!r}")
+            # Out of range, negative or not, is the engine's to say (with
+            # the range).
+            options[name] = max(value, 0)
         self.redis = redis
         self.prefix = prefix
         self.group = group

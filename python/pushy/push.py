@@ -139,6 +139,15 @@ class PushClient:
         self.url = url.rstrip("/") if url is not None else None
         self.redis = redis
         self.timeout = timeout
+        if (
+            not isinstance(sender, str)
+            or not 1 <= len(sender.encode()) <= 64
+            or any(c.isspace() or c == '"' or ord(c) < 32 for c in sender)
+        ):
+            raise ConfigError(
+                "sender must be a service name of 1 to 64 bytes without blanks "
+                f"or quotes, got {sender!r}"
+            )
         self.sender = sender
         if not isinstance(queue_shards, int) or not 1 <= queue_shards <= 1024:
             raise ConfigError(
@@ -357,6 +366,12 @@ class PushClient:
     ) -> tuple[str, str, str, float, bool, str, int]:
         if ack not in ("written", "client"):
             raise ConfigError(f"ack must be 'written' or 'client', got {ack!r}")
+        if not isinstance(device, str):
+            raise TypeError(f"device must be a string, got {device!r}")
+        if id is not None and not isinstance(id, str):
+            raise TypeError(f"id must be a string or None, got {id!r}")
+        if isinstance(ttl, bool) or not isinstance(ttl, int | float):
+            raise TypeError(f"ttl must be a number of seconds, got {ttl!r}")
         text = json.dumps(data, separators=(",", ":"), allow_nan=False)
         return (
             device,

@@ -28,10 +28,12 @@ struct processor_config {
     // a processor restarted with its old name resumes its pending entries.
     std::string consumer;
     unsigned shards = 4;
-    // Entries read per XREADGROUP, and at most this many messages in
-    // flight or waiting for a retry before the processor stops reading.
+    // Entries read per XREADGROUP. Reading pauses while max_in_flight
+    // messages are being delivered, or max_waiting wait for a retry (an
+    // offline device's messages never hold up the others' below that).
     unsigned batch = 256;
     unsigned max_in_flight = 10000;
+    unsigned max_waiting = 100000;
     // An entry pending this long on another consumer is claimed (that
     // consumer is taken for dead). This processor keeps its own entries
     // younger than that while it holds them.

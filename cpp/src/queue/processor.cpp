@@ -81,6 +81,18 @@ void processor_config::validate() const {
         throw config_error("max_in_flight must be at least batch and at "
                            "most 10000000");
     }
+    if (max_waiting < 1 || max_waiting > 100000000) {
+        throw config_error("max_waiting must be between 1 and 100000000");
+    }
+    if (dead_maxlen < 1) {
+        throw config_error("dead_maxlen must be at least 1");
+    }
+    auto blank = [](const std::string& v) {
+        return v.find_first_of(" \t\r\n") != std::string::npos;
+    };
+    if (blank(group) || blank(consumer)) {
+        throw config_error("group and consumer must not contain blanks");
+    }
     if (!fits(claim_idle_s, 0.2, 86400)) {
         throw config_error("claim_idle_s must be between 0.2 and 86400");
     }
@@ -225,7 +237,7 @@ private:
 
     void read_next() {
         if (stopped_ || reading_) return;
-        if (held_.size() + cfg_.batch > cfg_.max_in_flight) {
+        if (!room()) {
             paused_ = true;  // resumed when messages leave
             return;
         }
@@ -299,6 +311,14 @@ private:
         });
     }
 
+    // Whether a batch more fits: delivering and waiting messages each
+    // below their bound.
+    bool room() const {
+        auto waiting = held_.size() - delivering_;
+        return delivering_ + cfg_.batch <= cfg_.max_in_flight &&
+               waiting < cfg_.max_waiting;
+    }
+
     // Starts on an entry read or claimed. One already held (a claim of an
     // entry of ours) is left to its attempt in progress.
     void take(queue::entry e) {
@@ -346,6 +366,7 @@ private:
             return dead_letter(key, why);
         }
         ++h.attempts;
+        ++delivering_;
         bump(attempts_);
         peer::request req;
         req.device = h.msg.device;
@@ -364,6 +385,8 @@ private:
 
     void on_result(const std::string& key, const peer::reply& r) {
         if (stopped_) return;
+        --delivering_;
+        if (paused_) read_next();
         auto it = held_.find(key);
         if (it == held_.end()) return;  // claimed by another consumer
         auto& h = it->second;
@@ -517,9 +540,7 @@ private:
         if (shard >= cfg_.shards || !writer_.up() || history_) {
             return schedule_claim();
         }
-        if (held_.size() + cfg_.batch > cfg_.max_in_flight) {
-            return schedule_claim();
-        }
+        if (!room()) return schedule_claim();
         auto idle = std::to_string(ms_of(cfg_.claim_idle_s).count());
         auto count = std::to_string(cfg_.batch);
         writer_.command(
@@ -655,6 +676,7 @@ private:
     net::steady_timer keep_timer_;
     bool retry_armed_ = false;
     std::size_t acking_ = 0;  // XACKs sent and not answered
+    std::size_t delivering_ = 0;  // attempts waiting for their answer
     clock::time_point retry_due_;
     std::unordered_map<std::string, held> held_;
     std::priority_queue<due_entry, std::vector<due_entry>,

@@ -4,6 +4,8 @@
 #include <hiredis/hiredis.h>
 #include <openssl/rand.h>
 
+#include <simdjson.h>
+
 #include <charconv>
 
 #include "pushy/config.hpp"
@@ -23,6 +25,13 @@ std::string_view text_of(const redisReply* r) {
 bool parse_u64(std::string_view s, std::uint64_t& out) {
     auto r = std::from_chars(s.data(), s.data() + s.size(), out);
     return !s.empty() && r.ec == std::errc{} && r.ptr == s.data() + s.size();
+}
+
+bool valid_json(std::string_view text) {
+    thread_local simdjson::dom::parser parser;
+    simdjson::padded_string padded(text);
+    simdjson::dom::element ignored;
+    return !parser.parse(padded).get(ignored);
 }
 
 // One [id, fields] pair of a stream reply.
@@ -90,7 +99,7 @@ std::vector<std::string> fields_of(const message& m) {
 void parse_fields(const redisReply* fields, entry& e) {
     message m;
     bool has_id = false, has_device = false, has_data = false,
-         has_exp = false;
+         has_exp = false, bad_ack = false;
     for (std::size_t i = 0; i + 1 < fields->elements; i += 2) {
         auto k = text_of(fields->element[i]);
         auto v = text_of(fields->element[i + 1]);
@@ -106,6 +115,7 @@ void parse_fields(const redisReply* fields, entry& e) {
             has_data = !v.empty();
         } else if (k == "ack") {
             m.want_ack = v == "client";
+            bad_ack = v != "client" && v != "written";
         } else if (k == "exp") {
             has_exp = parse_u64(v, m.expires_ms);
         } else if (k == "from") {
@@ -122,6 +132,11 @@ void parse_fields(const redisReply* fields, entry& e) {
         e.error = "no 'data' field";
     } else if (!has_exp) {
         e.error = "no valid 'exp' field";
+    } else if (bad_ack) {
+        e.error = "'ack' is neither 'written' nor 'client'";
+    } else if (!valid_json(m.data)) {
+        // The node passes data to the device as it is: it must be JSON.
+        e.error = "'data' is not valid JSON";
     } else {
         if (m.from.empty()) m.from = "queue";
         e.msg = std::move(m);
