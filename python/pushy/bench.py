@@ -57,8 +57,10 @@ def add_parser(commands: Any) -> None:
         help="direct push through PushClient(redis=) to devices on a cluster",
         description=__doc__.split("\n\n")[1] if __doc__ else None,
     )
-    push.add_argument("--devices", type=int, default=10000, metavar="N")
-    push.add_argument("--nodes", type=int, default=2, metavar="N")
+    push.add_argument("--devices", type=int, default=10000, metavar="N",
+                      help="devices held by pushy-loadgen [10000]")
+    push.add_argument("--nodes", type=int, default=2, metavar="N",
+                      help="node processes sharing the device port [2]")
     push.add_argument("--pushes", type=int, default=200000, metavar="N")
     push.add_argument("--batch", type=int, default=2000, metavar="N",
                       help="concurrent pushes per batch [2000]")
@@ -82,8 +84,10 @@ def add_parser(commands: Any) -> None:
         help="indirect push: enqueue to delivery through a message processor",
         description=_QUEUE_DOC,
     )
-    queue.add_argument("--devices", type=int, default=10000, metavar="N")
-    queue.add_argument("--nodes", type=int, default=2, metavar="N")
+    queue.add_argument("--devices", type=int, default=10000, metavar="N",
+                       help="devices held by pushy-loadgen [10000]")
+    queue.add_argument("--nodes", type=int, default=2, metavar="N",
+                       help="node processes sharing the device port [2]")
     queue.add_argument("--messages", type=int, default=100000, metavar="N",
                        help="messages enqueued per run [100000]")
     queue.add_argument("--rate", type=float, default=0, metavar="R",
@@ -97,11 +101,32 @@ def add_parser(commands: Any) -> None:
 
 def _add_run_options(parser: argparse.ArgumentParser, run: Any) -> None:
     """The options every scenario takes, and ``run`` as its handler."""
-    parser.add_argument("--runs", type=int, default=3, metavar="N")
+    parser.add_argument("--runs", type=int, default=3, metavar="N",
+                        help="runs; the summary is their median, min, max [3]")
     parser.add_argument("--redis", metavar="URL",
                         help="an existing Redis [start a redis-server]")
-    parser.add_argument("--results", default="bench-results", metavar="DIR")
+    parser.add_argument("--results", default="bench-results", metavar="DIR",
+                        help="folder of the JSON results and plots "
+                        "[bench-results]")
     parser.set_defaults(func=_cli(run))
+
+
+def _redis_of(args: argparse.Namespace) -> tuple[Any, str]:
+    """The scenario's Redis: ``--redis`` (checked to answer), or a
+    ``redis-server`` started on a free port (returned, to stop)."""
+    from .testing import RedisServer
+
+    if not args.redis:
+        server = RedisServer().start()
+        return server, server.url
+    import redis
+
+    try:
+        with redis.Redis.from_url(args.redis, socket_timeout=2) as client:
+            client.ping()
+    except (redis.RedisError, ValueError) as exc:
+        raise PushyError(f"--redis {args.redis!r} does not answer: {exc}") from None
+    return None, args.redis
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:
@@ -152,15 +177,12 @@ def _percentile(values: list[float], p: float) -> float:
 
 def run_push(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
     """Run the push scenario; return the results (also written as JSON)."""
-    from .testing import RedisServer
-
     if args.devices < 1 or args.nodes < 1 or args.pushes < 1 or args.batch < 1:
         raise PushyError("--devices, --nodes, --pushes and --batch must be >= 1")
     loadgen = loadgen_path()
     tmp = Path(tempfile.mkdtemp(prefix="pushy-bench-"))
     devices = [f"bench-{i}" for i in range(args.devices)]
-    redis = None if args.redis else RedisServer().start()
-    url = args.redis or redis.url  # type: ignore[union-attr]
+    redis, url = _redis_of(args)
     procs: list[subprocess.Popen[bytes]] = []
     try:
         cluster = Cluster(args.nodes, url, secret=_SECRET, name="bench").start()
@@ -532,8 +554,6 @@ def _interval_percentiles(
 
 def run_d2d(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
     """Run the d2d scenario; return the results (also written as JSON)."""
-    from .testing import RedisServer
-
     try:
         rates = [float(r) for r in str(args.rates).split(",") if r.strip()]
     except ValueError:
@@ -543,8 +563,7 @@ def run_d2d(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
     if not 1 <= args.pairs <= 18000:
         raise PushyError("--pairs must be between 1 and 18000")
     tmp = Path(tempfile.mkdtemp(prefix="pushy-bench-"))
-    redis = None if args.redis else RedisServer().start()
-    url = args.redis or redis.url  # type: ignore[union-attr]
+    redis, url = _redis_of(args)
     phases: list[dict[str, Any]] = []
     try:
         for rate in rates:
@@ -641,14 +660,11 @@ RESULTS/queue.json and queue.png."""
 
 def run_queue(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
     """Run the queue scenario; return the results (also written as JSON)."""
-    from .testing import RedisServer
-
     if min(args.devices, args.nodes, args.messages, args.runs) < 1 or args.rate < 0:
         raise PushyError("--devices, --nodes, --messages and --runs must be >= 1 "
                          "and --rate >= 0")
     tmp = Path(tempfile.mkdtemp(prefix="pushy-bench-"))
-    redis = None if args.redis else RedisServer().start()
-    url = args.redis or redis.url  # type: ignore[union-attr]
+    redis, url = _redis_of(args)
     try:
         runs = [_queue_run(url, args, tmp, say) for _ in range(args.runs)]
     finally:
