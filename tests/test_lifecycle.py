@@ -225,7 +225,10 @@ async def test_drain_refuses_new_devices_and_reports_its_progress_in_stats(
     grace, over, close = scaled(1), scaled(2), scaled(0.5)
     node = pushy_node_factory(reconnect_grace_s=grace, close_timeout_s=close)
     sockets = [raw_device(node, f"d{i}")[0] for i in range(4)]
-    assert fetch_stats(node)["drain"] == {"draining": False}
+    assert fetch_stats(node)["drain"] == {
+        "draining": False, "over_s": 0, "elapsed_s": 0, "deadline_s": 0,
+        "devices": 0, "left": 0,
+    }
 
     assert node.drain(over) is True
     drain = fetch_stats(node)["drain"]
