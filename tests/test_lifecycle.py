@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import math
-import os
 import subprocess
 import sys
 import time
@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import pushy
 import pytest
-from conftest import SANITIZED, fetch_stats, rss_kib, stop_process
+from conftest import SANITIZED, fetch_stats, report, rss_kib, stop_process
 from fleet_devices import Devices
 from pushy import Cluster, DeviceClient, Node, PushClient
 from pushy.testing import (
@@ -39,14 +39,6 @@ from wsraw import RawWebSocket, upgrade_headers
 
 DeviceFactory = Callable[..., Awaitable[DeviceClient]]
 NodeFactory = Callable[..., Node]
-
-
-def report(line: str) -> None:
-    """Print a measured figure and append it to ``$PUSHY_REPORT``."""
-    print(line)
-    if os.environ.get("PUSHY_REPORT"):
-        with open(os.environ["PUSHY_REPORT"], "a") as f:
-            f.write(line + "\n")
 
 
 def records(redis: RedisServer, names: list[str]) -> list[str | None]:
@@ -169,7 +161,7 @@ async def test_reconnecting_client_moves_to_a_new_connection_at_its_lifetime(
 # Drain: the small things.
 
 
-async def test_drain_request_is_checked_and_a_second_one_is_409(
+def test_drain_request_is_checked_and_a_second_one_is_409(
     pushy_node_factory: NodeFactory, raw_device: Callable[..., Any]
 ) -> None:
     node = pushy_node_factory(reconnect_grace_s=scaled(3))
@@ -226,8 +218,12 @@ async def test_drain_refuses_new_devices_and_reports_its_progress_in_stats(
     node = pushy_node_factory(reconnect_grace_s=grace, close_timeout_s=close)
     sockets = [raw_device(node, f"d{i}")[0] for i in range(4)]
     assert fetch_stats(node)["drain"] == {
-        "draining": False, "over_s": 0, "elapsed_s": 0, "deadline_s": 0,
-        "devices": 0, "left": 0,
+        "draining": False,
+        "over_s": 0,
+        "elapsed_s": 0,
+        "deadline_s": 0,
+        "devices": 0,
+        "left": 0,
     }
 
     assert node.drain(over) is True
@@ -246,7 +242,9 @@ async def test_drain_refuses_new_devices_and_reports_its_progress_in_stats(
     started = time.monotonic()
     for ws in sockets:
         assert ws.recv_message(timeout=over + scaled(1)) == {
-            "t": "reconnect", "in_ms": 0, "reason": "drain",
+            "t": "reconnect",
+            "in_ms": 0,
+            "reason": "drain",
         }
         arrivals.append(time.monotonic() - started)
     assert arrivals[-1] >= 0.75 * over - scaled(0.25), arrivals
@@ -255,9 +253,7 @@ async def test_drain_refuses_new_devices_and_reports_its_progress_in_stats(
     assert stats["reconnects"]["drain"] == 4
     # None leaves: each is closed a grace after its message, and given
     # close_timeout_s to answer the close (these never do); then it stops.
-    assert await asyncio.to_thread(
-        node.wait_stopped, over + grace + close + scaled(2)
-    )
+    assert await asyncio.to_thread(node.wait_stopped, over + grace + close + scaled(2))
     assert time.monotonic() - started <= over + grace + close + scaled(0.5)
     after = node.stats()
     assert after["reconnect_grace_closes"] == 4
@@ -283,7 +279,7 @@ async def test_reconnecting_client_waits_the_retry_after_of_a_refusal(
                 interval=0.005,
             )
             times.append(time.monotonic())
-        gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+        gaps = [b - a for a, b in itertools.pairwise(times)]
         # Retry-After 1 times a factor in [1, 1.5), and a poll's slack.
         assert all(0.95 <= g <= 1.5 + scaled(0.3) for g in gaps), gaps
         assert device.connected  # the old connection is still read
@@ -457,8 +453,10 @@ def test_stopped_device_process_is_forgotten_within_heartbeat_and_pong_timeout(
         stop_process(process)
         stopped = time.monotonic()
         wait_until(
-            lambda: node.connections == 0
-            and redis_server.command("EXISTS", "pushy:dev:{tv-1}") == 0,
+            lambda: (
+                node.connections == 0
+                and redis_server.command("EXISTS", "pushy:dev:{tv-1}") == 0
+            ),
             timeout=heartbeat + pong_timeout + scaled(3),
             interval=0.005,
             message="the stopped device's connection and record to go",
@@ -500,8 +498,10 @@ async def test_devices_of_a_killed_node_are_registered_on_the_others(
         killed = time.monotonic()
         await asyncio.to_thread(doomed.kill)
         await async_wait_until(
-            lambda: sum(devices.nodes().values()) == 5000
-            and "node-0" not in devices.nodes(),
+            lambda: (
+                sum(devices.nodes().values()) == 5000
+                and "node-0" not in devices.nodes()
+            ),
             timeout=scaled(120),
             interval=0.05,
             message="every device connected to another node",

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from typing import Any
 
 import pushy
 import pytest
+from conftest import report
 from fleet_devices import Devices
 from pushy import Cluster, DeviceClient, MessageProcessor, Node, PushClient
 from pushy.testing import RedisServer, async_wait_until, scaled
@@ -400,16 +400,13 @@ async def test_ten_thousand_messages_survive_a_node_killed_and_restarted(
 
     duplicates = sum(devices.received.values()) - len(devices.received)
     stats = processor.stats()
-    report = (
+    summary = (
         f"10,000 messages to 1,000 devices in {elapsed:.1f} s: node-0 killed "
         f"after {killed_at} and restarted; {duplicates} duplicates, "
         f"{devices.reconnects} reconnects, {stats['attempts']} attempts, "
         f"{stats['retried']} retried"
     )
-    print(report)
-    assert set(devices.received) == ids, report
-    assert stats["expired"] == stats["undeliverable"] == 0, report
+    report(summary)
+    assert set(devices.received) == ids, summary
+    assert stats["expired"] == stats["undeliverable"] == 0, summary
     assert entries(redis_server, "pushy:q:dead") == []
-    if os.environ.get("PUSHY_REPORT"):
-        with open(os.environ["PUSHY_REPORT"], "a") as f:
-            f.write(report + "\n")

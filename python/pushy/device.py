@@ -821,18 +821,17 @@ class DeviceClient:
             try:
                 link = await self._open_link()
             except ConnectError as exc:
-                status = exc.status
-                if status is not None and 400 <= status < 500 and status not in (
-                    408,
-                    429,
-                ):
+                if exc.status is not None and _refused_for_good(exc.status):
                     self._give_up(exc)
                     return
                 attempt += 1
                 delay = self._retry_delay(exc, attempt)
                 _log.debug(
                     "device %s: reconnect attempt %d failed (%s); next in %.2f s",
-                    self.device, attempt, exc, delay,
+                    self.device,
+                    attempt,
+                    exc,
+                    delay,
                 )
                 continue
             if self._stopping:
@@ -874,7 +873,9 @@ class DeviceClient:
         self._wake.set()
         self._wake = asyncio.Event()
 
-    async def _wait_change(self, deadline: float | None, stop: Callable[[], bool]) -> None:
+    async def _wait_change(
+        self, deadline: float | None, stop: Callable[[], bool]
+    ) -> None:
         """Wait for the readers to add a message or change state."""
         if stop():
             return
@@ -941,6 +942,12 @@ def _closed_of(exc: websockets.exceptions.ConnectionClosed) -> ConnectionClosed:
 
 def _ack_text(id: Any) -> str:
     return json.dumps({"t": "ack", "id": id}, separators=(",", ":"))
+
+
+def _refused_for_good(status: int) -> bool:
+    """Whether an upgrade refused with HTTP ``status`` is not worth retrying:
+    a 4xx (a bad token, path or request) other than 408 and 429."""
+    return 400 <= status < 500 and status not in (408, 429)
 
 
 def _retry_after(value: str | None) -> float | None:
