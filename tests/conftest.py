@@ -180,6 +180,15 @@ def stop_process(process: subprocess.Popen[str]) -> None:
         time.sleep(0.001)
 
 
+def report(line: str) -> None:
+    """Print a measured figure (seen with ``-s``) and append it to the file
+    named by ``PUSHY_REPORT``, when that is set."""
+    print(line)
+    if os.environ.get("PUSHY_REPORT"):
+        with open(os.environ["PUSHY_REPORT"], "a") as f:
+            f.write(line + "\n")
+
+
 def rss_kib(pid: int | str = "self") -> int:
     """Resident memory (VmRSS) of process ``pid``, in KiB."""
     with open(f"/proc/{pid}/status") as f:

@@ -10,20 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import os
 import subprocess
 import sys
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pushy
 import pytest
-import websockets
+from conftest import report
+from fleet_devices import Devices
 from pushy import Cluster, DeviceClient, MessageProcessor, Node, PushClient
-from pushy.testing import RedisServer, async_wait_until, scaled, token_for
+from pushy.testing import RedisServer, async_wait_until, scaled
 
 DeviceFactory = Callable[..., Awaitable[DeviceClient]]
 
@@ -401,68 +399,6 @@ async def test_processor_carries_on_after_redis_restarts_empty(
 # The fleet under failure.
 
 
-class Devices:
-    """Many devices on one event loop that ack every push and reconnect.
-
-    Each device keeps a connection open to ``url``; when it closes (its node
-    was killed), it connects again after a short pause, to whichever node
-    the shared port leads to. Every push id received is counted.
-    """
-
-    def __init__(
-        self, url: str, names: list[str], at: int = 0, then: Callable[[], Any] | None = None
-    ) -> None:
-        self.url = url
-        self.names = names
-        self.at, self.then = at, then
-        self.received: Counter[str] = Counter()
-        self.connected: set[str] = set()
-        self.reconnects = 0
-        self._tasks: list[asyncio.Task[None]] = []
-        self._stop = asyncio.Event()
-
-    async def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._run(n)) for n in self.names]
-        await async_wait_until(
-            lambda: len(self.connected) == len(self.names), timeout=scaled(30)
-        )
-
-    async def stop(self) -> None:
-        self._stop.set()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    async def _run(self, name: str) -> None:
-        token = token_for(name)
-        first = True
-        while not self._stop.is_set():
-            if not first:
-                self.reconnects += 1
-                await asyncio.sleep(0.05)
-            first = False
-            try:
-                async with websockets.connect(
-                    f"{self.url}?token={token}",
-                    subprotocols=["pushy.v1"],  # type: ignore[list-item]
-                    open_timeout=scaled(10),
-                    ping_interval=None,
-                ) as ws:
-                    async for text in ws:
-                        message = json.loads(text)
-                        if message["t"] == "hello":
-                            self.connected.add(name)
-                        elif message["t"] == "push":
-                            self.received[message["id"]] += 1
-                            if self.then and len(self.received) == self.at:
-                                self.then()
-                            await ws.send(json.dumps({"t": "ack", "id": message["id"]}))
-            except (OSError, websockets.exceptions.WebSocketException, TimeoutError):
-                pass
-            finally:
-                self.connected.discard(name)
-
-
 @pytest.mark.timeout(scaled(240))
 async def test_ten_thousand_messages_survive_a_node_killed_and_restarted(
     redis_server: RedisServer,
@@ -506,16 +442,13 @@ async def test_ten_thousand_messages_survive_a_node_killed_and_restarted(
 
     duplicates = sum(devices.received.values()) - len(devices.received)
     stats = processor.stats()
-    report = (
+    summary = (
         f"10,000 messages to 1,000 devices in {elapsed:.1f} s: node-0 killed "
         f"after {killed_at} and restarted; {duplicates} duplicates, "
         f"{devices.reconnects} reconnects, {stats['attempts']} attempts, "
         f"{stats['retried']} retried"
     )
-    print(report)
-    assert set(devices.received) == ids, report
-    assert stats["expired"] == stats["undeliverable"] == 0, report
+    report(summary)
+    assert set(devices.received) == ids, summary
+    assert stats["expired"] == stats["undeliverable"] == 0, summary
     assert entries(redis_server, "pushy:q:dead") == []
-    if os.environ.get("PUSHY_REPORT"):
-        with open(os.environ["PUSHY_REPORT"], "a") as f:
-            f.write(report + "\n")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -462,3 +463,60 @@ def test_each_refused_upgrade_is_counted_under_rejects(
     assert sum(grown.values()) == 1, grown
     (name,) = grown
     assert refusal.counter in name, grown
+
+
+# Admission: connection limit and accept rate.
+
+
+def test_upgrade_at_the_connection_limit_is_answered_503_retry_after_5(
+    pushy_node_factory: Callable[..., Node],
+    stats: Callable[[Node], dict[str, Any]],
+) -> None:
+    node = pushy_node_factory(max_connections=2)
+    with RawWebSocket(node.host, node.port) as first, RawWebSocket(
+        node.host, node.port
+    ) as second:
+        for i, ws in enumerate((first, second)):
+            assert ws.upgrade(valid_headers(node, f"d{i}")).status == 101
+            assert ws.recv_message()["t"] == "hello"
+        before = stats(node)["rejects"]
+
+        refused = send_upgrade(node, valid_headers(node, "third"))
+
+        assert refused.status == 503, refused.text
+        assert refused.headers["retry-after"] == "5"
+        assert refused.json() == {"error": "node is at its connection limit"}
+        after = stats(node)["rejects"]
+        assert after["too_many_connections"] == before["too_many_connections"] + 1
+        assert after["accept_rate"] == before["accept_rate"]
+    # Room again once a device has left.
+    wait_until(lambda: stats(node)["connections"] == 0)
+    assert_serves_a_device(node)
+
+
+def test_upgrades_over_the_accept_rate_are_answered_503_retry_after_1(
+    pushy_node_factory: Callable[..., Node],
+    stats: Callable[[Node], dict[str, Any]],
+) -> None:
+    # A bucket of 3 that refills at 2 upgrades a second (one io thread).
+    node = pushy_node_factory(accept_rate=2, accept_burst=3, threads=1)
+    before = stats(node)["rejects"]
+
+    answers = [send_upgrade(node, valid_headers(node, f"d{i}")) for i in range(4)]
+
+    assert [r.status for r in answers] == [101, 101, 101, 503]
+    refused = answers[-1]
+    assert refused.headers["retry-after"] == "1"
+    assert refused.json() == {"error": "node is over its accept rate"}
+    after = stats(node)["rejects"]
+    assert after["accept_rate"] == before["accept_rate"] + 1
+    assert after["too_many_connections"] == before["too_many_connections"]
+    # A token comes back within half a second; a refusal takes none.
+    started = time.monotonic()
+    wait_until(
+        lambda: send_upgrade(node, valid_headers(node, "later")).status == 101,
+        timeout=scaled(2),
+        interval=0.05,
+        message="an upgrade to be accepted again",
+    )
+    assert time.monotonic() - started < 0.5 + scaled(0.5)

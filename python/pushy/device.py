@@ -18,6 +18,8 @@ import contextlib
 import inspect
 import itertools
 import json
+import logging
+import random
 import time
 from collections.abc import Callable, Mapping
 from types import TracebackType
@@ -38,10 +40,17 @@ except ImportError:  # pragma: no cover - websockets 12
 
     _LEGACY = True
 
-__all__ = ["SUBPROTOCOL", "DeviceClient"]
+__all__ = ["RETRY_CLOSE_CODES", "SUBPROTOCOL", "DeviceClient"]
 
 #: The WebSocket subprotocol of the device protocol.
 SUBPROTOCOL = "pushy.v1"
+
+#: Close codes after which a client made with ``reconnect=True`` connects
+#: again: going away (drain, shutdown, a reconnect not followed), lost
+#: without a close frame, server error, try again later, slow consumer.
+RETRY_CLOSE_CODES = frozenset({1001, 1006, 1011, 1013, 4003})
+
+_log = logging.getLogger("pushy.device")
 
 _OP_PONG = 0xA
 _CONNECT_PARAMS = frozenset(inspect.signature(_ws_connect).parameters)
@@ -77,6 +86,38 @@ class DeviceClient:
             (the default) to offer no extension.
         origin: an ``Origin`` header, as a browser sends.
         headers: extra HTTP headers of the upgrade request.
+        reconnect: follow the node's lifecycle (see below); ``False`` (the
+            default) keeps one connection, whose end is the client's end.
+        reconnect_delay: with ``reconnect``, the first backoff step in
+            seconds after an unexpected close or a failed attempt.
+        reconnect_max_delay: with ``reconnect``, the largest backoff step.
+
+    With ``reconnect=True`` the client moves between connections by itself:
+
+    - On a ``{"t":"reconnect"}`` message it opens a new connection first
+      (after ``in_ms``), and keeps reading the old one until the node closes
+      it (4001, once the new one is registered): frames written to the old
+      connection before its close frame are still received.
+    - When the current connection ends unexpectedly (a close code of
+      :data:`RETRY_CLOSE_CODES`), it connects again, to whatever node the
+      URL leads to, after a backoff with full jitter: a random wait of up to
+      ``reconnect_delay`` doubled after each failed attempt, at most
+      ``reconnect_max_delay``. A refused upgrade with ``Retry-After`` (503:
+      draining, at the connection limit, over the accept rate) waits that
+      long, times a random factor in [1, 1.5), instead.
+    - It stops, as a client without ``reconnect`` would at its close, on a
+      close it asked for (:meth:`close`), on 4001 when it did not connect
+      again itself (another client took the device id), on 4002 (the token
+      expired), on any other close code, and when an upgrade is refused
+      with 401 or another 4xx status but 408 and 429: then :meth:`receive`
+      raises :class:`ConnectionClosed` with the last connection's code,
+      once the messages received before are read.
+
+    :meth:`receive` and :meth:`wait_for` return the messages of every
+    connection, in order within each (the ``reconnect`` messages
+    included, the ``hello`` of later connections not); :attr:`hello`,
+    :attr:`node` and :attr:`websocket` are the current connection's, and
+    :attr:`reconnects` counts the connections made after the first.
 
     Limitations:
         The library reads frames (and answers pings) in the background until
@@ -84,6 +125,19 @@ class DeviceClient:
         socket: a client whose messages are not received with
         :meth:`receive` is what a slow consumer looks like to the node.
         Pongs to the node's pings are then not sent either.
+
+        With ``reconnect=True`` the client reads every connection in tasks
+        of its own instead: messages wait in memory, without a bound, until
+        they are received (the node never sees a slow consumer), and
+        ``auto_ack`` acks each push as it arrives, on its connection.
+        :meth:`connect` itself does not retry: the first connection must
+        succeed. A message sent while no connection is open (between a close
+        and the next ``hello``) raises :class:`ConnectionClosed` and is not
+        sent later. :meth:`ack` goes to the connection that carried the
+        push while it is open; an ack after that connection closed is lost
+        (the node answered the push 503 at its close). A push delivered on
+        both connections (a queued message retried) is received twice, with
+        the same id.
     """
 
     def __init__(
@@ -103,7 +157,15 @@ class DeviceClient:
         compression: str | None = None,
         origin: str | None = None,
         headers: Mapping[str, str] | None = None,
+        reconnect: bool = False,
+        reconnect_delay: float = 0.1,
+        reconnect_max_delay: float = 5.0,
     ) -> None:
+        if not 0 < reconnect_delay <= reconnect_max_delay:
+            raise PushyError(
+                "expected 0 < reconnect_delay <= reconnect_max_delay, got "
+                f"{reconnect_delay!r} and {reconnect_max_delay!r}"
+            )
         self.url = url
         self.device = device
         self.token_in_query = token_in_query
@@ -126,6 +188,18 @@ class DeviceClient:
         self._pings_sent = 0
         self._pongs_received = 0
         self._closed: ConnectionClosed | None = None
+        # With reconnect=True only.
+        self.reconnect = reconnect
+        self.reconnect_delay = reconnect_delay
+        self.reconnect_max_delay = reconnect_max_delay
+        self._links: list[_Link] = []  # open connections, oldest first
+        self._current: _Link | None = None
+        self._switch: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._refused: ConnectError | None = None
+        self._reconnects = 0
+        self._wake = asyncio.Event()
+        self._random = random.Random()
 
     # Connection.
 
@@ -143,36 +217,12 @@ class DeviceClient:
         """
         if self._ws is not None:
             raise PushyError("device client is already connected")
-        url, headers = self._request()
-        kwargs: dict[str, Any] = {
-            "subprotocols": [SUBPROTOCOL],
-            "open_timeout": self.open_timeout,
-            "ping_interval": None if not self.respond_to_pings else self.ping_interval,
-            "close_timeout": self.close_timeout,
-            "max_size": self.max_size,
-            "max_queue": self.max_queue,
-            "compression": self.compression,
-        }
-        if self.origin is not None:
-            kwargs["origin"] = self.origin
-        kwargs["additional_headers" if not _LEGACY else "extra_headers"] = headers
-        if "proxy" in _CONNECT_PARAMS:
-            # The node is reached directly; ignore HTTP(S)_PROXY variables.
-            kwargs["proxy"] = None
-        try:
-            self._ws = await _ws_connect(url, **kwargs)
-        except websockets.exceptions.InvalidStatus as exc:
-            raise _rejected(exc.response.status_code, exc.response) from exc
-        except websockets.exceptions.InvalidHandshake as exc:
-            status = getattr(exc, "status_code", None)  # websockets 12
-            if status is not None:
-                raise _rejected(status, exc) from exc
-            raise ConnectError(
-                f"invalid websocket handshake with {self.url}: {exc}"
-            ) from exc
-        except (OSError, TimeoutError) as exc:
-            raise ConnectError(f"cannot connect to {self.url}: {exc}") from exc
-        self._install_ping_filter()
+        if self.reconnect:
+            link = await self._open_link()
+            self._adopt(link)
+            return link.hello
+        self._ws = await self._open_ws()
+        self._install_ping_filter(self._ws)
         try:
             hello = await self.receive(timeout=self.open_timeout)
         except TimeoutError:
@@ -193,6 +243,44 @@ class DeviceClient:
             self.device = hello.get("device")
         return hello
 
+    async def _open_ws(self) -> Any:
+        """Open one WebSocket connection to :attr:`url` (no hello read yet).
+
+        Raises:
+            TokenRejected: the node answered the upgrade with 401.
+            ConnectError: the node cannot be reached or answered with
+                another status.
+        """
+        url, headers = self._request()
+        kwargs: dict[str, Any] = {
+            "subprotocols": [SUBPROTOCOL],
+            "open_timeout": self.open_timeout,
+            "ping_interval": None if not self.respond_to_pings else self.ping_interval,
+            "close_timeout": self.close_timeout,
+            "max_size": self.max_size,
+            "max_queue": self.max_queue,
+            "compression": self.compression,
+        }
+        if self.origin is not None:
+            kwargs["origin"] = self.origin
+        kwargs["additional_headers" if not _LEGACY else "extra_headers"] = headers
+        if "proxy" in _CONNECT_PARAMS:
+            # The node is reached directly; ignore HTTP(S)_PROXY variables.
+            kwargs["proxy"] = None
+        try:
+            return await _ws_connect(url, **kwargs)
+        except websockets.exceptions.InvalidStatus as exc:
+            raise _rejected(exc.response.status_code, exc.response) from exc
+        except websockets.exceptions.InvalidHandshake as exc:
+            status = getattr(exc, "status_code", None)  # websockets 12
+            if status is not None:
+                raise _rejected(status, exc) from exc
+            raise ConnectError(
+                f"invalid websocket handshake with {self.url}: {exc}"
+            ) from exc
+        except (OSError, TimeoutError) as exc:
+            raise ConnectError(f"cannot connect to {self.url}: {exc}") from exc
+
     async def close(self, code: int = 1000, reason: str = "") -> int | None:
         """Close the connection and wait for the closing handshake.
 
@@ -208,6 +296,8 @@ class DeviceClient:
         """
         if self._ws is None:
             return None
+        if self.reconnect:
+            return await self._close_links(code, reason)
         # Messages not read yet would hold the node's close frame back (the
         # library stops reading when max_queue messages wait): keep reading
         # them, for receive(), while the closing handshake runs.
@@ -263,6 +353,11 @@ class DeviceClient:
         return None if self._hello is None else self._hello.get("node")
 
     @property
+    def reconnects(self) -> int:
+        """Connections made after the first (with ``reconnect=True``)."""
+        return self._reconnects
+
+    @property
     def connected(self) -> bool:
         """Whether the connection is open (as far as the client has seen)."""
         return self._ws is not None and self._closed is None and _is_open(self._ws)
@@ -271,7 +366,8 @@ class DeviceClient:
     def close_code(self) -> int | None:
         """The close code received from the node; 1006 when lost without one.
 
-        ``None`` while the connection is open or before :meth:`connect`.
+        ``None`` while the connection is open or before :meth:`connect`;
+        with ``reconnect=True``, ``None`` until the client has stopped.
         """
         self._note_closed()
         return None if self._closed is None else self._closed.code
@@ -331,6 +427,7 @@ class DeviceClient:
     async def wait_closed(self, timeout: float | None = None) -> int:
         """Wait until the node closes the connection; return the close code.
 
+        With ``reconnect=True``: until the client stops (see the class).
         Messages received meanwhile are kept for :meth:`receive`.
 
         Args:
@@ -365,10 +462,23 @@ class DeviceClient:
         try:
             await ws.send(data)
         except websockets.exceptions.ConnectionClosed as exc:
+            if self.reconnect:  # between connections: not the end
+                raise self._closed or _closed_of(exc) from None
             raise self._closed_from(exc) from None
 
     async def ack(self, id: int | str) -> None:
-        """Acknowledge the push with this id (a queued message's is a string)."""
+        """Acknowledge the push with this id (a queued message's is a string).
+
+        With ``reconnect=True`` the ack goes to the connection that carried
+        the push, while it is open.
+        """
+        if self.reconnect:
+            for link in self._links:
+                if id in link.ack_ids:
+                    link.ack_ids.discard(id)
+                    with contextlib.suppress(websockets.exceptions.ConnectionClosed):
+                        await link.ws.send(_ack_text(id))
+                    return
         await self.send({"t": "ack", "id": id})
 
     async def send_d2d(self, to: str, data: Any, id: str | None = None) -> str:
@@ -489,9 +599,8 @@ class DeviceClient:
             raise PushyError("device client is not connected; call connect() first")
         return self._ws
 
-    def _install_ping_filter(self) -> None:
+    def _install_ping_filter(self, ws: Any) -> None:
         """Make WebSocket pong replies depend on :attr:`respond_to_pings`."""
-        ws = self._ws
         if _LEGACY:  # pragma: no cover - websockets 12 replies in pong()
             pong = ws.pong
 
@@ -543,6 +652,9 @@ class DeviceClient:
         so that another waiter can look at what was read.
         """
         ws = self._require()
+        if self.reconnect:
+            await self._wait_change(deadline, stop)
+            return
         async with self._read_lock:
             if stop():
                 return
@@ -580,6 +692,8 @@ class DeviceClient:
 
     def _note_closed(self) -> None:
         """Record the close code once the library saw the connection end."""
+        if self.reconnect:  # the end of one connection is not the client's
+            return
         if self._closed is not None or self._ws is None or _is_open(self._ws):
             return
         # websockets 13 has these on the protocol only.
@@ -594,6 +708,207 @@ class DeviceClient:
             await asyncio.wait_for(self._ws.close(1002), timeout=1.0)
         self._ws = None
 
+    # Reconnecting (reconnect=True): one reader task per open connection
+    # appends to the kept messages; at most one task opens the next one.
+
+    async def _open_link(self) -> _Link:
+        """Open a connection and read its ``hello``.
+
+        Raises:
+            ConnectError: as :meth:`connect`.
+        """
+        ws = await self._open_ws()
+        self._install_ping_filter(ws)
+        try:
+            async with asyncio.timeout(self.open_timeout):
+                data = await ws.recv()
+            hello = _decode(data)
+        except TimeoutError:
+            await _abort_ws(ws)
+            raise ConnectError(f"no hello from {self.url} in time") from None
+        except websockets.exceptions.ConnectionClosed as exc:
+            closed = _closed_of(exc)
+            raise ConnectError(
+                f"connection to {self.url} closed before hello: code {closed.code}"
+                + (f" ({closed.reason})" if closed.reason else "")
+            ) from None
+        except PushyError as exc:
+            await _abort_ws(ws)
+            raise ConnectError(str(exc)) from None
+        if hello.get("t") != "hello":
+            await _abort_ws(ws)
+            raise ConnectError(
+                f"expected a hello message first, got {hello.get('t')!r}"
+            )
+        return _Link(ws, hello)
+
+    def _adopt(self, link: _Link) -> None:
+        """Make ``link`` the current connection and start reading it."""
+        if self._current is not None:
+            self._reconnects += 1
+        self._current = link
+        self._ws = link.ws
+        self._hello = link.hello
+        if self.device is None:
+            self.device = link.hello.get("device")
+        self._links.append(link)
+        link.reader = asyncio.create_task(self._read_link(link))
+        self._notify()
+
+    async def _read_link(self, link: _Link) -> None:
+        """Read one connection until it ends, then decide what comes next."""
+        try:
+            while True:
+                data = await link.ws.recv()
+                try:
+                    message = _decode(data)
+                except PushyError as exc:
+                    _log.warning("device %s: %s; ignored", self.device, exc)
+                    continue
+                kind = message.get("t")
+                if kind == "pong":
+                    self._pongs_received += 1
+                    self._notify()
+                    continue
+                if kind == "push" and message.get("ack") is True:
+                    if self.auto_ack:
+                        with contextlib.suppress(
+                            websockets.exceptions.ConnectionClosed
+                        ):
+                            await link.ws.send(_ack_text(message.get("id")))
+                    else:
+                        with contextlib.suppress(TypeError):  # unhashable id
+                            link.ack_ids.add(message.get("id"))
+                self._pending.append(message)
+                if kind == "reconnect" and link is self._current:
+                    in_ms = message.get("in_ms")
+                    delay = in_ms / 1000 if isinstance(in_ms, int | float) else 0
+                    self._start_switch(max(0.0, delay), after_close=False)
+                self._notify()
+        except websockets.exceptions.ConnectionClosed as exc:
+            link.closed = _closed_of(exc)
+        finally:
+            if link.closed is None:  # cancelled, or a bug of the library
+                link.closed = ConnectionClosed(1006, "")
+            link.ack_ids.clear()
+            self._links.remove(link)
+            self._on_link_closed(link)
+            self._notify()
+
+    def _on_link_closed(self, link: _Link) -> None:
+        """Connect again, or stop, after connection ``link`` ended."""
+        if self._stopping or link is not self._current:
+            return  # closed on purpose, or an older connection we left
+        if self._switch is not None and not self._switch.done():
+            return  # the next connection is on its way (this is its 4001)
+        assert link.closed is not None
+        if self._refused is None and link.closed.code in RETRY_CLOSE_CODES:
+            self._start_switch(self._backoff(0), after_close=True)
+        else:
+            self._closed = self._final(link.closed)
+
+    def _start_switch(self, delay: float, *, after_close: bool) -> None:
+        if self._stopping or (self._switch is not None and not self._switch.done()):
+            return
+        self._switch = asyncio.create_task(self._connect_again(delay, after_close))
+
+    async def _connect_again(self, delay: float, after_close: bool) -> None:
+        """Open the next connection, retrying with backoff, and adopt it."""
+        attempt = 0
+        while not self._stopping:
+            if delay > 0:
+                await asyncio.sleep(delay)
+            try:
+                link = await self._open_link()
+            except ConnectError as exc:
+                if exc.status is not None and _refused_for_good(exc.status):
+                    self._give_up(exc)
+                    return
+                attempt += 1
+                delay = self._retry_delay(exc, attempt)
+                _log.debug(
+                    "device %s: reconnect attempt %d failed (%s); next in %.2f s",
+                    self.device,
+                    attempt,
+                    exc,
+                    delay,
+                )
+                continue
+            if self._stopping:
+                await _abort_ws(link.ws)
+                return
+            self._adopt(link)
+            return
+
+    def _give_up(self, exc: ConnectError) -> None:
+        """Stop reconnecting: the node refused the device for good."""
+        _log.warning("device %s: reconnect refused, stopping: %s", self.device, exc)
+        self._refused = exc
+        current = self._current
+        if current is not None and current.closed is not None:
+            self._closed = self._final(current.closed)
+        self._notify()
+
+    def _final(self, last: ConnectionClosed) -> ConnectionClosed:
+        """The client's end, after its last connection closed with ``last``."""
+        if self._refused is None:
+            return last
+        closed = ConnectionClosed(last.code, last.reason)
+        closed.__cause__ = self._refused
+        return closed
+
+    def _backoff(self, attempt: int) -> float:
+        """Full jitter: a random wait up to the attempt's exponential step."""
+        step = min(self.reconnect_max_delay, self.reconnect_delay * 2.0**attempt)
+        return self._random.uniform(0, step)
+
+    def _retry_delay(self, exc: ConnectError, attempt: int) -> float:
+        retry_after = _retry_after(exc.headers.get("retry-after"))
+        if retry_after is not None:
+            return retry_after * self._random.uniform(1.0, 1.5)
+        return self._backoff(attempt)
+
+    def _notify(self) -> None:
+        """Wake every task waiting for a message or a change of state."""
+        self._wake.set()
+        self._wake = asyncio.Event()
+
+    async def _wait_change(
+        self, deadline: float | None, stop: Callable[[], bool]
+    ) -> None:
+        """Wait for the readers to add a message or change state."""
+        if stop():
+            return
+        if self._closed is not None:
+            raise self._closed
+        wake = self._wake
+        loop = asyncio.get_running_loop()
+        remaining = None if deadline is None else deadline - loop.time()
+        if remaining is not None and remaining <= 0:
+            raise TimeoutError("no message from the node in time")
+        async with asyncio.timeout(remaining):
+            await wake.wait()
+
+    async def _close_links(self, code: int, reason: str) -> int | None:
+        """close() with reconnect=True: end every connection, keep messages."""
+        self._stopping = True
+        if self._switch is not None:
+            self._switch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._switch
+        links = list(self._links)
+        for link in links:
+            with contextlib.suppress(Exception):  # it may be gone already
+                await link.ws.close(code, reason)
+        readers = [link.reader for link in links if link.reader is not None]
+        await asyncio.gather(*readers, return_exceptions=True)
+        if self._closed is None:
+            current = self._current
+            last = current.closed if current is not None else None
+            self._closed = self._final(last or ConnectionClosed(1006, ""))
+        self._notify()
+        return self._closed.code
+
     def __repr__(self) -> str:
         if self.connected:
             state = f"connected to {self.node!r}"
@@ -602,6 +917,53 @@ class DeviceClient:
         else:
             state = "not connected"
         return f"<pushy.DeviceClient {self.device!r} {state}>"
+
+
+class _Link:
+    """One connection of a reconnecting client."""
+
+    __slots__ = ("ack_ids", "closed", "hello", "reader", "ws")
+
+    def __init__(self, ws: Any, hello: _Message) -> None:
+        self.ws = ws
+        self.hello = hello
+        # Pushes it carried that wait for an ack (see DeviceClient.ack).
+        self.ack_ids: set[Any] = set()
+        self.reader: asyncio.Task[None] | None = None
+        self.closed: ConnectionClosed | None = None
+
+
+def _closed_of(exc: websockets.exceptions.ConnectionClosed) -> ConnectionClosed:
+    rcvd = exc.rcvd
+    if rcvd is not None:
+        return ConnectionClosed(rcvd.code, rcvd.reason)
+    return ConnectionClosed(1006, "")
+
+
+def _ack_text(id: Any) -> str:
+    return json.dumps({"t": "ack", "id": id}, separators=(",", ":"))
+
+
+def _refused_for_good(status: int) -> bool:
+    """Whether an upgrade refused with HTTP ``status`` is not worth retrying:
+    a 4xx (a bad token, path or request) other than 408 and 429."""
+    return 400 <= status < 500 and status not in (408, 429)
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds of a ``Retry-After`` header (delta-seconds form only)."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        return None
+    return seconds if 0 <= seconds <= 3600 else None
+
+
+async def _abort_ws(ws: Any) -> None:
+    with contextlib.suppress(Exception):  # best effort
+        await asyncio.wait_for(ws.close(1002), timeout=1.0)
 
 
 def _is_open(ws: Any) -> bool:

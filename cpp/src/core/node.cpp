@@ -376,7 +376,11 @@ void node_impl::watch_drain() {
 }
 
 std::string node_impl::drain_json() const {
-    if (!draining_) return R"({"draining":false})";
+    // Every field is always there (autoscalers read them without checks).
+    if (!draining_) {
+        return R"({"draining":false,"over_s":0,"elapsed_s":0,"deadline_s":0,)"
+               R"("devices":0,"left":0})";
+    }
     std::lock_guard lock(drain_mutex_);
     double elapsed = std::chrono::duration<double>(
                          std::chrono::steady_clock::now() - drain_started_)
