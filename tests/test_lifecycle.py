@@ -226,18 +226,32 @@ async def test_drain_refuses_new_devices_and_reports_its_progress_in_stats(
         "left": 0,
     }
 
+    # `late` is accepted before the drain (the node accepts in order, and
+    # the device opened after it has its hello) but upgrades after it.
+    late = RawWebSocket(node.host, node.port)
+    sockets.append(raw_device(node, "d4")[0])
+
     assert node.drain(over) is True
     drain = fetch_stats(node)["drain"]
-    with RawWebSocket(node.host, node.port) as late:
+    with late:
         refused = late.upgrade(upgrade_headers(node.host, token=token_for("late")))
+    # The device port no longer listens.
+    def port_refuses() -> bool:
+        try:
+            RawWebSocket(node.host, node.port, timeout=scaled(2)).close()
+        except OSError:
+            return True
+        return False
+
+    wait_until(port_refuses, message="the device port to stop listening")
 
     assert refused.status == 503 and refused.headers["retry-after"] == "1"
     assert refused.json() == {"error": "node is draining"}
     assert drain["draining"] is True
     assert (drain["over_s"], drain["deadline_s"]) == (over, over + grace)
-    assert drain["devices"] == 4 and drain["left"] == 4
+    assert drain["devices"] == 5 and drain["left"] == 5
     assert 0 <= drain["elapsed_s"] < over
-    # The four messages are spread evenly over `over`: 0, 1/4, 2/4, 3/4.
+    # The five messages are spread evenly over `over`: 0, 1/5, ..., 4/5.
     arrivals = []
     started = time.monotonic()
     for ws in sockets:
@@ -247,34 +261,36 @@ async def test_drain_refuses_new_devices_and_reports_its_progress_in_stats(
             "reason": "drain",
         }
         arrivals.append(time.monotonic() - started)
-    assert arrivals[-1] >= 0.75 * over - scaled(0.25), arrivals
+    assert arrivals[-1] >= 0.8 * over - scaled(0.25), arrivals
     stats = fetch_stats(node)
     assert stats["rejects"]["draining"] == 1
-    assert stats["reconnects"]["drain"] == 4
+    assert stats["reconnects"]["drain"] == 5
     # None leaves: each is closed a grace after its message, and given
     # close_timeout_s to answer the close (these never do); then it stops.
     assert await asyncio.to_thread(node.wait_stopped, over + grace + close + scaled(2))
     assert time.monotonic() - started <= over + grace + close + scaled(0.5)
     after = node.stats()
-    assert after["reconnect_grace_closes"] == 4
+    assert after["reconnect_grace_closes"] == 5
     assert after["drain"]["left"] == 0
 
 
 async def test_reconnecting_client_waits_the_retry_after_of_a_refusal(
     pushy_node_factory: NodeFactory, stats: Callable[[Node], dict[str, Any]]
 ) -> None:
-    # The only node drains and refuses the device's new connections with
-    # 503 Retry-After: 1 until its grace ends.
-    node = pushy_node_factory(reconnect_grace_s=scaled(4) + 3)
+    # One upgrade a century after the first: the device's reconnects (its
+    # lifetime ends at once) are refused with 503 Retry-After: 1.
+    node = pushy_node_factory(
+        accept_rate=1e-9, accept_burst=1, lifetime_s=scaled(0.3),
+        reconnect_grace_s=scaled(4) + 3,
+    )
     device = DeviceClient(node.url, token_for("tv-1"), reconnect=True)
     await device.connect()
     try:
-        node.drain(0)
         await device.wait_for("reconnect", timeout=scaled(2))
         times = []
         for count in (1, 2, 3):
             await async_wait_until(
-                lambda c=count: stats(node)["rejects"]["draining"] >= c,
+                lambda c=count: stats(node)["rejects"]["accept_rate"] >= c,
                 timeout=scaled(4),
                 interval=0.005,
             )

@@ -210,7 +210,8 @@ class Node:
     def drain(self, over_s: float | None = None, *, wait: bool = False) -> bool:
         """Drain the node: move its devices elsewhere, then stop.
 
-        New devices are refused (HTTP 503, ``Retry-After: 1``); every
+        The device port stops listening (upgrades under way are answered
+        HTTP 503, ``Retry-After: 1``); every
         connected device is sent ``{"t":"reconnect","reason":"drain"}`` at a
         moment spread evenly over ``over_s`` seconds; a device still
         connected ``reconnect_grace_s`` after its message is closed with

@@ -31,7 +31,8 @@ public:
     // timeout for the closing handshakes, and stops. Idempotent.
     void stop();
 
-    // Drains the node: new devices are refused (503), every connected
+    // Drains the node: it stops listening on the device port (upgrades
+    // under way are refused with 503), every connected
     // device is asked to reconnect at a time spread evenly over `over_s`
     // ({"t":"reconnect","reason":"drain"}), and the node stops itself when
     // none is left, or over_s + reconnect_grace_s from now at the latest.

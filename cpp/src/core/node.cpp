@@ -329,6 +329,11 @@ void node_impl::stop() {
 bool node_impl::drain(double over_s) {
     if (!running_ || stopping_) return false;
     if (draining_.exchange(true)) return false;
+    // Stop listening: with a shared port (SO_REUSEPORT) the kernel sends
+    // every new connection, the reconnects included, to the other nodes;
+    // behind a balancer, the refused connection moves it on. Upgrades
+    // already accepted are refused with 503 (draining).
+    net::post(threads_[0]->ioc, [this] { devices_->stop(); });
     auto sessions = table_.snapshot();
     auto now = std::chrono::steady_clock::now();
     {
