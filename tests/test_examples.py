@@ -2,8 +2,9 @@
 
 ``examples/quickstart.py`` runs in a subprocess of the current interpreter;
 ``notebooks/quickstart.ipynb`` and ``notebooks/autoscale.ipynb`` are executed
-with nbclient in an ipykernel of the current interpreter. Files are found relative to this test file, so the
-test works from a clone and with pushy installed into a virtual environment.
+with nbclient in an ipykernel of the current interpreter. Files are found
+relative to this test file, so the test works from a clone and with pushy
+installed into a virtual environment.
 """
 
 from __future__ import annotations
