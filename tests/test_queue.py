@@ -372,12 +372,17 @@ async def test_processor_carries_on_after_redis_restarts_empty(
     with PushClient(redis=redis_server.url) as client:
         first = client.enqueue("tv-1", 1, ttl=scaled(30))
         assert (await tv.wait_for("push", timeout=scaled(5)))["id"] == first
+        # Held for an offline device across the restart: only the
+        # processor has it then.
+        held = client.enqueue("radio-1", "kept", ttl=scaled(30))
+        await async_wait_until(lambda: processor.stats()["waiting"] == 1)
 
         redis_server.stop()
         await async_wait_until(lambda: not processor.stats()["redis_up"])
         with pytest.raises(pushy.PushError, match="503"):
             client.enqueue("tv-1", 2)
         redis_server.start()  # empty: no streams, no group, no records
+        restarted_at = processor.stats()["attempts"]
         await async_wait_until(lambda: processor.stats()["redis_up"])
         # The node writes its devices' records again; the processor makes
         # the group again.
@@ -393,7 +398,14 @@ async def test_processor_carries_on_after_redis_restarts_empty(
 
         again = await async_wait_until(enqueued_again, message="enqueue to work")
     assert (await tv.wait_for("push", timeout=scaled(10)))["id"] == again
-    await async_wait_until(lambda: processor.stats()["delivered"] == 2)
+    # Ten more attempts for radio-1 (at least 0.2 s apart each): several
+    # keep-alive rounds (every 0.5 s) have run on the empty Redis.
+    await async_wait_until(
+        lambda: processor.stats()["attempts"] >= restarted_at + 10, timeout=scaled(10)
+    )
+    radio = await device_factory("radio-1", node=node)
+    assert (await radio.wait_for("push", timeout=scaled(10)))["id"] == held
+    await async_wait_until(lambda: processor.stats()["delivered"] == 3)
 
 
 # The fleet under failure.

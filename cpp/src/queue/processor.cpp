@@ -617,16 +617,39 @@ private:
                 for (auto& id : ids) {
                     if (!whole || mine.count(id)) {
                         keep.push_back(std::move(id));
-                    } else if (auto it = held_.find(key_of(stream, id));
-                               it != held_.end()) {
-                        PUSHY_INFO("processor {}: entry {} of {} was claimed "
-                                   "by another consumer",
-                                   cfg_.consumer, id, stream);
-                        release(it);
+                    } else {
+                        check_owner(stream, id);
                     }
                 }
                 touch(stream, std::move(keep));
                 keepalive(shard + 1);
+            });
+    }
+
+    // A held entry missing from our pending list: another consumer claimed
+    // it (it delivers it now: let it go), or it is pending nowhere (Redis
+    // restarted empty, or the entry was deleted): then only this
+    // processor still has the message, and goes on delivering it.
+    void check_owner(const std::string& stream, const std::string& id) {
+        writer_.command(
+            {"XPENDING", stream, cfg_.group, id, id, "1"},
+            [this, key = key_of(stream, id), id, stream](redisReply* r) {
+                if (stopped_ || !r || r->type != REDIS_REPLY_ARRAY ||
+                    r->elements == 0) {
+                    return;
+                }
+                auto* e = r->element[0];
+                if (e->type != REDIS_REPLY_ARRAY || e->elements < 2 ||
+                    redis::reply_text(e->element[1]) == cfg_.consumer) {
+                    return;
+                }
+                if (auto it = held_.find(key); it != held_.end()) {
+                    PUSHY_INFO("processor {}: entry {} of {} was claimed by "
+                               "{}",
+                               cfg_.consumer, id, stream,
+                               redis::reply_text(e->element[1]));
+                    release(it);
+                }
             });
     }
 
