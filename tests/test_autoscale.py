@@ -105,7 +105,7 @@ def test_the_policy_never_goes_below_min_nodes() -> None:
     assert policy.decide(4, 0, now=1).desired_nodes == 3
     below = policy.decide(1, 0, now=2)
     assert below.desired_nodes == 3
-    assert below.reason == "1 nodes, below min_nodes"
+    assert below.reason == "1 node, below min_nodes"
 
 
 def test_an_empty_fleet_with_connections_starts_what_they_need() -> None:
@@ -306,3 +306,12 @@ async def test_observe_reads_a_real_cluster_for_the_policy(
     finally:
         for device in devices:
             await device.close()
+
+
+def test_simulator_refuses_a_negative_fleet_or_one_without_nodes() -> None:
+    with pytest.raises(ConfigError, match="devices must be a number"):
+        FleetSimulator(-1)
+    with pytest.raises(ConfigError, match="nodes must be at least 1"):
+        FleetSimulator(1e6, nodes=0, per_node_target=1000)
+    # A policy with a minimum starts what the devices need.
+    FleetSimulator(1e6, nodes=0, per_node_target=1000, policy=ScalingPolicy(1000))

@@ -218,6 +218,25 @@ async def test_serve_stops_on_sigint_like_ctrl_c(serve: Callable[..., Served]) -
     assert exit_code == 0, served.output
 
 
+async def test_second_signal_during_a_drain_stops_serve_at_once(
+    serve: Callable[..., Served],
+) -> None:
+    served = serve(*FREE_PORTS, "--secret", FLAG_SECRET, "--drain-s", "60")
+    device = await connect(served.url, FLAG_SECRET)
+
+    served.process.send_signal(signal.SIGTERM)
+    await device.wait_for("reconnect", timeout=scaled(5))
+    served.process.send_signal(signal.SIGTERM)
+    code = await device.wait_closed(timeout=scaled(10))
+    exit_code = await asyncio.to_thread(served.process.wait, scaled(10))
+
+    assert code == 1001
+    assert exit_code == 0, served.output
+    out = "".join(served.stdout)
+    assert f"node {served.node_id} draining over 60 s" in out
+    assert f"node {served.node_id} stopped" in out and "drained" not in out
+
+
 async def test_serve_takes_options_from_a_toml_config_file(
     serve: Callable[..., Served], tmp_path: Path
 ) -> None:

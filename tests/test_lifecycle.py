@@ -231,8 +231,11 @@ async def test_drain_refuses_new_devices_and_reports_its_progress_in_stats(
     late = RawWebSocket(node.host, node.port)
     sockets.append(raw_device(node, "d4")[0])
 
+    assert httpx.get(f"{node.push_url}/healthz", trust_env=False).status_code == 200
     assert node.drain(over) is True
     drain = fetch_stats(node)["drain"]
+    health = httpx.get(f"{node.push_url}/healthz", trust_env=False)
+    assert (health.status_code, health.json()["status"]) == (503, "draining")
     with late:
         refused = late.upgrade(upgrade_headers(node.host, token=token_for("late")))
     # The device port no longer listens.

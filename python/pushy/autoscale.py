@@ -228,7 +228,7 @@ class ScalingPolicy:
         target = self.target_per_node
         if nodes < self.min_nodes:
             return self._change(
-                nodes, self.min_nodes, now, f"{nodes} nodes, below min_nodes"
+                nodes, self.min_nodes, now, f"{nodes} node{'s' if nodes != 1 else ''}, below min_nodes"
             )
         if nodes > self.max_nodes:
             if draining:
@@ -732,6 +732,13 @@ class FleetSimulator:
                 "the fleet simulator needs numpy; install it with "
                 "pip install 'pushy[sim]'"
             )
+        if not callable(devices):
+            _require(
+                isinstance(devices, int | float) and math.isfinite(devices)
+                and devices >= 0,
+                f"devices must be a number of at least 0 or a function of time, "
+                f"got {devices!r}",
+            )
         self._demand = devices if callable(devices) else _constant(float(devices))
         if per_node_target is None:
             per_node_target = policy.target_per_node if policy else 200_000
@@ -789,7 +796,10 @@ class FleetSimulator:
         demand0 = max(0.0, float(self._demand(0.0)))
         if nodes is None:
             nodes = max(1, math.ceil(demand0 / self.per_node_target))
-        _require(nodes >= 0, f"nodes must be at least 0, got {nodes!r}")
+        _require(
+            nodes >= 1 or (policy is not None and policy.min_nodes >= 1),
+            f"nodes must be at least 1 (or a policy that adds some), got {nodes!r}",
+        )
 
         self._bins = math.ceil(self.lifetime_s / self._bin_s) + 3
         capacity = max(16, 2 * nodes)

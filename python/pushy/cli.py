@@ -81,7 +81,7 @@ _SERVE_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--max-push-bytes", "max_push_bytes", int, "push body [65536]"),
     ("--max-header-bytes", "max_header_bytes", int, "upgrade headers [8192]"),
     ("--max-headers", "max_headers", int, "number of upgrade headers [64]"),
-    ("--max-connections", "max_connections", int, "devices; 0 = unlimited [0]"),
+    ("--max-connections", "max_connections", int, "devices; 0 = open files only [0]"),
     ("--allowed-origins", "allowed_origins", str, "comma list; empty = any"),
     ("--push-timeout-s", "push_timeout_s", float, "default ack timeout [5]"),
     ("--d2d-rate", "d2d_rate", float, "d2d messages/s per connection [100]"),
@@ -395,6 +395,7 @@ def _serve(args: argparse.Namespace) -> int:
             f"push {node.push_url}{peer}",
             flush=True,
         )
+        drained = True  # unless a signal stops the node at once
         while node.running:
             if wake.wait(0.05):
                 wake.clear()
@@ -406,6 +407,7 @@ def _serve(args: argparse.Namespace) -> int:
                         flush=True,
                     )
                 else:
+                    drained = False
                     break
         if not signals and not node.draining:
             return _fail("node stopped unexpectedly", code=1)
@@ -414,7 +416,7 @@ def _serve(args: argparse.Namespace) -> int:
         # the shutdown is not a reason to skip the rest of it.
         node.stop()
         restore()
-    how = "drained and stopped" if node.draining else "stopped"
+    how = "drained and stopped" if drained and node.draining else "stopped"
     print(f"pushy: node {node.node_id} {how}", flush=True)
     return 0
 

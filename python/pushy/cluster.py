@@ -19,10 +19,16 @@ Limitations:
     :attr:`Cluster.url` (each node's own push API and peer port are
     distinct, though). A node's output is kept in memory, its last
     :data:`OUTPUT_LINES` lines only.
+
+    Node processes never outlive this interpreter: those still running at
+    its exit are stopped, and on Linux a node started from the main thread
+    is also stopped (SIGINT) when this process dies, even by SIGKILL. One
+    started from another thread is not, if the process is killed.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import re
@@ -32,6 +38,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from types import TracebackType
@@ -149,7 +156,15 @@ class NodeProcess:
             stderr=subprocess.STDOUT,
             text=True,
             env=self._env,
+            # The death signal follows the thread that forks: only the
+            # main thread lives as long as the parent process.
+            preexec_fn=(
+                _stop_with_parent
+                if threading.current_thread() is threading.main_thread()
+                else None
+            ),
         )
+        _started.add(self)
         ready = threading.Event()
         self._reader = threading.Thread(
             target=self._read, args=(self.process, ready), daemon=True
@@ -233,6 +248,28 @@ class NodeProcess:
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
         return f"<pushy.NodeProcess {self.node_id!r} {state}, push={self.push_url}>"
+
+
+def _stop_with_parent() -> None:
+    """In the child, before exec: SIGINT (stop at once) when the parent dies,
+    even by SIGKILL, so that no node outlives the script that started it
+    (Linux ``PR_SET_PDEATHSIG``)."""
+    import ctypes
+
+    with contextlib.suppress(Exception):  # not Linux: atexit still stops them
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGINT), 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
+#: Node processes started by this interpreter, stopped at its exit.
+_started: weakref.WeakSet[NodeProcess] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_started() -> None:
+    for node in list(_started):
+        with contextlib.suppress(Exception):
+            node.stop(timeout=5.0)
 
 
 class Cluster:

@@ -992,8 +992,7 @@ def _rejected(status: int, response: Any) -> ConnectError:
     raw = getattr(response, "headers", None) or {}
     headers = {str(k).lower(): str(v) for k, v in raw.items()}
     body = getattr(response, "body", b"") or b""
-    if isinstance(body, str):
-        body = body.encode()
+    body = body.encode() if isinstance(body, str) else bytes(body)
     text = body.decode("utf-8", "replace").strip()
     try:
         parsed = json.loads(text)

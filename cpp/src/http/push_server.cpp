@@ -217,11 +217,17 @@ private:
         }
         if (target == "/healthz") {
             if (method != http::verb::get) return not_allowed("GET");
-            std::string b = R"({"status":"ok","node":)";
+            // A draining node is alive but takes no devices: a readiness
+            // probe (or a balancer's health check) sends them elsewhere.
+            bool draining = node_.draining();
+            std::string b = draining ? R"({"status":"draining","node":)"
+                                     : R"({"status":"ok","node":)";
             json::append_string(b, node_.node_id());
             b += ",\"connections\":" + std::to_string(node_.table().size());
             b += '}';
-            return respond(http::status::ok, b);
+            return respond(draining ? http::status::service_unavailable
+                                    : http::status::ok,
+                           b);
         }
         if (target == "/v1/drain") {
             if (method != http::verb::post) return not_allowed("POST");
