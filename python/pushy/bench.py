@@ -32,12 +32,19 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from .benchkit import cpu_seconds, summarize
 from .cluster import Cluster
 from .errors import PushyError
 from .push import PushClient
 from .tokens import issue_token
 
-__all__ = ["add_parser", "loadgen_path", "run_d2d", "run_push", "run_queue"]
+__all__ = [
+    "add_parser",
+    "loadgen_path",
+    "run_d2d",
+    "run_push",
+    "run_queue",
+]
 
 _SECRET = "pushy-bench-secret-" + "0123456789abcdef" * 3
 _PER_PROCESS = 5000
@@ -96,6 +103,7 @@ def add_parser(commands: Any) -> None:
     queue.add_argument("--ack", choices=("written", "client"), default="written",
                        help="when a message counts as delivered [written]")
     _add_run_options(queue, run_queue)
+
     bench.set_defaults(func=lambda args: _usage(bench))
 
 
@@ -149,13 +157,6 @@ def loadgen_path() -> str:
     raise PushyError(
         f"pushy-loadgen not found (expected {here}); reinstall the package"
     )
-
-
-def _cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    return (int(fields[11]) + int(fields[12])) / ticks
 
 
 def _node_stats(node: Any) -> dict[str, Any]:
@@ -255,7 +256,7 @@ def _push_run(
     with PushClient(redis=url, timeout=30) as client:
         # Warm the route cache and the peer links.
         client.push_many([(d, 0) for d in devices[: min(len(devices), 2000)]])
-        cpu0 = sum(_cpu_seconds(p) for p in pids)
+        cpu0 = sum(cpu_seconds(p) for p in pids)
         started = time.perf_counter()
         latencies: list[float] = []
         codes: dict[int, int] = {}
@@ -268,7 +269,7 @@ def _push_run(
                 latencies.append(r.latency)
             sent += n
         elapsed = time.perf_counter() - started
-        cpu = sum(_cpu_seconds(p) for p in pids) - cpu0
+        cpu = sum(cpu_seconds(p) for p in pids) - cpu0
         # Then one push at a time: the latency of a push that waits behind
         # no other.
         single = [
@@ -313,9 +314,7 @@ def _spread(runs: list[dict[str, Any]]) -> Any:
     """Return ``stat(get)``: the median, min and max of ``get(run)``."""
 
     def stat(get: Any) -> dict[str, float]:
-        values = [float(get(r)) for r in runs]
-        return {"median": statistics.median(values), "min": min(values),
-                "max": max(values)}
+        return summarize(get(r) for r in runs)
 
     return stat
 
@@ -376,6 +375,18 @@ def _table(summary: dict[str, Any], say: Any) -> None:
         s = summary[key]
         say(f"  {key:<20} {s['median']:>12,.1f} [{s['min']:,.1f}, {s['max']:,.1f}]")
     say(f"  {'failed pushes':<20} {summary['failed']:>12,}")
+
+
+def _say_summary(summary: dict[str, Any], say: Any, indent: str = "  ") -> None:
+    """Print each figure of ``summary``: median [min, max], or a count."""
+    for key, s in summary.items():
+        if isinstance(s, dict) and "median" in s:
+            say(f"{indent}{key:<26} {s['median']:>12,.1f} "
+                f"[{s['min']:,.1f}, {s['max']:,.1f}]")
+        elif isinstance(s, int):
+            say(f"{indent}{key:<26} {s:>12,}")
+        else:
+            say(f"{indent}{key:<26} {s!s:>12}")
 
 
 def _plot(runs: list[dict[str, Any]], path: Path) -> None:
@@ -483,9 +494,9 @@ def _d2d_run(
         )
         procs.append(senders)
         _wait_ready(senders, "senders")
-        cpu0 = sum(_cpu_seconds(p) for p in pids)
+        cpu0 = sum(cpu_seconds(p) for p in pids)
         report = _finish(senders, args.seconds + 60)["d2d"]
-        cpu = sum(_cpu_seconds(p) for p in pids) - cpu0
+        cpu = sum(cpu_seconds(p) for p in pids) - cpu0
         after = _node_stats(node_a)["d2d"]
         delivered = _node_stats(node_b)["d2d"]["delivered"] - delivered_before
     finally:
@@ -586,12 +597,7 @@ def run_d2d(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
     say("over the runs (median [min, max]):")
     for phase in phases:
         say(f"  at {phase['rate']:,.0f}/s:")
-        for key, s in phase["summary"].items():
-            if isinstance(s, dict):
-                say(f"    {key:<22} {s['median']:>10,.1f} "
-                    f"[{s['min']:,.1f}, {s['max']:,.1f}]")
-            else:
-                say(f"    {key:<22} {s:>10,}")
+        _say_summary(phase["summary"], say, "    ")
     say(written)
     return result
 
@@ -695,11 +701,7 @@ def run_queue(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
     written = _write_results(result, Path(args.results), "queue",
                              lambda path: _queue_plot(runs, path))
     say("over the runs (median [min, max]):")
-    for key, s in summary.items():
-        if isinstance(s, dict):
-            say(f"  {key:<24} {s['median']:>12,.1f} [{s['min']:,.1f}, {s['max']:,.1f}]")
-        else:
-            say(f"  {key:<24} {s:>12,}")
+    _say_summary(summary, say)
     say(written)
     return result
 
@@ -744,8 +746,8 @@ def _queue_run(
             client.enqueue_many([(d, 0) for d in devices], ttl=600)
             _wait_delivered(cluster, warm0 + len(devices), 120)
             base = _delivered(cluster)
-            cpu0 = sum(_cpu_seconds(p) for p in pids)
-            pcpu0 = _cpu_seconds(processor.pid)
+            cpu0 = sum(cpu_seconds(p) for p in pids)
+            pcpu0 = cpu_seconds(processor.pid)
             started = time.perf_counter()
             sent = 0
             while sent < args.messages:
@@ -766,8 +768,8 @@ def _queue_run(
             enqueued = time.perf_counter() - started
             _wait_delivered(cluster, base + sent, 300)
             elapsed = time.perf_counter() - started
-            cpu = sum(_cpu_seconds(p) for p in pids) - cpu0
-            pcpu = _cpu_seconds(processor.pid) - pcpu0
+            cpu = sum(cpu_seconds(p) for p in pids) - cpu0
+            pcpu = cpu_seconds(processor.pid) - pcpu0
         delivered = _delivered(cluster) - base
     finally:
         if processor is not None:
@@ -823,3 +825,4 @@ def _queue_plot(runs: list[dict[str, Any]], path: Path) -> None:
         [(f"run {k}", r["latency_us"], "{}") for k, r in enumerate(runs)],
         "enqueue to device (us)", "pushy bench queue", path,
     )
+
