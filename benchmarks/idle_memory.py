@@ -64,7 +64,7 @@ try:
     import pushy  # noqa: F401
 except ImportError:  # a source tree built in place
     sys.path.insert(0, str(ROOT / "python"))
-from pushy.benchkit import (  # noqa: E402
+from pushy.benchkit import (
     MAX_PER_PROCESS,
     BenchError,
     Loadgen,

@@ -19,6 +19,7 @@ and the client share the machine's cores.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -30,6 +31,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -113,8 +115,7 @@ def add_parser(commands: Any) -> None:
         help="memory per idle connection, many nodes sharing the port",
         description=_IDLE_DOC,
     )
-    _add_connection_options(idle, 200_000, "N / 17000, rounded up", 16_000,
-                            20_000, "connects/s in all")
+    _add_connection_options(idle, 200_000, 16_000, 5_000, "connects/s in all")
     idle.add_argument("--heartbeat-s", type=float, default=60, metavar="S",
                       help="the nodes' ping interval [60]")
     idle.add_argument("--settle-s", type=float, default=3, metavar="S",
@@ -129,8 +130,8 @@ def add_parser(commands: Any) -> None:
         help="authenticated upgrades and registry writes per second",
         description=_CONNECT_DOC,
     )
-    _add_connection_options(connect, 60_000, "N / 17000, rounded up", 15_000,
-                            50_000, "upgrades/s in all, open loop")
+    _add_connection_options(connect, 60_000, 15_000, 50_000,
+                            "upgrades/s in all, open loop")
     _add_run_options(connect, run_connect)
     bench.set_defaults(func=lambda args: _usage(bench))
 
@@ -163,6 +164,24 @@ def _redis_of(args: argparse.Namespace) -> tuple[Any, str]:
     except (redis.RedisError, ValueError) as exc:
         raise PushyError(f"--redis {args.redis!r} does not answer: {exc}") from None
     return None, args.redis
+
+
+@contextlib.contextmanager
+def _workspace(args: argparse.Namespace) -> Iterator[tuple[str, Path, int | None]]:
+    """A scenario's Redis (see :func:`_redis_of`) and temporary folder, both
+    removed at the end. Yields the Redis URL, the folder, and the pid of the
+    ``redis-server`` when the scenario started it (else ``None``)."""
+    tmp = Path(tempfile.mkdtemp(prefix="pushy-bench-"))
+    try:
+        redis, url = _redis_of(args)
+        try:
+            pid = redis.process.pid if redis is not None and redis.process else None
+            yield url, tmp, pid
+        finally:
+            if redis is not None:
+                redis.stop()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:
@@ -209,11 +228,9 @@ def run_push(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
     if args.devices < 1 or args.nodes < 1 or args.pushes < 1 or args.batch < 1:
         raise PushyError("--devices, --nodes, --pushes and --batch must be >= 1")
     loadgen = loadgen_path()
-    tmp = Path(tempfile.mkdtemp(prefix="pushy-bench-"))
     devices = [f"bench-{i}" for i in range(args.devices)]
-    redis, url = _redis_of(args)
     procs: list[subprocess.Popen[bytes]] = []
-    try:
+    with _workspace(args) as (url, tmp, _):
         cluster = Cluster(args.nodes, url, secret=_SECRET, name="bench").start()
         try:
             say(f"cluster of {args.nodes} nodes on {url}; connecting "
@@ -253,10 +270,6 @@ def run_push(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
                 except subprocess.TimeoutExpired:
                     p.kill()
             cluster.stop()
-    finally:
-        if redis is not None:
-            redis.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
 
     summary = _summarise(runs)
     result = {
@@ -370,6 +383,19 @@ def _write_results(
     (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(out / f"{name}.png")
     return f"results written to {out / (name + '.json')} and {out / (name + '.png')}"
+
+
+def _publish(
+    result: dict[str, Any], args: argparse.Namespace, plot: Any, say: Any,
+    heading: str = "over the runs (median [min, max]):",
+) -> None:
+    """Write ``result`` and its plot (see :func:`_write_results`, named
+    after its scenario), then print the heading, its summary and where it
+    was written."""
+    written = _write_results(result, Path(args.results), result["scenario"], plot)
+    say(heading)
+    _say_summary(result["summary"], say)
+    say(written)
 
 
 def _save(plt: Any, fig: Any, ax: Any, path: Path) -> None:
@@ -601,19 +627,13 @@ def run_d2d(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
         raise PushyError("--rates, --seconds and --runs must be above 0")
     if not 1 <= args.pairs <= 18000:
         raise PushyError("--pairs must be between 1 and 18000")
-    tmp = Path(tempfile.mkdtemp(prefix="pushy-bench-"))
-    redis, url = _redis_of(args)
     phases: list[dict[str, Any]] = []
-    try:
+    with _workspace(args) as (url, tmp, _):
         for rate in rates:
             say(f"d2d at {rate:,.0f}/s, {args.pairs:,} senders on node a, "
                 f"{args.pairs:,} targets on node b, {args.runs} runs")
             runs = [_d2d_run(url, rate, args, tmp, say) for _ in range(args.runs)]
             phases.append({"rate": rate, "runs": runs, "summary": _d2d_summary(runs)})
-    finally:
-        if redis is not None:
-            redis.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
     result = {
         "scenario": "d2d",
         "pairs": args.pairs,
@@ -697,14 +717,8 @@ def run_queue(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
     if min(args.devices, args.nodes, args.messages, args.runs) < 1 or args.rate < 0:
         raise PushyError("--devices, --nodes, --messages and --runs must be >= 1 "
                          "and --rate >= 0")
-    tmp = Path(tempfile.mkdtemp(prefix="pushy-bench-"))
-    redis, url = _redis_of(args)
-    try:
+    with _workspace(args) as (url, tmp, _):
         runs = [_queue_run(url, args, tmp, say) for _ in range(args.runs)]
-    finally:
-        if redis is not None:
-            redis.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
     stat = _spread(runs)
     summary = {
         "delivered_per_s": stat(lambda r: r["delivered_per_s"]),
@@ -726,11 +740,7 @@ def run_queue(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
         "runs": runs,
         "summary": summary,
     }
-    written = _write_results(result, Path(args.results), "queue",
-                             lambda path: _queue_plot(runs, path))
-    say("over the runs (median [min, max]):")
-    _say_summary(summary, say)
-    say(written)
+    _publish(result, args, lambda path: _queue_plot(runs, path), say)
     return result
 
 
@@ -894,14 +904,15 @@ _NODE_SHARE = 17_000
 
 
 def _add_connection_options(
-    parser: argparse.ArgumentParser, connections: int, nodes: str,
-    per_process: int, rate: float, rate_help: str,
+    parser: argparse.ArgumentParser, connections: int, per_process: int,
+    rate: float, rate_help: str,
 ) -> None:
     """The options of the idle and connect scenarios."""
     parser.add_argument("--connections", type=int, default=connections,
                         metavar="N", help=f"connections per run [{connections}]")
     parser.add_argument("--nodes", type=int, default=0, metavar="K",
-                        help=f"node processes sharing the device port [{nodes}]")
+                        help="node processes sharing the device port; 0: "
+                        f"N / {_NODE_SHARE}, rounded up [0]")
     parser.add_argument("--per-process", type=int, default=per_process,
                         metavar="P", help="connections per load generator, "
                         f"below 19000 [{per_process}]")
@@ -1143,10 +1154,8 @@ def run_idle(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
     sizes, addrs = _plan(args)
     if args.heartbeat_s <= 0 or args.settle_s < 0:
         raise PushyError("--heartbeat-s must be above 0, --settle-s at least 0")
-    tmp = Path(tempfile.mkdtemp(prefix="pushy-bench-"))
-    redis, url = _redis_of(args)
     runs: list[dict[str, Any]] = []
-    try:
+    with _workspace(args) as (url, tmp, _):
         tokens = _token_files(tmp, "i", sizes)
         say(f"idle: {args.connections:,} connections on {args.nodes} nodes, "
             f"{len(sizes)} load generators ({max(sizes):,} at most each), "
@@ -1154,10 +1163,6 @@ def run_idle(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
             f"Redis {url}, {args.runs} runs")
         for index in range(args.runs):
             runs.append(_idle_run(index, url, args, sizes, tokens, addrs, tmp, say))
-    finally:
-        if redis is not None:
-            redis.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
     stat = _spread(runs)
     summary = {
         "rss_slab_per_conn": stat(lambda r: r["rss_slab_per_conn"]),
@@ -1185,11 +1190,8 @@ def run_idle(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
         "runs": runs,
         "summary": summary,
     }
-    written = _write_results(result, Path(args.results), "idle",
-                             lambda path: _idle_plot(runs, path))
-    say("over the runs (median [min, max]; bytes per connection):")
-    _say_summary(summary, say)
-    say(written)
+    _publish(result, args, lambda path: _idle_plot(runs, path), say,
+             "over the runs (median [min, max]; bytes per connection):")
     _failures(runs, "idle")
     return result
 
@@ -1305,11 +1307,8 @@ def run_connect(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
             (the results are written first).
     """
     sizes, addrs = _plan(args)
-    tmp = Path(tempfile.mkdtemp(prefix="pushy-bench-"))
-    redis, url = _redis_of(args)
-    redis_pid = redis.process.pid if redis is not None and redis.process else None
     runs: list[dict[str, Any]] = []
-    try:
+    with _workspace(args) as (url, tmp, redis_pid):
         tokens = _token_files(tmp, "c", sizes)
         say(f"connect: {args.connections:,} upgrades per run at "
             f"{args.rate:,.0f}/s from {len(sizes)} load generators, "
@@ -1317,10 +1316,6 @@ def run_connect(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
         for index in range(args.runs):
             runs.append(_connect_run(index, url, redis_pid, args, sizes, tokens,
                                      addrs, tmp, say))
-    finally:
-        if redis is not None:
-            redis.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
     stat = _spread(runs)
     summary = {
         "upgrades_per_s": stat(lambda r: r["upgrades_per_s"]),
@@ -1348,11 +1343,7 @@ def run_connect(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
         "runs": runs,
         "summary": summary,
     }
-    written = _write_results(result, Path(args.results), "connect",
-                             lambda path: _connect_plot(runs, args.rate, path))
-    say("over the runs (median [min, max]):")
-    _say_summary(summary, say)
-    say(written)
+    _publish(result, args, lambda path: _connect_plot(runs, args.rate, path), say)
     _failures(runs, "connect")
     return result
 

@@ -18,7 +18,6 @@ import os
 import signal
 import statistics
 import subprocess
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,14 +116,12 @@ def wait_for(
     Raises:
         BenchError: it stayed false for ``timeout`` seconds.
     """
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise BenchError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
+    from .testing import wait_until
+
+    try:
+        return wait_until(predicate, timeout, interval, what)  # type: ignore[no-any-return]
+    except TimeoutError as exc:
+        raise BenchError(str(exc)) from None
 
 
 def split(n: int, per_process: int) -> list[int]:
