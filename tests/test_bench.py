@@ -24,8 +24,8 @@ SMALL = (
 
 def test_bench_idle_writes_memory_per_connection_and_a_plot(tmp_path: Path) -> None:
     proc = run_pushy(
-        "bench", "idle", *SMALL, "--settle-s", "0.5", "--results", str(tmp_path),
-        timeout=scaled(180),
+        "bench", "idle", *SMALL, "--settle-s", "0.5", "--registry-ttl-s", "3",
+        "--results", str(tmp_path), timeout=scaled(180),
     )  # fmt: skip
 
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -39,7 +39,9 @@ def test_bench_idle_writes_memory_per_connection_and_a_plot(tmp_path: Path) -> N
     assert run["registered"] == 2000
     assert run["failed"] == 0 and run["failed_by_reason"] == {}
     assert run["dropped_by_reason"] == {}
-    assert run["rss_per_conn"] > 0 and run["redis_per_conn"] > 0
+    assert run["rss_per_conn"] > 0 and run["rss_per_conn_connected"] > 0
+    assert run["redis_per_conn"] > 0
+    assert run["measured_after_s"] >= 1
     assert run["rss_slab_per_conn"] == pytest.approx(
         run["rss_per_conn"] + run["slab_per_conn"]
     )

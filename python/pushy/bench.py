@@ -1167,6 +1167,7 @@ def run_idle(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
     summary = {
         "rss_slab_per_conn": stat(lambda r: r["rss_slab_per_conn"]),
         "rss_per_conn": stat(lambda r: r["rss_per_conn"]),
+        "rss_per_conn_connected": stat(lambda r: r["rss_per_conn_connected"]),
         "slab_per_conn": stat(lambda r: r["slab_per_conn"]),
         "redis_per_conn": stat(lambda r: r["redis_per_conn"]),
         "held": stat(lambda r: r["held"]),
@@ -1213,19 +1214,35 @@ def _idle_run(
         cpu0 = sum(cpu_seconds(p) for p in pids)
         drops0 = benchkit.listen_drops()
         gens, seen = _open_connections(cluster, args, sizes, tokens, addrs, tmp, say)
+        connected_at = time.monotonic()
         cpu = sum(cpu_seconds(p) for p in pids) - cpu0
         drops = benchkit.listen_drops() - drops0
-        # The count must stop moving before the measurement.
+        rss_connected = benchkit.sample_memory(pids)["rss"]
+        # Measure the steady state: once each node has refreshed as many
+        # records as it holds since the connect phase (a full registry
+        # refresh round: its memory stays with the node), and the counts
+        # have stopped moving.
+        say(f"  connected; measuring after the nodes' next registry refresh "
+            f"round (every {args.registry_ttl_s / 3:g} s)")
+        refreshed0 = [int(_node_stats(n)["fleet"]["refreshed"]) for n in cluster.nodes]
         last: list[list[int]] = []
 
         def settled() -> bool:
-            last.append([int(_node_stats(n)["connections"]) for n in cluster.nodes])
-            return len(last) >= 3 and last[-1] == last[-2] == last[-3]
+            stats = [_node_stats(n) for n in cluster.nodes]
+            held = [int(st["connections"]) for st in stats]
+            done = all(
+                int(st["fleet"]["refreshed"]) - r0 >= h
+                for st, r0, h in zip(stats, refreshed0, held, strict=True)
+            )
+            last.append(held)
+            return done and len(last) >= 3 and last[-1] == last[-2] == last[-3]
 
-        benchkit.wait_for(settled, 60, "the connection count to settle", 0.5)
+        benchkit.wait_for(settled, args.registry_ttl_s + 60,
+                          "a registry refresh round and a steady count", 0.5)
         time.sleep(args.settle_s)
         per_node = [int(_node_stats(n)["connections"]) for n in cluster.nodes]
         after = benchkit.sample_memory(pids)
+        after_s = time.monotonic() - connected_at
         redis1 = _redis_info(url, "memory")["used_memory"]
         peak = sum(benchkit.read_status_kib(p, "VmHWM") for p in pids) * 1024
         registered = sum(
@@ -1255,6 +1272,7 @@ def _idle_run(
         "redis_delta": redis1 - redis0,
         "rss_peak": peak,
         "rss_per_conn": per_conn(rss),
+        "rss_per_conn_connected": per_conn(rss_connected - before["rss"]),
         "slab_per_conn": per_conn(slab),
         "rss_slab_per_conn": per_conn(rss + slab),
         "redis_per_conn": per_conn(redis1 - redis0),
@@ -1262,13 +1280,15 @@ def _idle_run(
         "node_cpu_us_per_upgrade": cpu / max(figures["connected"], 1) * 1e6,
         "listen_drops": drops,
         "connect_wall_s": seen["wall_s"],
+        "measured_after_s": after_s,
         "progress": seen["samples"],
         "all_closed": closed,
         "run_s": time.monotonic() - started,
     }
     say(f"run {index}: {held:,}/{args.connections:,} held on {args.nodes} nodes "
         f"({min(per_node):,} to {max(per_node):,} each), node RSS "
-        f"{run['rss_per_conn']:,.0f} B/conn, RSS + slab "
+        f"{run['rss_per_conn']:,.0f} B/conn ({run['rss_per_conn_connected']:,.0f} "
+        f"before the refresh round), RSS + slab "
         f"{run['rss_slab_per_conn']:,.0f} B/conn, Redis "
         f"{run['redis_per_conn']:,.0f} B/conn; {run['upgrades_per_s']:,.0f} "
         f"upgrades/s, {drops} listen drops; failed "
