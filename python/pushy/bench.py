@@ -873,10 +873,11 @@ the device port (SO_REUSEPORT) on one Redis registry, and --connections
 authenticated idle connections opened by pushy-loadgen processes of at
 most --per-process each, at --rate connects/s in all, from the source
 addresses of --source-addrs (each gives one range of ephemeral ports).
-Once every connection is open and the nodes' count has settled, it takes
-the nodes' resident memory (VmRSS, summed), the kernel's Slab and Redis's
-used_memory, and compares them with a baseline taken before the first
-connect. It reports per connection the node RSS growth, the slab growth
+Once every connection is open, each node has since refreshed all its
+registry records (a refresh round comes every third of --registry-ttl-s)
+and the counts have settled, it takes the nodes' resident memory (VmRSS,
+summed), the kernel's Slab and Redis's used_memory, and compares them with
+a baseline taken before the first connect. It reports per connection the node RSS growth, the slab growth
 (both socket ends: the load generator is on the same kernel), their sum,
 and Redis's growth; the connect phase's upgrade rate; and the connections
 that failed or dropped, by reason. Each run starts fresh nodes; results go
