@@ -1452,4 +1452,5 @@ def _connect_plot(runs: list[dict[str, Any]], target: float, path: Path) -> None
     lat.set_xticks([i + width * 1.5 for i in range(len(runs))])
     lat.set_xticklabels(labels)
     lat.set(yscale="log", ylabel="from connect() (us)", title="latency")
+    lat.set_ylim(bottom=10)
     _save(plt, fig, lat, path)
