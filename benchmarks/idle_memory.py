@@ -48,12 +48,11 @@ import re
 import secrets
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,10 +60,28 @@ import httpx
 import jwt
 
 ROOT = Path(__file__).resolve().parent.parent
+try:
+    import pushy  # noqa: F401
+except ImportError:  # a source tree built in place
+    sys.path.insert(0, str(ROOT / "python"))
+from pushy.benchkit import (
+    MAX_PER_PROCESS,
+    BenchError,
+    Loadgen,
+    cpu_seconds,
+    listen_drops,
+    merge_reasons,
+    read_status_kib,
+    sample_memory,
+    split,
+    stop_loadgens,
+    summarize,
+    wait_for,
+)
+
 BUILD_SCRIPT = ROOT / "benchmarks" / "build.sh"
 LOADGEN_SOURCE = ROOT / "benchmarks" / "loadgen.cpp"
 DEFAULT_LOADGEN = ROOT / "build" / "bench" / "pushy-loadgen"
-MAX_PER_PROCESS = 19_000
 
 # The node process of --node core: the engine without the Python wrapper,
 # configured from PUSHY_BENCH_NODE_CONFIG (JSON), printing its ports as one
@@ -91,10 +108,6 @@ _CLI_LISTENING = re.compile(
 _LOG_PROBLEM = re.compile(r"\b(warn|warning|error|critical)\b", re.IGNORECASE)
 
 
-class BenchError(Exception):
-    """A run could not complete (a process failed or a wait timed out)."""
-
-
 @dataclass
 class NodeProcess:
     """A node running in a child process, with its log files."""
@@ -110,17 +123,6 @@ class NodeProcess:
     def pid(self) -> int:
         """The node's process id (the process whose RSS is measured)."""
         return self.proc.pid
-
-
-@dataclass
-class LoadgenProcess:
-    """One running ``pushy-loadgen`` and its output files."""
-
-    proc: subprocess.Popen[bytes]
-    connections: int
-    stdout_path: Path
-    stderr_path: Path
-    report: dict[str, Any] = field(default_factory=dict)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -237,69 +239,6 @@ def ensure_loadgen(path: Path) -> Path:
     return path
 
 
-def read_status_kib(pid: int, key: str) -> int:
-    """Return a ``/proc/PID/status`` field in KiB (``VmRSS``, ``VmHWM``)."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise BenchError(f"no {key} in /proc/{pid}/status")
-
-
-def read_meminfo_kib(key: str) -> int:
-    """Return a ``/proc/meminfo`` field in KiB (``Slab``)."""
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise BenchError(f"no {key} in /proc/meminfo")
-
-
-def read_cpu_s(pid: int) -> float:
-    """Return the user + system CPU seconds of a process so far."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    # utime and stime, fields 14 and 15 of proc(5), counted after the name.
-    ticks = int(fields[11]) + int(fields[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
-def read_listen_drops() -> int:
-    """Return the host's TcpExt ListenDrops counter (SYNs or accepts lost)."""
-    with open("/proc/net/netstat") as f:
-        lines = f.read().splitlines()
-    for names, values in zip(lines[::2], lines[1::2], strict=False):
-        if names.startswith("TcpExt:"):
-            row = dict(zip(names.split(), values.split(), strict=True))
-            return int(row["ListenDrops"])
-    return 0
-
-
-def sample_memory(pid: int) -> dict[str, int]:
-    """Return the node's RSS and the kernel slab, in bytes."""
-    return {
-        "rss": read_status_kib(pid, "VmRSS") * 1024,
-        "slab": read_meminfo_kib("Slab") * 1024,
-        "slab_unreclaimable": read_meminfo_kib("SUnreclaim") * 1024,
-    }
-
-
-def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.1) -> Any:
-    """Poll ``predicate()`` until it returns a true value; return it.
-
-    Raises:
-        BenchError: it stayed false for ``timeout`` seconds.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise BenchError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
-
-
 def write_tokens(secret: str, n: int, directory: Path, sizes: list[int]) -> list[Path]:
     """Write one token file per load generator; return their paths.
 
@@ -321,12 +260,6 @@ def write_tokens(secret: str, n: int, directory: Path, sizes: list[int]) -> list
     return paths
 
 
-def split(n: int, per_process: int) -> list[int]:
-    """Split n connections over as few processes as allowed, evenly."""
-    k = math.ceil(n / per_process)
-    return [n // k + (1 if i < n % k else 0) for i in range(k)]
-
-
 def log_problems(*paths: Path) -> list[str]:
     """Return the log lines of the given files at warning level or above."""
     lines: list[str] = []
@@ -336,15 +269,6 @@ def log_problems(*paths: Path) -> list[str]:
                 if _LOG_PROBLEM.search(line):
                     lines.append(line.strip())
     return lines
-
-
-def summarize(values: list[float]) -> dict[str, float]:
-    """Return median, min and max of the values."""
-    return {
-        "median": statistics.median(values),
-        "min": min(values),
-        "max": max(values),
-    }
 
 
 # --------------------------------------------------------------- processes
@@ -481,71 +405,6 @@ def node_stats(client: httpx.Client, node: NodeProcess) -> dict[str, Any]:
     return r.json()
 
 
-def start_loadgens(
-    args: argparse.Namespace,
-    node: NodeProcess,
-    sizes: list[int],
-    tokens: list[Path],
-    workdir: Path,
-    hold_s: float,
-) -> list[LoadgenProcess]:
-    """Start one load generator per token file, all at once."""
-    gens: list[LoadgenProcess] = []
-    for k, (size, path) in enumerate(zip(sizes, tokens, strict=True)):
-        out = workdir / f"loadgen-{k}.stdout"
-        err = workdir / f"loadgen-{k}.stderr"
-        cmd = [
-            str(args.loadgen),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(node.port),
-            "--connections",
-            str(size),
-            "--source-addrs",
-            args.source_addrs,
-            "--tokens",
-            str(path),
-            "--rate",
-            str(args.rate),
-            "--hold-s",
-            str(hold_s),
-            "--json",
-        ]
-        with open(out, "wb") as fo, open(err, "wb") as fe:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=fo, stderr=fe)
-        gens.append(LoadgenProcess(proc, size, out, err))
-    return gens
-
-
-def loadgen_ready(gen: LoadgenProcess) -> dict[str, Any] | None:
-    """Return the load generator's ``ready`` event once it has printed it."""
-    for line in gen.stderr_path.read_text(errors="replace").splitlines():
-        if line.startswith('{"event":"ready"'):
-            return json.loads(line)
-    if gen.proc.poll() is not None:
-        raise BenchError(
-            f"load generator exited with {gen.proc.returncode}: "
-            f"{gen.stderr_path.read_text(errors='replace')[-2000:]}"
-        )
-    return None
-
-
-def stop_loadgens(gens: list[LoadgenProcess]) -> None:
-    """Ask every load generator to close its connections; collect reports."""
-    for g in gens:
-        if g.proc.poll() is None:
-            g.proc.send_signal(signal.SIGTERM)
-    for g in gens:
-        try:
-            g.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            g.proc.kill()
-            g.proc.wait()
-        text = g.stdout_path.read_text(errors="replace").strip()
-        g.report = json.loads(text) if text.startswith("{") else {}
-
-
 def describe_exit(node: NodeProcess) -> str:
     """Say whether the node is still running, and how it ended if not."""
     rc = node.proc.poll()
@@ -580,33 +439,40 @@ def one_run(
     run_dir = workdir / f"run-{index}"
     run_dir.mkdir()
     node = start_node(args, secret, run_dir)
-    gens: list[LoadgenProcess] = []
+    gens: list[Loadgen] = []
     try:
         with httpx.Client(timeout=10) as client:
             # Let the node finish starting before the baseline.
             wait_for(lambda: node_stats(client, node), 10, "the stats endpoint")
             time.sleep(1.0)
-            before = sample_memory(node.pid)
-            cpu_before = read_cpu_s(node.pid)
-            drops_before = read_listen_drops()
+            before = sample_memory([node.pid])
+            cpu_before = cpu_seconds(node.pid)
+            drops_before = listen_drops()
 
             n_wanted = sum(sizes)
             # Bound every phase: connect at --rate, then hold until stopped.
             connect_s = max(sizes) / args.rate + 15
             hold_s = connect_s + 120 + args.settle_s
             t_connect = time.monotonic()
-            gens = start_loadgens(args, node, sizes, tokens, run_dir, hold_s)
+            gens = [
+                Loadgen.start(
+                    args.loadgen, port=node.port, tokens=path, connections=size,
+                    rate=args.rate, hold_s=hold_s, workdir=run_dir,
+                    name=f"loadgen-{k}", source_addrs=args.source_addrs.split(","),
+                )
+                for k, (size, path) in enumerate(zip(sizes, tokens, strict=True))
+            ]  # fmt: skip
             ready = [
                 wait_for(
-                    lambda g=g: loadgen_ready(g),
+                    g.ready,
                     connect_s + 30,
                     "the load generators' handshakes",
                 )
                 for g in gens
             ]
             connect_wall_s = time.monotonic() - t_connect
-            cpu_connect = read_cpu_s(node.pid) - cpu_before
-            listen_drops = read_listen_drops() - drops_before
+            cpu_connect = cpu_seconds(node.pid) - cpu_before
+            drops = listen_drops() - drops_before
             connected = sum(r["connected"] for r in ready)
 
             # Wait until the node's count stops moving (and matches).
@@ -619,7 +485,7 @@ def one_run(
             wait_for(settled, 30, "the connection count to settle", 0.5)
             time.sleep(args.settle_s)
             stats = node_stats(client, node)
-            after = sample_memory(node.pid)
+            after = sample_memory([node.pid])
             peak_rss = read_status_kib(node.pid, "VmHWM") * 1024
             held = stats["connections"]
 
@@ -651,13 +517,8 @@ def one_run(
     rss_delta = after["rss"] - before["rss"]
     slab_delta = after["slab"] - before["slab"]
     reports = [g.report for g in gens]
-    failed: dict[str, int] = {}
-    dropped: dict[str, int] = {}
-    for r in reports:
-        for why, n in r.get("failed_by_reason", {}).items():
-            failed[why] = failed.get(why, 0) + n
-        for why, n in r.get("dropped_by_reason", {}).items():
-            dropped[why] = dropped.get(why, 0) + n
+    failed = merge_reasons(reports, "failed_by_reason")
+    dropped = merge_reasons(reports, "dropped_by_reason")
     rejects = {k: v for k, v in end_stats.get("rejects", {}).items() if v}
     return {
         "run": index,
@@ -680,7 +541,7 @@ def one_run(
         "connect_wall_s": connect_wall_s,
         "node_cpu_s_connect": cpu_connect,
         "node_cpu_us_per_upgrade": cpu_connect / connected * 1e6 if connected else None,
-        "listen_drops": listen_drops,
+        "listen_drops": drops,
         "upgrade_rate_per_s": connected
         / max((r["connect_phase_s"] for r in reports if r), default=math.inf),
         "handshake_p50_us": [

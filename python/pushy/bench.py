@@ -19,7 +19,9 @@ and the client share the machine's cores.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import random
 import shutil
@@ -29,15 +31,26 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from . import benchkit
+from .benchkit import cpu_seconds, summarize
 from .cluster import Cluster
 from .errors import PushyError
 from .push import PushClient
 from .tokens import issue_token
 
-__all__ = ["add_parser", "loadgen_path", "run_d2d", "run_push", "run_queue"]
+__all__ = [
+    "add_parser",
+    "loadgen_path",
+    "run_connect",
+    "run_d2d",
+    "run_idle",
+    "run_push",
+    "run_queue",
+]
 
 _SECRET = "pushy-bench-secret-" + "0123456789abcdef" * 3
 _PER_PROCESS = 5000
@@ -96,6 +109,30 @@ def add_parser(commands: Any) -> None:
     queue.add_argument("--ack", choices=("written", "client"), default="written",
                        help="when a message counts as delivered [written]")
     _add_run_options(queue, run_queue)
+
+    idle = scenarios.add_parser(
+        "idle",
+        help="memory per idle connection, many nodes sharing the port",
+        description=_IDLE_DOC,
+    )
+    _add_connection_options(idle, 200_000, 16_000, 5_000, "connects/s in all")
+    idle.add_argument("--heartbeat-s", type=float, default=60, metavar="S",
+                      help="the nodes' ping interval [60]")
+    idle.add_argument("--settle-s", type=float, default=3, metavar="S",
+                      help="wait after the count settles, before measuring [3]")
+    idle.add_argument("--registry-ttl-s", type=float, default=30, metavar="S",
+                      help="the nodes' registry TTL; each node refreshes its "
+                      "records every third of it [30]")
+    _add_run_options(idle, run_idle)
+
+    connect = scenarios.add_parser(
+        "connect",
+        help="authenticated upgrades and registry writes per second",
+        description=_CONNECT_DOC,
+    )
+    _add_connection_options(connect, 60_000, 15_000, 50_000,
+                            "upgrades/s in all, open loop")
+    _add_run_options(connect, run_connect)
     bench.set_defaults(func=lambda args: _usage(bench))
 
 
@@ -129,6 +166,24 @@ def _redis_of(args: argparse.Namespace) -> tuple[Any, str]:
     return None, args.redis
 
 
+@contextlib.contextmanager
+def _workspace(args: argparse.Namespace) -> Iterator[tuple[str, Path, int | None]]:
+    """A scenario's Redis (see :func:`_redis_of`) and temporary folder, both
+    removed at the end. Yields the Redis URL, the folder, and the pid of the
+    ``redis-server`` when the scenario started it (else ``None``)."""
+    tmp = Path(tempfile.mkdtemp(prefix="pushy-bench-"))
+    try:
+        redis, url = _redis_of(args)
+        try:
+            pid = redis.process.pid if redis is not None and redis.process else None
+            yield url, tmp, pid
+        finally:
+            if redis is not None:
+                redis.stop()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _usage(parser: argparse.ArgumentParser) -> int:
     parser.print_help(sys.stderr)
     return 2
@@ -149,13 +204,6 @@ def loadgen_path() -> str:
     raise PushyError(
         f"pushy-loadgen not found (expected {here}); reinstall the package"
     )
-
-
-def _cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    return (int(fields[11]) + int(fields[12])) / ticks
 
 
 def _node_stats(node: Any) -> dict[str, Any]:
@@ -180,11 +228,9 @@ def run_push(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
     if args.devices < 1 or args.nodes < 1 or args.pushes < 1 or args.batch < 1:
         raise PushyError("--devices, --nodes, --pushes and --batch must be >= 1")
     loadgen = loadgen_path()
-    tmp = Path(tempfile.mkdtemp(prefix="pushy-bench-"))
     devices = [f"bench-{i}" for i in range(args.devices)]
-    redis, url = _redis_of(args)
     procs: list[subprocess.Popen[bytes]] = []
-    try:
+    with _workspace(args) as (url, tmp, _):
         cluster = Cluster(args.nodes, url, secret=_SECRET, name="bench").start()
         try:
             say(f"cluster of {args.nodes} nodes on {url}; connecting "
@@ -224,10 +270,6 @@ def run_push(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
                 except subprocess.TimeoutExpired:
                     p.kill()
             cluster.stop()
-    finally:
-        if redis is not None:
-            redis.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
 
     summary = _summarise(runs)
     result = {
@@ -255,7 +297,7 @@ def _push_run(
     with PushClient(redis=url, timeout=30) as client:
         # Warm the route cache and the peer links.
         client.push_many([(d, 0) for d in devices[: min(len(devices), 2000)]])
-        cpu0 = sum(_cpu_seconds(p) for p in pids)
+        cpu0 = sum(cpu_seconds(p) for p in pids)
         started = time.perf_counter()
         latencies: list[float] = []
         codes: dict[int, int] = {}
@@ -268,7 +310,7 @@ def _push_run(
                 latencies.append(r.latency)
             sent += n
         elapsed = time.perf_counter() - started
-        cpu = sum(_cpu_seconds(p) for p in pids) - cpu0
+        cpu = sum(cpu_seconds(p) for p in pids) - cpu0
         # Then one push at a time: the latency of a push that waits behind
         # no other.
         single = [
@@ -313,9 +355,7 @@ def _spread(runs: list[dict[str, Any]]) -> Any:
     """Return ``stat(get)``: the median, min and max of ``get(run)``."""
 
     def stat(get: Any) -> dict[str, float]:
-        values = [float(get(r)) for r in runs]
-        return {"median": statistics.median(values), "min": min(values),
-                "max": max(values)}
+        return summarize(get(r) for r in runs)
 
     return stat
 
@@ -343,6 +383,19 @@ def _write_results(
     (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(out / f"{name}.png")
     return f"results written to {out / (name + '.json')} and {out / (name + '.png')}"
+
+
+def _publish(
+    result: dict[str, Any], args: argparse.Namespace, plot: Any, say: Any,
+    heading: str = "over the runs (median [min, max]):",
+) -> None:
+    """Write ``result`` and its plot (see :func:`_write_results`, named
+    after its scenario), then print the heading, its summary and where it
+    was written."""
+    written = _write_results(result, Path(args.results), result["scenario"], plot)
+    say(heading)
+    _say_summary(result["summary"], say)
+    say(written)
 
 
 def _save(plt: Any, fig: Any, ax: Any, path: Path) -> None:
@@ -376,6 +429,18 @@ def _table(summary: dict[str, Any], say: Any) -> None:
         s = summary[key]
         say(f"  {key:<20} {s['median']:>12,.1f} [{s['min']:,.1f}, {s['max']:,.1f}]")
     say(f"  {'failed pushes':<20} {summary['failed']:>12,}")
+
+
+def _say_summary(summary: dict[str, Any], say: Any, indent: str = "  ") -> None:
+    """Print each figure of ``summary``: median [min, max], or a count."""
+    for key, s in summary.items():
+        if isinstance(s, dict) and "median" in s:
+            say(f"{indent}{key:<26} {s['median']:>12,.1f} "
+                f"[{s['min']:,.1f}, {s['max']:,.1f}]")
+        elif isinstance(s, int):
+            say(f"{indent}{key:<26} {s:>12,}")
+        else:
+            say(f"{indent}{key:<26} {s!s:>12}")
 
 
 def _plot(runs: list[dict[str, Any]], path: Path) -> None:
@@ -483,9 +548,9 @@ def _d2d_run(
         )
         procs.append(senders)
         _wait_ready(senders, "senders")
-        cpu0 = sum(_cpu_seconds(p) for p in pids)
+        cpu0 = sum(cpu_seconds(p) for p in pids)
         report = _finish(senders, args.seconds + 60)["d2d"]
-        cpu = sum(_cpu_seconds(p) for p in pids) - cpu0
+        cpu = sum(cpu_seconds(p) for p in pids) - cpu0
         after = _node_stats(node_a)["d2d"]
         delivered = _node_stats(node_b)["d2d"]["delivered"] - delivered_before
     finally:
@@ -562,19 +627,13 @@ def run_d2d(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
         raise PushyError("--rates, --seconds and --runs must be above 0")
     if not 1 <= args.pairs <= 18000:
         raise PushyError("--pairs must be between 1 and 18000")
-    tmp = Path(tempfile.mkdtemp(prefix="pushy-bench-"))
-    redis, url = _redis_of(args)
     phases: list[dict[str, Any]] = []
-    try:
+    with _workspace(args) as (url, tmp, _):
         for rate in rates:
             say(f"d2d at {rate:,.0f}/s, {args.pairs:,} senders on node a, "
                 f"{args.pairs:,} targets on node b, {args.runs} runs")
             runs = [_d2d_run(url, rate, args, tmp, say) for _ in range(args.runs)]
             phases.append({"rate": rate, "runs": runs, "summary": _d2d_summary(runs)})
-    finally:
-        if redis is not None:
-            redis.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
     result = {
         "scenario": "d2d",
         "pairs": args.pairs,
@@ -586,12 +645,7 @@ def run_d2d(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
     say("over the runs (median [min, max]):")
     for phase in phases:
         say(f"  at {phase['rate']:,.0f}/s:")
-        for key, s in phase["summary"].items():
-            if isinstance(s, dict):
-                say(f"    {key:<22} {s['median']:>10,.1f} "
-                    f"[{s['min']:,.1f}, {s['max']:,.1f}]")
-            else:
-                say(f"    {key:<22} {s:>10,}")
+        _say_summary(phase["summary"], say, "    ")
     say(written)
     return result
 
@@ -663,14 +717,8 @@ def run_queue(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
     if min(args.devices, args.nodes, args.messages, args.runs) < 1 or args.rate < 0:
         raise PushyError("--devices, --nodes, --messages and --runs must be >= 1 "
                          "and --rate >= 0")
-    tmp = Path(tempfile.mkdtemp(prefix="pushy-bench-"))
-    redis, url = _redis_of(args)
-    try:
+    with _workspace(args) as (url, tmp, _):
         runs = [_queue_run(url, args, tmp, say) for _ in range(args.runs)]
-    finally:
-        if redis is not None:
-            redis.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
     stat = _spread(runs)
     summary = {
         "delivered_per_s": stat(lambda r: r["delivered_per_s"]),
@@ -692,15 +740,7 @@ def run_queue(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
         "runs": runs,
         "summary": summary,
     }
-    written = _write_results(result, Path(args.results), "queue",
-                             lambda path: _queue_plot(runs, path))
-    say("over the runs (median [min, max]):")
-    for key, s in summary.items():
-        if isinstance(s, dict):
-            say(f"  {key:<24} {s['median']:>12,.1f} [{s['min']:,.1f}, {s['max']:,.1f}]")
-        else:
-            say(f"  {key:<24} {s:>12,}")
-    say(written)
+    _publish(result, args, lambda path: _queue_plot(runs, path), say)
     return result
 
 
@@ -744,8 +784,8 @@ def _queue_run(
             client.enqueue_many([(d, 0) for d in devices], ttl=600)
             _wait_delivered(cluster, warm0 + len(devices), 120)
             base = _delivered(cluster)
-            cpu0 = sum(_cpu_seconds(p) for p in pids)
-            pcpu0 = _cpu_seconds(processor.pid)
+            cpu0 = sum(cpu_seconds(p) for p in pids)
+            pcpu0 = cpu_seconds(processor.pid)
             started = time.perf_counter()
             sent = 0
             while sent < args.messages:
@@ -766,8 +806,8 @@ def _queue_run(
             enqueued = time.perf_counter() - started
             _wait_delivered(cluster, base + sent, 300)
             elapsed = time.perf_counter() - started
-            cpu = sum(_cpu_seconds(p) for p in pids) - cpu0
-            pcpu = _cpu_seconds(processor.pid) - pcpu0
+            cpu = sum(cpu_seconds(p) for p in pids) - cpu0
+            pcpu = cpu_seconds(processor.pid) - pcpu0
         delivered = _delivered(cluster) - base
     finally:
         if processor is not None:
@@ -823,3 +863,594 @@ def _queue_plot(runs: list[dict[str, Any]], path: Path) -> None:
         [(f"run {k}", r["latency_us"], "{}") for k, r in enumerate(runs)],
         "enqueue to device (us)", "pushy bench queue", path,
     )
+
+
+# ------------------------------------------------------- idle and connect
+
+_IDLE_DOC = """\
+Idle connections on this host: a cluster of --nodes node processes sharing
+the device port (SO_REUSEPORT) on one Redis registry, and --connections
+authenticated idle connections opened by pushy-loadgen processes of at
+most --per-process each, at --rate connects/s in all, from the source
+addresses of --source-addrs (each gives one range of ephemeral ports).
+Once every connection is open, each node has since refreshed all its
+registry records (a refresh round comes every third of --registry-ttl-s)
+and the counts have settled, it takes the nodes' resident memory (VmRSS,
+summed), the kernel's Slab and Redis's used_memory, and compares them with
+a baseline taken before the first connect. It reports per connection the node RSS growth, the slab growth
+(both socket ends: the load generator is on the same kernel), their sum,
+and Redis's growth; the connect phase's upgrade rate; and the connections
+that failed or dropped, by reason. Each run starts fresh nodes; results go
+to RESULTS/idle.json and idle.png."""
+
+_CONNECT_DOC = """\
+Connection setup rate on this host: a cluster of --nodes node processes on
+one Redis registry and pushy-loadgen processes of at most --per-process
+connections each, opening --connections authenticated connections open
+loop at --rate upgrades/s in all (split evenly). An upgrade counts once its
+hello has arrived, and a node sends hello once Redis has answered the
+record's write. It reports the upgrades per second achieved over the
+connect phase, the handshake (to 101) and hello latencies, the failures by
+reason, the registry writes the nodes counted, and the CPU-seconds per
+million upgrades of the nodes, of the load generators and of Redis (when
+this command started it). Each run starts fresh nodes; results go to
+RESULTS/connect.json and connect.png."""
+
+#: A node refuses upgrades (503) beyond this, below the 19,000 sockets a
+#: process may hold here.
+_NODE_MAX_CONNECTIONS = 18_900
+#: Connections per node the scenarios plan for: SO_REUSEPORT spreads them
+#: by a hash, so a node gets a little more or less than its share.
+_NODE_SHARE = 17_000
+
+
+def _add_connection_options(
+    parser: argparse.ArgumentParser, connections: int, per_process: int,
+    rate: float, rate_help: str,
+) -> None:
+    """The options of the idle and connect scenarios."""
+    parser.add_argument("--connections", type=int, default=connections,
+                        metavar="N", help=f"connections per run [{connections}]")
+    parser.add_argument("--nodes", type=int, default=0, metavar="K",
+                        help="node processes sharing the device port; 0: "
+                        f"N / {_NODE_SHARE}, rounded up [0]")
+    parser.add_argument("--per-process", type=int, default=per_process,
+                        metavar="P", help="connections per load generator, "
+                        f"below 19000 [{per_process}]")
+    parser.add_argument("--rate", type=float, default=rate, metavar="R",
+                        help=f"{rate_help} [{rate:g}]")
+    parser.add_argument("--source-addrs", default="127.0.0.2-17",
+                        metavar="A,B|A-N", help="load generator source "
+                        "addresses in 127.0.0.0/8, a comma list or a range of "
+                        "the last byte [127.0.0.2-17]")
+    parser.add_argument("--threads", type=int, default=1, metavar="N",
+                        help="io threads per node [1]")
+
+
+def _source_addrs(text: str) -> list[str]:
+    """Parse ``--source-addrs``: ``A,B,...`` or ``127.0.0.2-17``.
+
+    Raises:
+        PushyError: an address outside 127.0.0.0/8, or a bad range.
+    """
+    addrs: list[str] = []
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        head, _, last = item.rpartition(".")
+        first, dash, end = last.partition("-")
+        try:
+            lo, hi = int(first), int(end) if dash else int(first)
+        except ValueError:
+            raise PushyError(f"--source-addrs: bad address {item!r}") from None
+        if not 0 <= lo <= hi <= 255:
+            raise PushyError(f"--source-addrs: bad range {item!r}")
+        addrs += [f"{head}.{i}" for i in range(lo, hi + 1)]
+    for a in addrs:
+        parts = a.split(".")
+        if len(parts) != 4 or parts[0] != "127" or not all(
+            p.isdigit() and int(p) <= 255 for p in parts
+        ):
+            raise PushyError(f"--source-addrs must be in 127.0.0.0/8, got {a!r}")
+    if not addrs:
+        raise PushyError("--source-addrs is empty")
+    return addrs
+
+
+def _ephemeral_ports() -> int:
+    """How many ports ``ip_local_port_range`` offers per address pair."""
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(hi) - int(lo) + 1
+    except (OSError, ValueError):
+        return 28_232
+
+
+def _plan(args: argparse.Namespace) -> tuple[list[int], list[str]]:
+    """Check the idle and connect options; pick ``args.nodes`` when 0.
+    Returns the connections of each load generator and the source
+    addresses.
+
+    Raises:
+        PushyError: a value out of range, or more connections than the
+            nodes, load generators or source addresses can hold.
+    """
+    if args.connections < 1 or args.runs < 1 or args.rate <= 0 or args.nodes < 0:
+        raise PushyError("--connections, --runs and --rate must be above 0, "
+                         "--nodes at least 0")
+    if not 1 <= args.per_process < benchkit.MAX_PER_PROCESS:
+        raise PushyError(f"--per-process must be 1-{benchkit.MAX_PER_PROCESS - 1}")
+    if args.nodes == 0:
+        args.nodes = max(1, math.ceil(args.connections / _NODE_SHARE))
+    if args.connections > args.nodes * _NODE_SHARE:
+        raise PushyError(
+            f"{args.nodes} nodes hold at most {args.nodes * _NODE_SHARE:,} "
+            f"connections here ({_NODE_SHARE:,} each, below the 19,000 "
+            f"sockets of a process); expected --nodes of at least "
+            f"{math.ceil(args.connections / _NODE_SHARE)}"
+        )
+    addrs = _source_addrs(args.source_addrs)
+    ports = _ephemeral_ports()
+    if args.connections > len(addrs) * (ports - 1000):
+        raise PushyError(
+            f"{len(addrs)} source addresses give {len(addrs) * ports:,} "
+            f"ephemeral ports to the shared device port; expected more "
+            f"--source-addrs for {args.connections:,} connections"
+        )
+    return benchkit.split(args.connections, args.per_process), addrs
+
+
+def _token_files(tmp: Path, prefix: str, sizes: list[int]) -> list[Path]:
+    """Write one token file per load generator: devices ``PREFIX0`` ...
+    ``PREFIX(N-1)`` of account ``bench``, valid for a day."""
+    paths: list[Path] = []
+    start = 0
+    for k, size in enumerate(sizes):
+        path = tmp / f"{prefix}tokens-{k}.txt"
+        path.write_text("".join(
+            issue_token(_SECRET, f"{prefix}{i}", "bench", ttl=86400) + "\n"
+            for i in range(start, start + size)
+        ))
+        paths.append(path)
+        start += size
+    return paths
+
+
+def _bench_cluster(
+    args: argparse.Namespace, url: str, name: str, **options: Any
+) -> Cluster:
+    """Start the fresh cluster of one idle or connect run, on its own
+    Redis prefix."""
+    prefix = f"b{name}{os.getpid()}-{time.monotonic_ns() % 10**9}:"
+    return Cluster(
+        args.nodes, url, secret=_SECRET, name=name, redis_prefix=prefix,
+        threads=args.threads, max_connections=_NODE_MAX_CONNECTIONS, **options,
+    ).start()
+
+
+def _open_connections(
+    cluster: Cluster, args: argparse.Namespace, sizes: list[int],
+    tokens: list[Path], addrs: list[str], tmp: Path, say: Any,
+    handshake_timeout_s: float = 10,
+) -> tuple[list[benchkit.Loadgen], dict[str, Any]]:
+    """Start the load generators of a run at ``--rate`` in all and wait
+    until each has ended its connect phase, saying how many connections
+    the nodes hold every 2 s. Returns the load generators (holding their
+    connections until stopped, or for a bounded time) and what was seen:
+    their ready events, the wall time, and ``[seconds, connections]``
+    samples every 0.5 s. A handshake not done in ``handshake_timeout_s``
+    fails (``timeout_connect``, ``timeout_101``, ...)."""
+    loadgen = loadgen_path()
+    rate = args.rate / len(sizes)
+    connect_s = max(sizes) / rate
+    # Bounded: handshakes time out; a generator gives up its connections
+    # by itself if this process never stops it.
+    timeout = connect_s + handshake_timeout_s + 60
+    hold_s = timeout + 300
+    started = time.monotonic()
+    gens = [
+        benchkit.Loadgen.start(
+            loadgen, port=cluster.port, tokens=path, connections=size,
+            rate=rate, hold_s=hold_s, workdir=tmp, name=f"loadgen-{k}",
+            source_addrs=addrs,
+            extra=["--handshake-timeout-s", str(handshake_timeout_s)],
+        )
+        for k, (size, path) in enumerate(zip(sizes, tokens, strict=True))
+    ]
+    ready: list[dict[str, Any] | None] = [None] * len(gens)
+    samples: list[list[float]] = [[0.0, 0]]
+    next_sample, next_say = started + 0.5, started + 2
+    try:
+        while None in ready:
+            now = time.monotonic()
+            if now - started > timeout:
+                raise benchkit.BenchError(
+                    f"the load generators did not end their connect phase "
+                    f"within {timeout:.0f} s"
+                )
+            ready = [r or g.ready() for r, g in zip(ready, gens, strict=True)]
+            if now >= next_sample and None in ready:
+                held = _connections(cluster)
+                samples.append([now - started, held])
+                next_sample += 0.5
+                if now >= next_say:
+                    say(f"  {now - started:5.1f} s: {held:,} of "
+                        f"{args.connections:,} connected")
+                    next_say += 2
+            time.sleep(0.05)
+    except BaseException:
+        benchkit.stop_loadgens(gens)
+        raise
+    wall = time.monotonic() - started
+    samples.append([wall, _connections(cluster)])
+    return gens, {"ready": ready, "wall_s": wall, "samples": samples}
+
+
+def _loadgen_figures(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """The connect-phase figures of a run's load generator reports.
+
+    The rate is all connections established over the longest connect phase
+    (the generators start together). With several generators, a latency's
+    p50 is the median of theirs and p99 and max the worst.
+    """
+    connected = sum(int(r.get("connected", 0)) for r in reports)
+    phase = max((float(r.get("connect_phase_s", 0)) for r in reports), default=0)
+
+    def latency(key: str) -> dict[str, float]:
+        lat = [r[key] for r in reports if key in r]
+        if not lat:
+            return {"p50": 0, "p99": 0, "max": 0}
+        return {"p50": statistics.median(x["p50"] for x in lat),
+                "p99": max(x["p99"] for x in lat),
+                "max": max(x["max"] for x in lat)}
+
+    return {
+        "connected": connected,
+        "failed": sum(int(r.get("failed", 0)) for r in reports),
+        "failed_by_reason": benchkit.merge_reasons(reports, "failed_by_reason"),
+        "dropped_by_reason": benchkit.merge_reasons(reports, "dropped_by_reason"),
+        "connect_phase_s": phase,
+        "upgrades_per_s": connected / phase if phase > 0 else 0.0,
+        "handshake_latency_us": latency("handshake_latency_us"),
+        "hello_latency_us": latency("hello_latency_us"),
+    }
+
+
+def _redis_info(url: str, section: str) -> dict[str, Any]:
+    """Redis's ``INFO section``."""
+    import redis
+
+    with redis.Redis.from_url(url, socket_timeout=5) as client:
+        return dict(client.info(section))
+
+
+def _close_all(cluster: Cluster, gens: list[benchkit.Loadgen]) -> bool:
+    """Stop the load generators, wait (bounded) until the nodes hold no
+    connection, and stop the nodes; returns whether every one was closed."""
+    benchkit.stop_loadgens(gens)
+    try:
+        benchkit.wait_for(lambda: _connections(cluster) == 0, 30,
+                          "the nodes to see every connection closed", 0.2)
+        closed = True
+    except (benchkit.BenchError, OSError):
+        closed = False
+    cluster.stop()
+    return closed
+
+
+def _failures(runs: list[dict[str, Any]], what: str) -> None:
+    """Raise when a run did not open every connection (results are written
+    before)."""
+    bad = [r for r in runs if r["failed"] or r["connected"] < r["wanted"]]
+    if bad:
+        reasons = benchkit.merge_reasons(bad, "failed_by_reason")
+        raise PushyError(
+            f"{what}: {sum(r['wanted'] - r['connected'] for r in bad):,} "
+            f"connections failed in {len(bad)} of {len(runs)} runs: {reasons}"
+        )
+
+
+def run_idle(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
+    """Run the idle scenario; return the results (also written as JSON).
+
+    Raises:
+        PushyError: bad options, a process failed, or a connection failed
+            (the results are written first).
+    """
+    sizes, addrs = _plan(args)
+    if args.heartbeat_s <= 0 or args.settle_s < 0:
+        raise PushyError("--heartbeat-s must be above 0, --settle-s at least 0")
+    runs: list[dict[str, Any]] = []
+    with _workspace(args) as (url, tmp, _):
+        tokens = _token_files(tmp, "i", sizes)
+        say(f"idle: {args.connections:,} connections on {args.nodes} nodes, "
+            f"{len(sizes)} load generators ({max(sizes):,} at most each), "
+            f"{args.rate:,.0f} connects/s, {len(addrs)} source addresses, "
+            f"Redis {url}, {args.runs} runs")
+        for index in range(args.runs):
+            runs.append(_idle_run(index, url, args, sizes, tokens, addrs, tmp, say))
+    stat = _spread(runs)
+    summary = {
+        "rss_slab_per_conn": stat(lambda r: r["rss_slab_per_conn"]),
+        "rss_per_conn": stat(lambda r: r["rss_per_conn"]),
+        "rss_per_conn_connected": stat(lambda r: r["rss_per_conn_connected"]),
+        "slab_per_conn": stat(lambda r: r["slab_per_conn"]),
+        "redis_per_conn": stat(lambda r: r["redis_per_conn"]),
+        "held": stat(lambda r: r["held"]),
+        "upgrades_per_s": stat(lambda r: r["upgrades_per_s"]),
+        "node_cpu_us_per_upgrade": stat(lambda r: r["node_cpu_us_per_upgrade"]),
+        "failed": sum(r["failed"] for r in runs),
+        "dropped": sum(sum(r["dropped_by_reason"].values()) for r in runs),
+    }
+    result = {
+        "scenario": "idle",
+        "units": "bytes per connection; rates per second",
+        "connections": args.connections,
+        "nodes": args.nodes,
+        "threads": args.threads,
+        "loadgens": sizes,
+        "rate": args.rate,
+        "source_addrs": addrs,
+        "heartbeat_s": args.heartbeat_s,
+        "registry": "redis",
+        "registry_ttl_s": args.registry_ttl_s,
+        "runs": runs,
+        "summary": summary,
+    }
+    _publish(result, args, lambda path: _idle_plot(runs, path), say,
+             "over the runs (median [min, max]; bytes per connection):")
+    _failures(runs, "idle")
+    return result
+
+
+def _idle_run(
+    index: int, url: str, args: argparse.Namespace, sizes: list[int],
+    tokens: list[Path], addrs: list[str], tmp: Path, say: Any,
+) -> dict[str, Any]:
+    started = time.monotonic()
+    cluster = _bench_cluster(args, url, f"idle{index}", heartbeat_s=args.heartbeat_s,
+                             registry_ttl_s=args.registry_ttl_s)
+    gens: list[benchkit.Loadgen] = []
+    try:
+        pids = [n.pid for n in cluster.nodes if n.pid is not None]
+        # Let the nodes settle before the baseline.
+        time.sleep(1.0)
+        before = benchkit.sample_memory(pids)
+        redis0 = _redis_info(url, "memory")["used_memory"]
+        cpu0 = sum(cpu_seconds(p) for p in pids)
+        drops0 = benchkit.listen_drops()
+        # A slow connect phase is no failure here: handshakes get 30 s.
+        gens, seen = _open_connections(cluster, args, sizes, tokens, addrs, tmp,
+                                       say, handshake_timeout_s=30)
+        connected_at = time.monotonic()
+        cpu = sum(cpu_seconds(p) for p in pids) - cpu0
+        drops = benchkit.listen_drops() - drops0
+        rss_connected = benchkit.sample_memory(pids)["rss"]
+        # Measure the steady state: once each node has refreshed as many
+        # records as it holds since the connect phase (a full registry
+        # refresh round: its memory stays with the node), and the counts
+        # have stopped moving.
+        say(f"  connected; measuring after the nodes' next registry refresh "
+            f"round (every {args.registry_ttl_s / 3:g} s)")
+        refreshed0 = [int(_node_stats(n)["fleet"]["refreshed"]) for n in cluster.nodes]
+        last: list[list[int]] = []
+
+        def settled() -> bool:
+            stats = [_node_stats(n) for n in cluster.nodes]
+            held = [int(st["connections"]) for st in stats]
+            done = all(
+                int(st["fleet"]["refreshed"]) - r0 >= h
+                for st, r0, h in zip(stats, refreshed0, held, strict=True)
+            )
+            last.append(held)
+            return done and len(last) >= 3 and last[-1] == last[-2] == last[-3]
+
+        benchkit.wait_for(settled, args.registry_ttl_s + 60,
+                          "a registry refresh round and a steady count", 0.5)
+        time.sleep(args.settle_s)
+        per_node = [int(_node_stats(n)["connections"]) for n in cluster.nodes]
+        after = benchkit.sample_memory(pids)
+        after_s = time.monotonic() - connected_at
+        redis1 = _redis_info(url, "memory")["used_memory"]
+        peak = sum(benchkit.read_status_kib(p, "VmHWM") for p in pids) * 1024
+        registered = sum(
+            int(_node_stats(n)["fleet"]["registered"]) for n in cluster.nodes
+        )
+    finally:
+        closed = _close_all(cluster, gens)
+    figures = _loadgen_figures([g.report for g in gens])
+    held = sum(per_node)
+    rss = after["rss"] - before["rss"]
+    slab = after["slab"] - before["slab"]
+
+    def per_conn(v: float) -> float:
+        return v / held if held else 0.0
+
+    run = {
+        "wanted": args.connections,
+        **figures,
+        "held": held,
+        "per_node": per_node,
+        "registered": registered,
+        "rss_delta": rss,
+        "slab_delta": slab,
+        "slab_unreclaimable_delta": (
+            after["slab_unreclaimable"] - before["slab_unreclaimable"]
+        ),
+        "redis_delta": redis1 - redis0,
+        "rss_peak": peak,
+        "rss_per_conn": per_conn(rss),
+        "rss_per_conn_connected": per_conn(rss_connected - before["rss"]),
+        "slab_per_conn": per_conn(slab),
+        "rss_slab_per_conn": per_conn(rss + slab),
+        "redis_per_conn": per_conn(redis1 - redis0),
+        "node_cpu_s_connect": cpu,
+        "node_cpu_us_per_upgrade": cpu / max(figures["connected"], 1) * 1e6,
+        "listen_drops": drops,
+        "connect_wall_s": seen["wall_s"],
+        "measured_after_s": after_s,
+        "progress": seen["samples"],
+        "all_closed": closed,
+        "run_s": time.monotonic() - started,
+    }
+    say(f"run {index}: {held:,}/{args.connections:,} held on {args.nodes} nodes "
+        f"({min(per_node):,} to {max(per_node):,} each), node RSS "
+        f"{run['rss_per_conn']:,.0f} B/conn ({run['rss_per_conn_connected']:,.0f} "
+        f"before the refresh round), RSS + slab "
+        f"{run['rss_slab_per_conn']:,.0f} B/conn, Redis "
+        f"{run['redis_per_conn']:,.0f} B/conn; {run['upgrades_per_s']:,.0f} "
+        f"upgrades/s, {drops} listen drops; failed "
+        f"{run['failed_by_reason'] or 0}, dropped {run['dropped_by_reason'] or 0}")
+    return run
+
+
+def _idle_plot(runs: list[dict[str, Any]], path: Path) -> None:
+    plt = _pyplot()
+    if plt is None:
+        return
+    fig, (bars, curve) = plt.subplots(1, 2, figsize=(11, 4))
+    keys = (("rss_per_conn", "node RSS"), ("slab_per_conn", "kernel slab"),
+            ("rss_slab_per_conn", "RSS + slab"), ("redis_per_conn", "Redis"))
+    width = 0.8 / len(runs)
+    for k, run in enumerate(runs):
+        bars.bar([i + k * width for i in range(len(keys))],
+                 [run[key] for key, _ in keys], width, label=f"run {k}")
+        t, n = zip(*run["progress"], strict=True) if run["progress"] else ((), ())
+        curve.plot(t, n, marker=".", label=f"run {k}")
+    bars.set_xticks([i + width * (len(runs) - 1) / 2 for i in range(len(keys))])
+    bars.set_xticklabels([label for _, label in keys])
+    bars.set(ylabel="bytes per idle connection",
+             title=f"pushy bench idle: {runs[0]['wanted']:,} connections")
+    bars.legend()
+    curve.set(xlabel="seconds since the first connect",
+              ylabel="connections on the nodes", title="connect phase")
+    _save(plt, fig, curve, path)
+
+
+def run_connect(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
+    """Run the connect scenario; return the results (also written as JSON).
+
+    Raises:
+        PushyError: bad options, a process failed, or a connection failed
+            (the results are written first).
+    """
+    sizes, addrs = _plan(args)
+    runs: list[dict[str, Any]] = []
+    with _workspace(args) as (url, tmp, redis_pid):
+        tokens = _token_files(tmp, "c", sizes)
+        say(f"connect: {args.connections:,} upgrades per run at "
+            f"{args.rate:,.0f}/s from {len(sizes)} load generators, "
+            f"{args.nodes} nodes on Redis {url}, {args.runs} runs")
+        for index in range(args.runs):
+            runs.append(_connect_run(index, url, redis_pid, args, sizes, tokens,
+                                     addrs, tmp, say))
+    stat = _spread(runs)
+    summary = {
+        "upgrades_per_s": stat(lambda r: r["upgrades_per_s"]),
+        "registry_writes_per_s": stat(lambda r: r["registry_writes_per_s"]),
+        "hello_p50_us": stat(lambda r: r["hello_latency_us"]["p50"]),
+        "hello_p99_us": stat(lambda r: r["hello_latency_us"]["p99"]),
+        "handshake_p50_us": stat(lambda r: r["handshake_latency_us"]["p50"]),
+        "handshake_p99_us": stat(lambda r: r["handshake_latency_us"]["p99"]),
+        "node_cpu_s_per_1m": stat(lambda r: r["node_cpu_s_per_1m"]),
+        "loadgen_cpu_s_per_1m": stat(lambda r: r["loadgen_cpu_s_per_1m"]),
+        "failed": sum(r["failed"] for r in runs),
+        "registry_errors": sum(r["registry_errors"] for r in runs),
+    }
+    if redis_pid is not None:
+        summary["redis_cpu_s_per_1m"] = stat(lambda r: r["redis_cpu_s_per_1m"])
+    result = {
+        "scenario": "connect",
+        "units": "rates per second; latencies in microseconds",
+        "connections": args.connections,
+        "nodes": args.nodes,
+        "threads": args.threads,
+        "loadgens": sizes,
+        "rate": args.rate,
+        "source_addrs": addrs,
+        "runs": runs,
+        "summary": summary,
+    }
+    _publish(result, args, lambda path: _connect_plot(runs, args.rate, path), say)
+    _failures(runs, "connect")
+    return result
+
+
+def _connect_run(
+    index: int, url: str, redis_pid: int | None, args: argparse.Namespace,
+    sizes: list[int], tokens: list[Path], addrs: list[str], tmp: Path, say: Any,
+) -> dict[str, Any]:
+    cluster = _bench_cluster(args, url, f"conn{index}")
+    gens: list[benchkit.Loadgen] = []
+
+    def fleet(key: str) -> int:
+        return sum(int(_node_stats(n)["fleet"][key]) for n in cluster.nodes)
+
+    try:
+        pids = [n.pid for n in cluster.nodes if n.pid is not None]
+        benchkit.wait_for(lambda: all(
+            _node_stats(n)["fleet"]["redis"] == "up" for n in cluster.nodes
+        ), 10, "the nodes' Redis links")
+        time.sleep(0.5)
+        registered0, errors0 = fleet("registered"), fleet("registry_errors")
+        cpu0 = sum(cpu_seconds(p) for p in pids)
+        rcpu0 = cpu_seconds(redis_pid) if redis_pid else 0.0
+        drops0 = benchkit.listen_drops()
+        gens, seen = _open_connections(cluster, args, sizes, tokens, addrs, tmp, say)
+        cpu = sum(cpu_seconds(p) for p in pids) - cpu0
+        rcpu = cpu_seconds(redis_pid) - rcpu0 if redis_pid else 0.0
+        lcpu = sum(g.cpu_seconds() for g in gens)
+        drops = benchkit.listen_drops() - drops0
+        registered = fleet("registered") - registered0
+        errors = fleet("registry_errors") - errors0
+    finally:
+        _close_all(cluster, gens)
+    figures = _loadgen_figures([g.report for g in gens])
+    n = max(figures["connected"], 1)
+    phase = figures["connect_phase_s"]
+    run = {
+        "wanted": args.connections,
+        "rate_target_per_s": args.rate,
+        **figures,
+        "registered": registered,
+        "registry_errors": errors,
+        "registry_writes_per_s": registered / phase if phase > 0 else 0.0,
+        "node_cpu_s": cpu,
+        "node_cpu_s_per_1m": cpu / n * 1e6,
+        "loadgen_cpu_s_per_1m": lcpu / n * 1e6,
+        "redis_cpu_s_per_1m": rcpu / n * 1e6,
+        "listen_drops": drops,
+        "connect_wall_s": seen["wall_s"],
+    }
+    lat = run["hello_latency_us"]
+    say(f"run {index}: {figures['connected']:,}/{args.connections:,} upgraded in "
+        f"{phase:.2f} s ({run['upgrades_per_s']:,.0f}/s of {args.rate:,.0f}/s), "
+        f"{registered:,} registry writes ({errors} errors); hello p50 "
+        f"{lat['p50']:,.0f} us, p99 {lat['p99']:,.0f} us; CPU-s per 1M: nodes "
+        f"{run['node_cpu_s_per_1m']:.1f}, load generators "
+        f"{run['loadgen_cpu_s_per_1m']:.1f}; {drops} listen drops; failed "
+        f"{figures['failed_by_reason'] or 0}")
+    return run
+
+
+def _connect_plot(runs: list[dict[str, Any]], target: float, path: Path) -> None:
+    plt = _pyplot()
+    if plt is None:
+        return
+    fig, (rate, lat) = plt.subplots(1, 2, figsize=(11, 4))
+    labels = [f"run {k}" for k in range(len(runs))]
+    rate.bar(labels, [r["upgrades_per_s"] for r in runs], label="achieved")
+    rate.axhline(target, color="black", linestyle="--", label="target")
+    rate.set(ylabel="authenticated upgrades per second",
+             title="pushy bench connect")
+    rate.legend()
+    width = 0.8 / 4
+    series = (("handshake_latency_us", "p50"), ("handshake_latency_us", "p99"),
+              ("hello_latency_us", "p50"), ("hello_latency_us", "p99"))
+    for k, (key, q) in enumerate(series):
+        lat.bar([i + k * width for i in range(len(runs))],
+                [max(r[key][q], 1) for r in runs], width,
+                label=f"{key.split('_')[0]} {q}")
+    lat.set_xticks([i + width * 1.5 for i in range(len(runs))])
+    lat.set_xticklabels(labels)
+    lat.set(yscale="log", ylabel="from connect() (us)", title="latency")
+    lat.set_ylim(bottom=10)
+    _save(plt, fig, lat, path)
