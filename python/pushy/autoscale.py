@@ -227,8 +227,9 @@ class ScalingPolicy:
         _require(draining >= 0, f"draining must be at least 0, got {draining!r}")
         target = self.target_per_node
         if nodes < self.min_nodes:
+            plural = "" if nodes == 1 else "s"
             return self._change(
-                nodes, self.min_nodes, now, f"{nodes} node{'s' if nodes != 1 else ''}, below min_nodes"
+                nodes, self.min_nodes, now, f"{nodes} node{plural}, below min_nodes"
             )
         if nodes > self.max_nodes:
             if draining:

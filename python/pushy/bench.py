@@ -877,8 +877,9 @@ Once every connection is open, each node has since refreshed all its
 registry records (a refresh round comes every third of --registry-ttl-s)
 and the counts have settled, it takes the nodes' resident memory (VmRSS,
 summed), the kernel's Slab and Redis's used_memory, and compares them with
-a baseline taken before the first connect. It reports per connection the node RSS growth, the slab growth
-(both socket ends: the load generator is on the same kernel), their sum,
+a baseline taken before the first connect. It reports per connection the
+node RSS growth, the slab growth (both socket ends: the load generator is
+on the same kernel), their sum,
 and Redis's growth; the connect phase's upgrade rate; and the connections
 that failed or dropped, by reason. Each run starts fresh nodes; results go
 to RESULTS/idle.json and idle.png."""
