@@ -70,10 +70,7 @@ def add_parser(commands: Any) -> None:
         help="direct push through PushClient(redis=) to devices on a cluster",
         description=__doc__.split("\n\n")[1] if __doc__ else None,
     )
-    push.add_argument("--devices", type=int, default=10000, metavar="N",
-                      help="devices held by pushy-loadgen [10000]")
-    push.add_argument("--nodes", type=int, default=2, metavar="N",
-                      help="node processes sharing the device port [2]")
+    _add_fleet_options(push)
     push.add_argument("--pushes", type=int, default=200000, metavar="N")
     push.add_argument("--batch", type=int, default=2000, metavar="N",
                       help="concurrent pushes per batch [2000]")
@@ -97,10 +94,7 @@ def add_parser(commands: Any) -> None:
         help="indirect push: enqueue to delivery through a message processor",
         description=_QUEUE_DOC,
     )
-    queue.add_argument("--devices", type=int, default=10000, metavar="N",
-                       help="devices held by pushy-loadgen [10000]")
-    queue.add_argument("--nodes", type=int, default=2, metavar="N",
-                       help="node processes sharing the device port [2]")
+    _add_fleet_options(queue)
     queue.add_argument("--messages", type=int, default=100000, metavar="N",
                        help="messages enqueued per run [100000]")
     queue.add_argument("--rate", type=float, default=0, metavar="R",
@@ -134,6 +128,14 @@ def add_parser(commands: Any) -> None:
                             "upgrades/s in all, open loop")
     _add_run_options(connect, run_connect)
     bench.set_defaults(func=lambda args: _usage(bench))
+
+
+def _add_fleet_options(parser: argparse.ArgumentParser) -> None:
+    """--devices and --nodes of the scenarios that push to a cluster."""
+    parser.add_argument("--devices", type=int, default=10000, metavar="N",
+                        help="devices held by pushy-loadgen [10000]")
+    parser.add_argument("--nodes", type=int, default=2, metavar="N",
+                        help="node processes sharing the device port [2]")
 
 
 def _add_run_options(parser: argparse.ArgumentParser, run: Any) -> None:
