@@ -127,6 +127,9 @@ def add_parser(commands: Any) -> None:
     _add_connection_options(connect, 60_000, 15_000, 50_000,
                             "upgrades/s in all, open loop")
     _add_run_options(connect, run_connect)
+    from . import bench_direct
+
+    bench_direct.add_parsers(scenarios)
     bench.set_defaults(func=lambda args: _usage(bench))
 
 
@@ -197,15 +200,23 @@ def loadgen_path() -> str:
     Raises:
         PushyError: it is not there (a package built without it).
     """
-    here = Path(__file__).resolve().parent / "bin" / "pushy-loadgen"
+    return tool_path("pushy-loadgen")
+
+
+def tool_path(name: str) -> str:
+    """A benchmark executable installed with the package (``pushy-loadgen``,
+    ``pushy-pusher``): in the package's ``bin`` folder, else on PATH.
+
+    Raises:
+        PushyError: it is not there (a package built without it).
+    """
+    here = Path(__file__).resolve().parent / "bin" / name
     if here.exists():
         return str(here)
-    found = shutil.which("pushy-loadgen")
+    found = shutil.which(name)
     if found:
         return found
-    raise PushyError(
-        f"pushy-loadgen not found (expected {here}); reinstall the package"
-    )
+    raise PushyError(f"{name} not found (expected {here}); reinstall the package")
 
 
 def _node_stats(node: Any) -> dict[str, Any]:
@@ -1017,12 +1028,17 @@ def _token_files(tmp: Path, prefix: str, sizes: list[int]) -> list[Path]:
     return paths
 
 
+def _fresh_prefix(name: str) -> str:
+    """A Redis key prefix no earlier run used."""
+    return f"b{name}{os.getpid()}-{time.monotonic_ns() % 10**9}:"
+
+
 def _bench_cluster(
     args: argparse.Namespace, url: str, name: str, **options: Any
 ) -> Cluster:
-    """Start the fresh cluster of one idle or connect run, on its own
-    Redis prefix."""
-    prefix = f"b{name}{os.getpid()}-{time.monotonic_ns() % 10**9}:"
+    """Start the fresh cluster of one run, on its own Redis prefix (made
+    up unless ``redis_prefix`` is given)."""
+    prefix = options.pop("redis_prefix", None) or _fresh_prefix(name)
     return Cluster(
         args.nodes, url, secret=_SECRET, name=name, redis_prefix=prefix,
         threads=args.threads, max_connections=_NODE_MAX_CONNECTIONS, **options,
@@ -1032,7 +1048,7 @@ def _bench_cluster(
 def _open_connections(
     cluster: Cluster, args: argparse.Namespace, sizes: list[int],
     tokens: list[Path], addrs: list[str], tmp: Path, say: Any,
-    handshake_timeout_s: float = 10,
+    handshake_timeout_s: float = 10, extra: tuple[str, ...] = (),
 ) -> tuple[list[benchkit.Loadgen], dict[str, Any]]:
     """Start the load generators of a run at ``--rate`` in all and wait
     until each has ended its connect phase, saying how many connections
@@ -1040,7 +1056,8 @@ def _open_connections(
     connections until stopped, or for a bounded time) and what was seen:
     their ready events, the wall time, and ``[seconds, connections]``
     samples every 0.5 s. A handshake not done in ``handshake_timeout_s``
-    fails (``timeout_connect``, ``timeout_101``, ...)."""
+    fails (``timeout_connect``, ``timeout_101``, ...). ``extra`` goes to
+    each load generator's command line."""
     loadgen = loadgen_path()
     rate = args.rate / len(sizes)
     connect_s = max(sizes) / rate
@@ -1054,7 +1071,7 @@ def _open_connections(
             loadgen, port=cluster.port, tokens=path, connections=size,
             rate=rate, hold_s=hold_s, workdir=tmp, name=f"loadgen-{k}",
             source_addrs=addrs,
-            extra=["--handshake-timeout-s", str(handshake_timeout_s)],
+            extra=["--handshake-timeout-s", str(handshake_timeout_s), *extra],
         )
         for k, (size, path) in enumerate(zip(sizes, tokens, strict=True))
     ]

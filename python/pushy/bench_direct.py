@@ -1,0 +1,364 @@
+"""``pushy bench unicast`` and ``pushy bench latency``: direct push from a
+service to devices, the cost and the speed of the push path.
+
+The service is ``pushy-pusher``, a C++ program on the push library (the
+engine of ``PushClient(redis=...)``): it looks each device up in the
+registry, then in its route cache, and sends the push over a peer link to
+the node that holds it. The devices are held by ``pushy-loadgen``
+processes with ``--pushes``: each push's data carries the time it was due
+(CLOCK_MONOTONIC ns), so its latency is taken where it arrives.
+
+Limitations: the nodes, the devices, the service and Redis share the
+host's cores, and on loopback a node's TCP sends also run the receiving
+end's TCP (the device's kernel work on a real network), so a node's CPU
+figure here is higher than it would be on a host of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from . import bench, benchkit
+from .errors import PushyError
+
+__all__ = ["add_parsers", "run_latency", "run_unicast"]
+
+UNICAST_DOC = """\
+Direct pushes delivered per second and their CPU cost: --connections
+devices on --nodes node processes sharing the device port (on one Redis),
+and a service (pushy-pusher, the push library) sending --pushes pushes to
+random devices as fast as the answers come back, --window in flight. Each
+run starts fresh nodes and devices and pushes once to every device first
+(untimed), so the route cache and the peer links are warm. It reports the
+pushes delivered per second (counted by the devices), the CPU-seconds per
+million delivered of the nodes, the devices and the service, and the
+latency from send to answer, to RESULTS/unicast.json and unicast.png."""
+
+LATENCY_DOC = """\
+Direct push latency, service to device, open loop: a service
+(pushy-pusher, the push library) sends to random devices at each rate of
+--rates for --seconds, each push due at a fixed time and carrying that
+time, so a late send counts in its latency (no coordinated omission). The
+devices measure due time to arrival; the service measures due time to the
+node's answer. Each run of each rate starts fresh nodes, devices and
+service, warmed by one untimed push per device. It reports p50/p99/p99.9
+at the device and at the service, sent, delivered and failed pushes, and
+node CPU-seconds per million, to RESULTS/latency.json and latency.png."""
+
+
+def add_parsers(scenarios: Any) -> None:
+    """Add the unicast and latency scenarios to ``pushy bench``."""
+    unicast = scenarios.add_parser(
+        "unicast", help="direct pushes per second and CPU-seconds per 1M",
+        description=UNICAST_DOC,
+    )
+    _add_direct_options(unicast)
+    unicast.add_argument("--pushes", type=int, default=1_000_000, metavar="N",
+                         help="timed pushes per run [1000000]")
+    unicast.add_argument("--window", type=int, default=4000, metavar="W",
+                         help="pushes in flight [4000]")
+    bench._add_run_options(unicast, run_unicast)
+
+    latency = scenarios.add_parser(
+        "latency", help="direct push latency, service to device, open loop",
+        description=LATENCY_DOC,
+    )
+    _add_direct_options(latency)
+    latency.add_argument("--rates", default="1000,10000", metavar="R,R",
+                         help="pushes/s, one phase each [1000,10000]")
+    latency.add_argument("--seconds", type=float, default=10, metavar="S",
+                         help="seconds of pushing per run [10]")
+    bench._add_run_options(latency, run_latency)
+
+
+def _add_direct_options(parser: argparse.ArgumentParser) -> None:
+    bench._add_connection_options(parser, 10_000, 10_000, 10_000,
+                                  "device connects/s in all")
+    parser.add_argument("--data-bytes", type=int, default=0, metavar="B",
+                        help="padding added to each push's data [0]")
+
+
+def _check(args: argparse.Namespace) -> tuple[list[int], list[str]]:
+    if not 0 <= args.data_bytes <= 65536:
+        raise PushyError("--data-bytes must be 0-65536")
+    return bench._plan(args)
+
+
+def run_unicast(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
+    """Run the unicast scenario; return the results (also written as JSON).
+
+    Raises:
+        PushyError: bad options, a process failed, or pushes failed (the
+            results are written first).
+    """
+    if args.pushes < 1 or args.window < 1:
+        raise PushyError("--pushes and --window must be at least 1")
+    sizes, addrs = _check(args)
+    runs: list[dict[str, Any]] = []
+    with bench._workspace(args) as (url, tmp, _):
+        tokens = bench._token_files(tmp, "u", sizes)
+        say(f"unicast: {args.pushes:,} pushes per run, {args.window:,} in "
+            f"flight, to {args.connections:,} devices on {args.nodes} nodes "
+            f"({args.threads} io threads each), Redis {url}, {args.runs} runs")
+        for index in range(args.runs):
+            mode = ["--count", str(args.pushes), "--window", str(args.window)]
+            run = _direct_run(index, url, args, sizes, tokens, addrs, tmp, mode, say,
+                              "u")
+            runs.append(run)
+            say(f"run {index}: {run['delivered']:,}/{run['sent']:,} delivered in "
+                f"{run['seconds']:.2f} s ({run['delivered_per_s']:,.0f}/s); "
+                f"CPU-s per 1M: nodes {run['node_cpu_s_per_1m']:.2f}, devices "
+                f"{run['device_cpu_s_per_1m']:.2f}, service "
+                f"{run['service_cpu_s_per_1m']:.2f}; answer p50 "
+                f"{run['answer_latency_us']['p50']:,} us")
+    stat = bench._spread(runs)
+    summary = {
+        "delivered_per_s": stat(lambda r: r["delivered_per_s"]),
+        "node_cpu_s_per_1m": stat(lambda r: r["node_cpu_s_per_1m"]),
+        "device_cpu_s_per_1m": stat(lambda r: r["device_cpu_s_per_1m"]),
+        "service_cpu_s_per_1m": stat(lambda r: r["service_cpu_s_per_1m"]),
+        "host_cpu_s_per_1m": stat(lambda r: r["host_cpu_s_per_1m"]),
+        "delivered_per_node_cpu_s": stat(lambda r: r["delivered_per_node_cpu_s"]),
+        "answer_p50_us": stat(lambda r: r["answer_latency_us"]["p50"]),
+        "answer_p99_us": stat(lambda r: r["answer_latency_us"]["p99"]),
+        "failed": sum(r["sent"] - r["delivered"] for r in runs),
+    }
+    result = {
+        "scenario": "unicast",
+        "units": "rates per second; CPU-seconds per 1M delivered; microseconds",
+        "connections": args.connections,
+        "nodes": args.nodes,
+        "threads": args.threads,
+        "pushes_per_run": args.pushes,
+        "window": args.window,
+        "data_bytes": args.data_bytes,
+        "runs": runs,
+        "summary": summary,
+        "goals": {"delivered_per_s": 300_000, "node_cpu_s_per_1m": 2},
+    }
+    bench._publish(result, args, lambda path: _unicast_plot(runs, path), say)
+    _check_delivered(runs, "unicast")
+    return result
+
+
+def run_latency(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
+    """Run the latency scenario; return the results (also written as JSON).
+
+    Raises:
+        PushyError: bad options, a process failed, or pushes failed (the
+            results are written first).
+    """
+    try:
+        rates = [float(r) for r in str(args.rates).split(",") if r.strip()]
+    except ValueError:
+        raise PushyError(f"--rates must be numbers, got {args.rates!r}") from None
+    if not rates or min(rates) <= 0 or args.seconds <= 0:
+        raise PushyError("--rates and --seconds must be above 0")
+    sizes, addrs = _check(args)
+    phases: list[dict[str, Any]] = []
+    with bench._workspace(args) as (url, tmp, _):
+        tokens = bench._token_files(tmp, "l", sizes)
+        for rate in rates:
+            say(f"latency at {rate:,.0f}/s for {args.seconds:g} s, "
+                f"{args.connections:,} devices on {args.nodes} nodes, "
+                f"{args.runs} runs")
+            runs = []
+            for index in range(args.runs):
+                mode = ["--rate", str(rate), "--seconds", str(args.seconds)]
+                run = _direct_run(index, url, args, sizes, tokens, addrs, tmp,
+                                  mode, say, "l")
+                runs.append(run)
+                dev, ans = run["device_latency_us"], run["answer_latency_us"]
+                say(f"  run {index}: {run['delivered']:,}/{run['sent']:,} "
+                    f"delivered ({run['sent_per_s']:,.0f}/s sent); at the device "
+                    f"p50 {dev['p50']:,} us, p99 {dev['p99']:,} us, p99.9 "
+                    f"{dev['p99.9']:,} us; answer p50 {ans['p50']:,} us, p99 "
+                    f"{ans['p99']:,} us; node CPU {run['node_cpu_s_per_1m']:.2f} "
+                    f"s per 1M")
+            stat = bench._spread(runs)
+            summary = {
+                "device_p50_us": stat(lambda r: r["device_latency_us"]["p50"]),
+                "device_p99_us": stat(lambda r: r["device_latency_us"]["p99"]),
+                "device_p99.9_us": stat(lambda r: r["device_latency_us"]["p99.9"]),
+                "answer_p50_us": stat(lambda r: r["answer_latency_us"]["p50"]),
+                "answer_p99_us": stat(lambda r: r["answer_latency_us"]["p99"]),
+                "answer_p99.9_us": stat(lambda r: r["answer_latency_us"]["p99.9"]),
+                "sent_per_s": stat(lambda r: r["sent_per_s"]),
+                "node_cpu_s_per_1m": stat(lambda r: r["node_cpu_s_per_1m"]),
+                "failed": sum(r["sent"] - r["delivered"] for r in runs),
+            }
+            phases.append({"rate": rate, "runs": runs, "summary": summary})
+    result = {
+        "scenario": "latency",
+        "units": "microseconds; rates per second",
+        "connections": args.connections,
+        "nodes": args.nodes,
+        "threads": args.threads,
+        "seconds": args.seconds,
+        "data_bytes": args.data_bytes,
+        "phases": phases,
+        "goals": {"at_rate": 10_000, "device_p50_us": 50, "device_p99_us": 300},
+    }
+    written = bench._write_results(result, Path(args.results), "latency",
+                                   lambda path: _latency_plot(phases, path))
+    say("over the runs (median [min, max]):")
+    for phase in phases:
+        say(f"  at {phase['rate']:,.0f}/s:")
+        bench._say_summary(phase["summary"], say, "    ")
+    say(written)
+    _check_delivered([r for p in phases for r in p["runs"]], "latency")
+    return result
+
+
+def _direct_run(
+    index: int, url: str, args: argparse.Namespace, sizes: list[int],
+    tokens: list[Path], addrs: list[str], tmp: Path, mode: list[str], say: Any,
+    device_prefix: str,
+) -> dict[str, Any]:
+    """One run: fresh nodes and devices, a warm-up push per device, then
+    the timed pushes of ``mode`` (the pusher's options)."""
+    prefix = bench._fresh_prefix(f"{args.scenario}{index}")
+    cluster = bench._bench_cluster(args, url, f"{args.scenario}{index}",
+                                   redis_prefix=prefix)
+    gens: list[benchkit.Loadgen] = []
+    try:
+        node_pids = [n.pid for n in cluster.nodes if n.pid is not None]
+        gens, seen = bench._open_connections(
+            cluster, args, sizes, tokens, addrs, tmp, say, extra=("--pushes",)
+        )
+        failed = sum(int((r or {}).get("failed", 0)) for r in seen["ready"])
+        if failed:
+            raise benchkit.BenchError(f"{failed} devices failed to connect")
+        cmd = [
+            bench.tool_path("pushy-pusher"), "--redis", url, "--prefix", prefix,
+            "--devices", f"{device_prefix}:{args.connections}", "--warm",
+            "--data-bytes", str(args.data_bytes),
+            "--node-pids", ",".join(map(str, node_pids)),
+            "--device-pids", ",".join(str(g.proc.pid) for g in gens), *mode,
+        ]  # fmt: skip
+        report = _pusher(cmd, tmp / f"pusher-{index}.stderr")
+    finally:
+        bench._close_all(cluster, gens)
+    received = sum(int(g.report.get("pushes", {}).get("received", 0)) for g in gens)
+    warm = int(report["warm"]["codes"].get("200", 0))
+    at_devices = received - warm
+    delivered = int(report["delivered"])
+    seconds = float(report["seconds"])
+    n = max(delivered, 1)
+    host_cpu = report["node_cpu_s"] + report["device_cpu_s"] + report["cpu_s"]
+    device_lat = _device_latency([g.report for g in gens])
+    return {
+        "sent": int(report["sent"]),
+        "delivered": delivered,
+        "received_by_devices": at_devices,
+        "codes": report["codes"],
+        "first_failure": report["first_failure"],
+        "warm": report["warm"],
+        "seconds": seconds,
+        "send_s": float(report["send_s"]),
+        "sent_per_s": float(report["sent_per_s"]),
+        "delivered_per_s": at_devices / seconds if seconds > 0 else 0.0,
+        "node_cpu_s": report["node_cpu_s"],
+        "device_cpu_s": report["device_cpu_s"],
+        "service_cpu_s": report["cpu_s"],
+        "node_cpu_s_per_1m": report["node_cpu_s"] / n * 1e6,
+        "device_cpu_s_per_1m": report["device_cpu_s"] / n * 1e6,
+        "service_cpu_s_per_1m": report["cpu_s"] / n * 1e6,
+        "host_cpu_s_per_1m": host_cpu / n * 1e6,
+        "delivered_per_node_cpu_s": delivered / max(report["node_cpu_s"], 1e-9),
+        "answer_latency_us": report["latency_us"],
+        "device_latency_us": device_lat,
+        "route_cache": {"hits": report["cache_hits"],
+                        "misses": report["cache_misses"]},
+    }
+
+
+def _pusher(cmd: list[str], stderr_path: Path) -> dict[str, Any]:
+    """Run ``pushy-pusher`` to its end (bounded) and return its report."""
+    with open(stderr_path, "wb") as err:
+        try:
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err,
+                                  text=True, timeout=900, check=False)
+        except subprocess.TimeoutExpired:
+            raise benchkit.BenchError("pushy-pusher did not end within 900 s") from None
+    text = proc.stdout.strip()
+    if proc.returncode != 0 or not text.startswith("{"):
+        raise benchkit.BenchError(
+            f"pushy-pusher exited with {proc.returncode}: "
+            f"{stderr_path.read_text(errors='replace')[-2000:]}"
+        )
+    return dict(json.loads(text.splitlines()[-1]))
+
+
+def _device_latency(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """The devices' latency figures: with several load generators, p50 is
+    the median of theirs (weighted by count) and the tails the worst."""
+    lat = [r["pushes"]["latency_us"] for r in reports
+           if r.get("pushes", {}).get("latency_us", {}).get("count")]
+    if not lat:
+        return {"count": 0, "p50": 0, "p99": 0, "p99.9": 0, "max": 0}
+    ordered = sorted(lat, key=lambda x: x["p50"])
+    total = sum(x["count"] for x in lat)
+    seen, p50 = 0, ordered[-1]["p50"]
+    for x in ordered:
+        seen += x["count"]
+        if seen * 2 >= total:
+            p50 = x["p50"]
+            break
+    return {"count": total, "p50": p50,
+            "p99": max(x["p99"] for x in lat),
+            "p99.9": max(x["p99.9"] for x in lat),
+            "max": max(x["max"] for x in lat)}
+
+
+def _check_delivered(runs: list[dict[str, Any]], what: str) -> None:
+    """Raise when a run lost pushes: answered other than 200, or not seen by
+    the devices (the results are written before)."""
+    bad = [r for r in runs
+           if r["delivered"] < r["sent"] or r["received_by_devices"] < r["delivered"]]
+    if bad:
+        first = bad[0]
+        raise PushyError(
+            f"{what}: pushes failed in {len(bad)} of {len(runs)} runs "
+            f"(first: {first['delivered']:,} of {first['sent']:,} answered 200, "
+            f"{first['received_by_devices']:,} seen by the devices; "
+            f"{first['codes']}; {first['first_failure']})"
+        )
+
+
+def _unicast_plot(runs: list[dict[str, Any]], path: Path) -> None:
+    plt = bench._pyplot()
+    if plt is None:
+        return
+    fig, (rate, cpu) = plt.subplots(1, 2, figsize=(11, 4))
+    labels = [f"run {k}" for k in range(len(runs))]
+    rate.bar(labels, [r["delivered_per_s"] for r in runs], label="delivered")
+    rate.axhline(300_000, color="black", linestyle="--", label="goal")
+    rate.set(ylabel="pushes delivered per second", title="pushy bench unicast")
+    rate.legend()
+    width = 0.25
+    for k, (key, label) in enumerate((("node_cpu_s_per_1m", "nodes"),
+                                      ("device_cpu_s_per_1m", "devices"),
+                                      ("service_cpu_s_per_1m", "service"))):
+        cpu.bar([i + k * width for i in range(len(runs))],
+                [r[key] for r in runs], width, label=label)
+    cpu.axhline(2, color="black", linestyle="--", label="node goal")
+    cpu.set_xticks([i + width for i in range(len(runs))])
+    cpu.set_xticklabels(labels)
+    cpu.set(ylabel="CPU-seconds per 1M delivered", title="cost")
+    bench._save(plt, fig, cpu, path)
+
+
+def _latency_plot(phases: list[dict[str, Any]], path: Path) -> None:
+    groups = []
+    for p in phases:
+        rate = f"{p['rate']:,.0f}/s"
+        groups.append((f"{rate} at the device", p["summary"], "device_{}_us"))
+        groups.append((f"{rate} answer", p["summary"], "answer_{}_us"))
+    bench._percentile_bars(groups, "from due time (us)",
+                           "pushy bench latency (median of runs)", path)
