@@ -27,6 +27,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cerrno>
 #include <cstdint>
 #include <cstdio>
@@ -35,6 +36,7 @@
 #include <map>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "pushy/config.hpp"
@@ -341,6 +343,11 @@ class pusher {
         return s;
     }
 
+    // Pushes answered so far, warm-up included.
+    std::size_t answered() const {
+        return answered_.load(std::memory_order_relaxed);
+    }
+
   private:
     const std::string& pick() {
         xs_ ^= xs_ >> 12;
@@ -361,6 +368,7 @@ class pusher {
         in_flight_.fetch_add(1, std::memory_order_relaxed);
         client_.push_async(std::move(spec), [this, due, &t](pushy::push_result r) {
             ++t.codes[r.code];
+            answered_.fetch_add(1, std::memory_order_relaxed);
             if (due) {
                 auto now = now_ns();
                 t.latency_us.push_back(std::uint32_t(
@@ -393,6 +401,7 @@ class pusher {
     std::string pad_;
     std::uint64_t xs_ = 1;
     std::atomic<std::size_t> in_flight_{0};
+    std::atomic<std::size_t> answered_{0};
     std::atomic<std::size_t> waiting_below_{0};
     tally tally_;
     tally warm_tally_;
@@ -408,6 +417,26 @@ int main(int argc, char** argv) {
     prctl(PR_SET_TIMERSLACK, 1UL, 0, 0, 0);
     try {
         pusher p(opt);
+        // Progress on stderr every half second, for the benchmark's bar.
+        std::atomic<bool> done{false};
+        std::thread progress([&] {
+            while (!done.load()) {
+                std::fprintf(stderr, "{\"event\":\"progress\",\"answered\":%zu}\n",
+                             p.answered());
+                std::fflush(stderr);
+                for (int i = 0; i < 50 && !done.load(); ++i) {
+                    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+                }
+            }
+        });
+        struct joiner {
+            std::atomic<bool>& done;
+            std::thread& t;
+            ~joiner() {
+                done = true;
+                t.join();
+            }
+        } join{done, progress};
         if (opt.warm) p.warm();
         double cpu0 = cpu_seconds();
         double node0 = cpu_seconds_of(opt.node_pids);

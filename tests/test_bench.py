@@ -100,3 +100,68 @@ def test_idle_memory_script_measures_one_node(tmp_path: Path) -> None:
     assert run["rss_per_conn"] > 0
     assert run["failed_by_reason"] == {} and run["dropped_by_reason"] == {}
     assert result["config"]["per_process"] == [300, 300]
+
+
+DIRECT = (
+    "--connections", "1000", "--nodes", "2", "--per-process", "500",
+    "--rate", "4000", "--source-addrs", "127.0.0.2-3", "--runs", "1",
+)  # fmt: skip
+
+
+def test_bench_unicast_counts_pushes_at_the_devices_and_their_cost(
+    tmp_path: Path,
+) -> None:
+    proc = run_pushy(
+        "bench", "unicast", *DIRECT, "--pushes", "20000", "--window", "500",
+        "--data-bytes", "64", "--results", str(tmp_path), timeout=scaled(180),
+    )  # fmt: skip
+
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads((tmp_path / "unicast.json").read_text())
+    assert (result["connections"], result["nodes"]) == (1000, 2)
+    (run,) = result["runs"]
+    assert run["sent"] == run["delivered"] == run["received_by_devices"] == 20000
+    assert run["codes"] == {"200": 20000}
+    # Every device got its warm-up push, and the route cache served the rest.
+    assert run["warm"]["codes"] == {"200": 1000}
+    assert run["route_cache"]["misses"] <= 1000 < run["route_cache"]["hits"]
+    assert run["delivered_per_s"] > 0 and run["node_cpu_s"] > 0
+    assert run["host_cpu_s_per_1m"] >= run["node_cpu_s_per_1m"] > 0
+    answer = run["answer_latency_us"]
+    assert answer["count"] == 20000
+    assert 0 < answer["p50"] <= answer["p99"] <= answer["max"]
+    assert run["device_latency_us"]["count"] == 20000
+    assert (tmp_path / "unicast.png").stat().st_size > 0
+    assert "delivered_per_node_cpu_s" in proc.stdout
+
+
+def test_bench_latency_paces_open_loop_and_measures_at_the_devices(
+    tmp_path: Path,
+) -> None:
+    proc = run_pushy(
+        "bench", "latency", *DIRECT, "--rates", "500,2000", "--seconds", "1",
+        "--results", str(tmp_path), timeout=scaled(180),
+    )  # fmt: skip
+
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads((tmp_path / "latency.json").read_text())
+    assert [p["rate"] for p in result["phases"]] == [500, 2000]
+    for phase, sent in zip(result["phases"], (500, 2000), strict=True):
+        (run,) = phase["runs"]
+        assert run["sent"] == run["delivered"] == run["received_by_devices"] == sent
+        # Open loop: the pushes went out at the rate asked, not faster.
+        assert run["send_s"] >= 0.9
+        device = run["device_latency_us"]
+        assert device["count"] == sent
+        assert 0 < device["p50"] <= device["p99"] <= device["p99.9"] <= device["max"]
+        assert phase["summary"]["failed"] == 0
+    assert (tmp_path / "latency.png").stat().st_size > 0
+
+
+def test_pusher_refuses_bad_options() -> None:
+    pusher = Path(loadgen_path()).with_name("pushy-pusher")
+    proc = subprocess.run([str(pusher), "--redis", "redis://127.0.0.1:1"],
+                          capture_output=True, text=True, timeout=30, check=False)
+
+    assert proc.returncode == 2
+    assert "--devices PREFIX:N" in proc.stderr

@@ -437,23 +437,23 @@ def _summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _table(summary: dict[str, Any], say: Any) -> None:
     say("over the runs (median [min, max]):")
-    for key in ("delivered_per_s", "node_cpu_s_per_1m", "p50_us", "p99_us",
-                "p99.9_us", "single_p50_us", "single_p99_us", "single_p99.9_us"):
-        s = summary[key]
-        say(f"  {key:<20} {s['median']:>12,.1f} [{s['min']:,.1f}, {s['max']:,.1f}]")
-    say(f"  {'failed pushes':<20} {summary['failed']:>12,}")
+    _say_summary(summary, say)
 
 
 def _say_summary(summary: dict[str, Any], say: Any, indent: str = "  ") -> None:
-    """Print each figure of ``summary``: median [min, max], or a count."""
+    """Print ``summary`` as a table: each figure's median, min and max, or
+    a count."""
+    rows = []
     for key, s in summary.items():
         if isinstance(s, dict) and "median" in s:
-            say(f"{indent}{key:<26} {s['median']:>12,.1f} "
-                f"[{s['min']:,.1f}, {s['max']:,.1f}]")
+            rows.append((key, f"{s['median']:,.1f}", f"{s['min']:,.1f}",
+                         f"{s['max']:,.1f}"))
         elif isinstance(s, int):
-            say(f"{indent}{key:<26} {s:>12,}")
+            rows.append((key, f"{s:,}", "", ""))
         else:
-            say(f"{indent}{key:<26} {s!s:>12}")
+            rows.append((key, str(s), "", ""))
+    for line in benchkit.figure_table(rows, ("figure", "median", "min", "max")):
+        say(indent + line)
 
 
 def _plot(runs: list[dict[str, Any]], path: Path) -> None:
@@ -1077,25 +1077,24 @@ def _open_connections(
     ]
     ready: list[dict[str, Any] | None] = [None] * len(gens)
     samples: list[list[float]] = [[0.0, 0]]
-    next_sample, next_say = started + 0.5, started + 2
+    next_sample = started + 0.5
     try:
-        while None in ready:
-            now = time.monotonic()
-            if now - started > timeout:
-                raise benchkit.BenchError(
-                    f"the load generators did not end their connect phase "
-                    f"within {timeout:.0f} s"
-                )
-            ready = [r or g.ready() for r, g in zip(ready, gens, strict=True)]
-            if now >= next_sample and None in ready:
-                held = _connections(cluster)
-                samples.append([now - started, held])
-                next_sample += 0.5
-                if now >= next_say:
-                    say(f"  {now - started:5.1f} s: {held:,} of "
-                        f"{args.connections:,} connected")
-                    next_say += 2
-            time.sleep(0.05)
+        with benchkit.Progress("connecting", args.connections, say,
+                               unit="connected") as progress:
+            while None in ready:
+                now = time.monotonic()
+                if now - started > timeout:
+                    raise benchkit.BenchError(
+                        f"the load generators did not end their connect phase "
+                        f"within {timeout:.0f} s"
+                    )
+                ready = [r or g.ready() for r, g in zip(ready, gens, strict=True)]
+                if now >= next_sample and None in ready:
+                    held = _connections(cluster)
+                    samples.append([now - started, held])
+                    next_sample += 0.5
+                    progress.update(held)
+                time.sleep(0.05)
     except BaseException:
         benchkit.stop_loadgens(gens)
         raise

@@ -108,7 +108,7 @@ def run_unicast(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
         for index in range(args.runs):
             mode = ["--count", str(args.pushes), "--window", str(args.window)]
             run = _direct_run(index, url, args, sizes, tokens, addrs, tmp, mode, say,
-                              "u")
+                              "u", args.pushes)
             runs.append(run)
             say(f"run {index}: {run['delivered']:,}/{run['sent']:,} delivered in "
                 f"{run['seconds']:.2f} s ({run['delivered_per_s']:,.0f}/s); "
@@ -171,7 +171,7 @@ def run_latency(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
             for index in range(args.runs):
                 mode = ["--rate", str(rate), "--seconds", str(args.seconds)]
                 run = _direct_run(index, url, args, sizes, tokens, addrs, tmp,
-                                  mode, say, "l")
+                                  mode, say, "l", int(rate * args.seconds))
                 runs.append(run)
                 dev, ans = run["device_latency_us"], run["answer_latency_us"]
                 say(f"  run {index}: {run['delivered']:,}/{run['sent']:,} "
@@ -218,10 +218,10 @@ def run_latency(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
 def _direct_run(
     index: int, url: str, args: argparse.Namespace, sizes: list[int],
     tokens: list[Path], addrs: list[str], tmp: Path, mode: list[str], say: Any,
-    device_prefix: str,
+    device_prefix: str, expected: int,
 ) -> dict[str, Any]:
     """One run: fresh nodes and devices, a warm-up push per device, then
-    the timed pushes of ``mode`` (the pusher's options)."""
+    the ``expected`` timed pushes of ``mode`` (the pusher's options)."""
     prefix = bench._fresh_prefix(f"{args.scenario}{index}")
     cluster = bench._bench_cluster(args, url, f"{args.scenario}{index}",
                                    redis_prefix=prefix)
@@ -241,7 +241,8 @@ def _direct_run(
             "--node-pids", ",".join(map(str, node_pids)),
             "--device-pids", ",".join(str(g.proc.pid) for g in gens), *mode,
         ]  # fmt: skip
-        report = _pusher(cmd, tmp / f"pusher-{index}.stderr")
+        report = _pusher(cmd, tmp / f"pusher-{index}.stderr",
+                         args.connections + expected, say)
     finally:
         bench._close_all(cluster, gens)
     received = sum(int(g.report.get("pushes", {}).get("received", 0)) for g in gens)
@@ -278,21 +279,48 @@ def _direct_run(
     }
 
 
-def _pusher(cmd: list[str], stderr_path: Path) -> dict[str, Any]:
-    """Run ``pushy-pusher`` to its end (bounded) and return its report."""
+def _pusher(
+    cmd: list[str], stderr_path: Path, total: int, say: Any
+) -> dict[str, Any]:
+    """Run ``pushy-pusher`` to its end (bounded), showing how many of the
+    ``total`` pushes (warm-up included) were answered; return its report."""
+    deadline = time.monotonic() + 900
     with open(stderr_path, "wb") as err:
-        try:
-            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err,
-                                  text=True, timeout=900, check=False)
-        except subprocess.TimeoutExpired:
-            raise benchkit.BenchError("pushy-pusher did not end within 900 s") from None
-    text = proc.stdout.strip()
-    if proc.returncode != 0 or not text.startswith("{"):
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
+    try:
+        with benchkit.Progress("pushing", total, say, unit="answered") as progress:
+            while proc.poll() is None:
+                if time.monotonic() > deadline:
+                    raise benchkit.BenchError("pushy-pusher did not end within 900 s")
+                progress.update(_answered(stderr_path))
+                time.sleep(0.25)
+        out = proc.communicate(timeout=10)[0].strip()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    if proc.returncode != 0 or not out.startswith("{"):
+        errors = [line for line in stderr_path.read_text(errors="replace").splitlines()
+                  if not line.startswith('{"event":"progress"')]
         raise benchkit.BenchError(
-            f"pushy-pusher exited with {proc.returncode}: "
-            f"{stderr_path.read_text(errors='replace')[-2000:]}"
+            f"pushy-pusher exited with {proc.returncode}: {' '.join(errors)[-2000:]}"
         )
-    return dict(json.loads(text.splitlines()[-1]))
+    return dict(json.loads(out.splitlines()[-1]))
+
+
+def _answered(stderr_path: Path) -> int:
+    """The last progress count ``pushy-pusher`` wrote to its stderr."""
+    try:
+        with open(stderr_path, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - 200))
+            tail = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return 0
+    for line in reversed(tail):
+        if line.startswith('{"event":"progress"') and line.endswith("}"):
+            return int(json.loads(line)["answered"])
+    return 0
 
 
 def _device_latency(reports: list[dict[str, Any]]) -> dict[str, Any]:

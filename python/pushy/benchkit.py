@@ -2,8 +2,10 @@
 
 Reading a process's memory and CPU time and the kernel's slab from
 ``/proc``, splitting connections over load generator processes, running
-``pushy-loadgen`` processes whose output goes to files, and the median, min
-and max of a figure over runs.
+``pushy-loadgen`` processes whose output goes to files, the median, min
+and max of a figure over runs, and the console: progress bars during long
+phases and tables of figures (with ``rich`` when it is installed, plain
+lines otherwise).
 
 Limitations:
     Linux only (``/proc``). ``Slab`` is system-wide: whatever else runs on
@@ -18,6 +20,8 @@ import os
 import signal
 import statistics
 import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +33,8 @@ __all__ = [
     "MAX_PER_PROCESS",
     "BenchError",
     "Loadgen",
+    "Progress",
+    "figure_table",
     "cpu_seconds",
     "listen_drops",
     "merge_reasons",
@@ -237,3 +243,86 @@ def stop_loadgens(gens: Iterable[Loadgen], timeout: float = 30) -> None:
         text = g.stdout_path.read_text(errors="replace").strip()
         g.report = json.loads(text.splitlines()[-1]) if text.startswith("{") else {}
 
+
+
+class Progress:
+    """Progress of a long phase: a live bar on a terminal (with ``rich``),
+    else a line through ``say`` at most every ``every_s`` seconds.
+
+    Use as a context manager; call :meth:`update` with the count done so
+    far (a number of ``total``).
+    """
+
+    def __init__(
+        self, what: str, total: float, say: Callable[[str], Any] = print,
+        unit: str = "", every_s: float = 2.0,
+    ) -> None:
+        self.what, self.total, self.unit = what, total, unit
+        self._say, self._every = say, every_s
+        self._started = time.monotonic()
+        self._next = self._started + every_s
+        self._bar: Any = None
+        self._task: Any = None
+        if say is print and sys.stdout.isatty():
+            try:
+                from rich.progress import (
+                    BarColumn,
+                    MofNCompleteColumn,
+                    TextColumn,
+                    TimeElapsedColumn,
+                )
+                from rich.progress import Progress as Bar
+            except ImportError:
+                return
+            self._bar = Bar(TextColumn("  {task.description}"), BarColumn(),
+                            MofNCompleteColumn(), TimeElapsedColumn(),
+                            transient=True)
+            self._task = self._bar.add_task(what, total=total)
+
+    def __enter__(self) -> Progress:
+        if self._bar is not None:
+            self._bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+    def update(self, done: float) -> None:
+        """Show ``done`` of the total."""
+        if self._bar is not None:
+            self._bar.update(self._task, completed=done)
+            return
+        now = time.monotonic()
+        if now >= self._next:
+            self._next = now + self._every
+            self._say(f"  {now - self._started:5.1f} s: {done:,.0f} of "
+                      f"{self.total:,.0f} {self.unit or self.what}")
+
+
+def figure_table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> list[str]:
+    """Lines of a table of ``rows`` under ``header`` (the first column
+    left-aligned, the rest right-aligned): drawn by ``rich`` when it is
+    installed, plain columns otherwise."""
+    try:
+        import io
+
+        from rich import box
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        widths = [max(len(str(r[i])) for r in [header, *rows])
+                  for i in range(len(header))]
+        return [
+            "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
+                      for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+            for row in [header, *rows]
+        ]
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for i, name in enumerate(header):
+        table.add_column(name, justify="left" if i == 0 else "right", no_wrap=True)
+    for row in rows:
+        table.add_row(*map(str, row))
+    out = io.StringIO()
+    Console(file=out, width=200, color_system=None, highlight=False).print(table)
+    return [line.rstrip() for line in out.getvalue().splitlines() if line.strip()]
