@@ -76,27 +76,29 @@ session::~session() { timer_wheel::cancel(*this); }
 
 net::io_context& session::context() noexcept { return thread_.ioc; }
 
-void session::start(std::string_view leftover, std::string meta) {
+void session::start(std::string_view leftover, std::string meta,
+                    std::string response) {
     error_code ec;
     socket_.non_blocking(true, ec);
     socket_.set_option(tcp::no_delay(true), ec);
 
     auto* f = node_.fleet();
-    if (!f) return begin(leftover);
+    if (!f) return begin(leftover, response);
     // On a fleet the device is registered in Redis before it gets hello:
     // once a device has its hello, pushes from any node reach it. (When
     // Redis is down the answer comes at once and the record is written
     // when it returns.)
     f->connected(*this, std::move(meta),
-                 [self = shared_from_this(),
-                  rest = std::string(leftover)]() mutable {
-        net::post(self->context(), [self, rest = std::move(rest)] {
-            self->begin(rest);
+                 [self = shared_from_this(), rest = std::string(leftover),
+                  response = std::move(response)]() mutable {
+        net::post(self->context(), [self, rest = std::move(rest),
+                                    response = std::move(response)] {
+            self->begin(rest, response);
         });
     });
 }
 
-void session::begin(std::string_view leftover) {
+void session::begin(std::string_view leftover, std::string_view response) {
     // Register, superseding any older connection of the device (RFC-free
     // rule of the product: exactly one live connection per device).
     bool kicked = false;
@@ -133,6 +135,12 @@ void session::begin(std::string_view leftover) {
                                    static_cast<std::int64_t>(lifetime)));
     hello += '}';
     PUSHY_DEBUG("device {} connected (connection {})", device_, id_);
+    if (!response.empty()) {
+        // The 101 goes out with hello: one write, one wake-up of the device.
+        borrow_buffer();
+        out_.append(response);
+        queued_ += response.size();
+    }
     send_frame(ws::opcode::text, hello);
     schedule_timer();
 

@@ -43,12 +43,14 @@ public:
             auth::claims claims);
     ~session() override;
 
-    // Registers the device (superseding an older connection), sends hello
-    // and starts reading. `leftover` holds bytes read past the upgrade
-    // request: the first frames, if the client was quick. `meta` (the
-    // token's meta JSON text, empty for none) goes into the connected event
-    // of a fleet; the session does not keep it.
-    void start(std::string_view leftover, std::string meta = {});
+    // Registers the device (superseding an older connection), sends the
+    // upgrade's `response` (the 101, empty when already sent) and hello in
+    // one write, and starts reading. `leftover` holds bytes read past the
+    // upgrade request: the first frames, if the client was quick. `meta`
+    // (the token's meta JSON text, empty for none) goes into the connected
+    // event of a fleet; the session does not keep it.
+    void start(std::string_view leftover, std::string meta = {},
+               std::string response = {});
 
     // Sends a push and reports its outcome through req.done.
     void deliver(push_request req);
@@ -71,7 +73,7 @@ private:
     struct pending_ack;
 
     // The rest of start(), once the device is registered.
-    void begin(std::string_view leftover);
+    void begin(std::string_view leftover, std::string_view response);
     // A d2d message from the device (`text` is the whole message).
     void handle_d2d(std::string_view text, simdjson::dom::object obj,
                     const std::string& id_json);

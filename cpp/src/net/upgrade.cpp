@@ -214,40 +214,31 @@ private:
                std::move(result.claims));
     }
 
-    // Writes the 101 response, then hands the socket to a session.
+    // Hands the socket to a session with the 101 response, which it sends
+    // together with hello once the device is registered: a device that has
+    // its 101 can be pushed to from any node.
     void accept(std::string_view key, bool with_protocol,
                 auth::claims claims) {
-        response_ =
+        std::string response =
             "HTTP/1.1 101 Switching Protocols\r\n"
             "Upgrade: websocket\r\n"
             "Connection: Upgrade\r\n"
             "Sec-WebSocket-Accept: ";
-        response_ += ws::accept_key(key);
-        response_ += "\r\n";
+        response += ws::accept_key(key);
+        response += "\r\n";
         if (with_protocol) {
-            response_ += "Sec-WebSocket-Protocol: pushy.v1\r\n";
+            response += "Sec-WebSocket-Protocol: pushy.v1\r\n";
         }
-        response_ += "\r\n";
-        claims_ = std::move(claims);
-        net::async_write(
-            stream_, net::buffer(response_),
-            [self = shared_from_this()](error_code ec, std::size_t n) {
-                self->on_accepted(ec, n);
-            });
-    }
-
-    void on_accepted(error_code ec, std::size_t n) {
-        if (ec) return;
-        counters::bump(thread_.stats.bytes_out, n);
+        response += "\r\n";
         stream_.expires_never();
         auto data = buffer_.data();
         std::string_view leftover(static_cast<const char*>(data.data()),
                                   data.size());
         // The meta claim goes to the connected event, not into the session.
-        auto meta = std::move(claims_.meta);
+        auto meta = std::move(claims.meta);
         auto s = std::make_shared<session>(
-            node_, thread_, stream_.release_socket(), std::move(claims_));
-        s->start(leftover, std::move(meta));
+            node_, thread_, stream_.release_socket(), std::move(claims));
+        s->start(leftover, std::move(meta), std::move(response));
     }
 
     // Answers an error and closes. Each refusal is counted by reason; a
@@ -309,7 +300,6 @@ private:
     beast::flat_buffer buffer_;
     std::optional<http::request_parser<http::empty_body>> parser_;
     std::string response_;
-    auth::claims claims_;
 };
 
 }  // namespace

@@ -213,38 +213,86 @@ struct fleet::impl {
         return r;
     }
 
+    // A refresh round: the devices connected when it began, refreshed in
+    // slices of `refresh_slice`, the next slice sent once the last one is
+    // answered. Redis gets the round's commands a slice at a time, so the
+    // node never holds a whole round's requests and callbacks at once
+    // (the allocator would keep that memory), and upgrades' registry
+    // writes never wait behind a round.
+    struct refresh_round {
+        std::vector<std::weak_ptr<session>> devices;
+        std::size_t next = 0;
+        std::size_t pending = 0;
+        std::uint64_t generation = 0;
+    };
+    static constexpr std::size_t refresh_slice = 256;
+    std::uint64_t refresh_generation = 0;
+
     // Extends (or writes again) the record of every connected device, and
     // the node's directory entry. Runs every third of the TTL and whenever
-    // the Redis link comes back.
+    // the Redis link comes back; a new round ends any older one.
     void refresh_all(const std::string& addr) {
         if (!redis->up()) return;
         store->put_node(node.node_id(), addr, ttl);
-        for (auto& s : node.table().snapshot()) {
-            auto rec = record_of(*s, addr);
-            store->refresh(s->device(), rec, ttl,
-                           [this, s](int result,
-                                     std::optional<registry::record> old) {
-                               if (result == 1) return bump(refreshed);
-                               if (result == 2) return bump(reregistered);
-                               if (result < 0) return bump(registry_errors);
-                               if (result == 3) {
-                                   bump(reregistered);
-                                   if (old && old->node != node.node_id()) {
-                                       bump(kicks_sent);
-                                       router->kick(old->peer, s->device(),
-                                                    old->conn);
-                                   }
-                                   return;
-                               }
-                               // Another connection, on another node, owns
-                               // the device now.
-                               bump(superseded_elsewhere);
-                               net::post(s->context(), [s] {
-                                   s->close(ws::close_superseded,
-                                            "superseded by a newer connection");
-                               });
-                           });
+        auto round = std::make_shared<refresh_round>();
+        round->generation = ++refresh_generation;
+        auto all = node.table().snapshot();
+        round->devices.assign(all.begin(), all.end());
+        all = {};
+        refresh_next(round, addr);
+    }
+
+    // Sends the next slice of `round`, if it is still the current round.
+    void refresh_next(const std::shared_ptr<refresh_round>& round,
+                      const std::string& addr) {
+        if (round->generation != refresh_generation || !redis->up()) return;
+        auto end = std::min(round->devices.size(), round->next + refresh_slice);
+        for (; round->next < end; ++round->next) {
+            auto s = round->devices[round->next].lock();
+            if (!s) continue;
+            ++round->pending;
+            refresh_one(s, addr, [this, round, addr] {
+                if (--round->pending == 0) refresh_next(round, addr);
+            });
         }
+        if (round->pending == 0 && round->next < round->devices.size()) {
+            // Every device of the slice was gone: go on after other work.
+            net::post(home.ioc, [this, round, addr] { refresh_next(round, addr); });
+        }
+    }
+
+    // Refreshes the record of session `s`; `answered` runs after its
+    // outcome was handled.
+    template <class Done>
+    void refresh_one(const std::shared_ptr<session>& s, const std::string& addr,
+                     Done answered) {
+        auto rec = record_of(*s, addr);
+        store->refresh(s->device(), rec, ttl,
+                       [this, s, answered = std::move(answered)](
+                           int result, std::optional<registry::record> old) {
+                           on_refreshed(s, result, old);
+                           answered();
+                       });
+    }
+
+    void on_refreshed(const std::shared_ptr<session>& s, int result,
+                      const std::optional<registry::record>& old) {
+        if (result == 1) return bump(refreshed);
+        if (result == 2) return bump(reregistered);
+        if (result < 0) return bump(registry_errors);
+        if (result == 3) {
+            bump(reregistered);
+            if (old && old->node != node.node_id()) {
+                bump(kicks_sent);
+                router->kick(old->peer, s->device(), old->conn);
+            }
+            return;
+        }
+        // Another connection, on another node, owns the device now.
+        bump(superseded_elsewhere);
+        net::post(s->context(), [s] {
+            s->close(ws::close_superseded, "superseded by a newer connection");
+        });
     }
 
     void schedule_refresh(const std::string& addr) {
