@@ -1563,7 +1563,7 @@ def _storm_check(args: argparse.Namespace) -> tuple[list[int], list[str]]:
     if not 1 <= args.devices <= benchkit.MAX_PER_PROCESS:
         raise PushyError(
             f"--devices must be 1-{benchkit.MAX_PER_PROCESS} (one node holds "
-            "them all), got {args.devices}"
+            f"them all), got {args.devices}"
         )
     if args.nodes < 2:
         raise PushyError(f"--nodes must be at least 2 (one is killed), got {args.nodes}")
@@ -1644,14 +1644,16 @@ def run_storm(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
     }
     _publish(result, args, lambda path: _storm_plot(runs, path), say)
     bad = [r for r in runs if r["not_reregistered"] or r["messages"]["lost"]
-           or r["messages"]["still_queued"]]
+           or r["messages"]["still_queued"] or r["messages"]["enqueue_errors"]]
     if bad:
+        errors = benchkit.merge_reasons([r["messages"] for r in bad],
+                                        "enqueue_errors")
         raise PushyError(
             f"storm: {len(bad)} of {len(runs)} runs did not register every "
             f"device again or did not deliver every message: "
             f"{summary['not_reregistered']:,} devices not registered again, "
             f"{summary['lost']:,} messages lost, {summary['still_queued']:,} "
-            "still queued"
+            f"still queued; enqueue errors: {errors or 'none'}"
         )
     return result
 
@@ -1682,6 +1684,14 @@ class _Enqueuer:
         return self.sent
 
     def _run(self) -> None:
+        try:
+            self._enqueue()
+        except (PushyError, OSError) as exc:
+            # Part of a batch may be queued: the count would be wrong from
+            # here on, so the run stops enqueueing and reports the error.
+            self.errors[str(exc)[:200]] = self.errors.get(str(exc)[:200], 0) + 1
+
+    def _enqueue(self) -> None:
         rng = random.Random(7)
         tick = max(1, int(self._rate / 100))  # at most 100 batches a second
         with PushClient(redis=self._url, prefix=self._prefix, timeout=10) as client:
@@ -1694,14 +1704,7 @@ class _Enqueuer:
                 ts = time.monotonic_ns()
                 batch = [(rng.choice(self._devices), {"ts": ts, "seq": self.sent + i})
                          for i in range(tick)]
-                try:
-                    client.enqueue_many(batch, ttl=600, ack=self._ack)
-                except PushyError as exc:
-                    # Part of the batch may be queued: the count would be
-                    # wrong from here on, so the run stops enqueueing and
-                    # reports the error.
-                    self.errors[str(exc)[:200]] = 1
-                    return
+                client.enqueue_many(batch, ttl=600, ack=self._ack)
                 self.sent += tick
 
 
@@ -1741,8 +1744,8 @@ def _storm_run(
         processor = _start_processor(url, prefix)
         enqueuer = _Enqueuer(url, prefix, devices, args.rate, args.ack).start()
         time.sleep(args.before_s)
-        watched = _watch_storm(cluster, doomed, others, gens, redis_pid, enqueuer,
-                               url, prefix, devices, args, say)
+        watched = _watch_storm(doomed, others, gens, redis_pid, enqueuer, url, prefix,
+                               devices, args, say)
         sent = enqueuer.stop()
         drained = _drain(url, prefix, gens, sent, args, say)
     finally:
@@ -1814,7 +1817,7 @@ def _storm_run(
 
 
 def _watch_storm(
-    cluster: Cluster, doomed: Any, others: list[Any], gens: list[benchkit.Loadgen],
+    doomed: Any, others: list[Any], gens: list[benchkit.Loadgen],
     redis_pid: int | None, enqueuer: _Enqueuer, url: str, prefix: str,
     devices: list[str], args: argparse.Namespace, say: Any,
 ) -> dict[str, Any]:
@@ -1857,7 +1860,13 @@ def _watch_storm(
         t = (time.monotonic_ns() - killed) / 1e9
         if exited_s is None and doomed.process.poll() is not None:
             exited_s = t
-        stats = [_node_stats(n) for n in others]
+        try:
+            stats = [_node_stats(n) for n in others]
+        except OSError as exc:  # too busy to answer in 5 s, or gone
+            if t > args.timeout_s:
+                raise benchkit.BenchError(f"a surviving node does not answer: {exc}")
+            time.sleep(0.1)
+            continue
         per_node = [int(st["connections"]) for st in stats]
         registered = sum(int(st["fleet"]["registered"]) for st in stats) - registered0
         held = sum(int((g.last_event("stats") or {}).get("open", 0)) for g in gens)
@@ -1997,7 +2006,7 @@ def _pooled_latency(reports: list[dict[str, Any]]) -> dict[str, Any]:
         return next(ms for ms, f in cdf if f >= q - 1e-9)
 
     step = max(1, len(cdf) // 100)
-    return {"count": int(round(total)), "p50": at(0.5), "p90": at(0.9),
+    return {"count": round(total), "p50": at(0.5), "p90": at(0.9),
             "p99": at(0.99), "max": top, "cdf": cdf[::step] + [cdf[-1]]}
 
 
