@@ -46,7 +46,9 @@
 // connections per process (the host allows 20,000 open files); a pong or
 // a d2d message that cannot be written at once counts as dropped; a
 // connection dropped while --d2d-rate messages are being sent reconnects
-// only once the sending is over.
+// only once the sending is over; a {"t":"reconnect"} message is ignored
+// (no make-before-break): the device connects again once the node has
+// closed the connection.
 
 #include <arpa/inet.h>
 #include <fcntl.h>
