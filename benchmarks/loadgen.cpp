@@ -24,11 +24,31 @@
 // With --pushes, every push the devices receive is read whole: its latency
 // is taken from a "ts" field in its data (CLOCK_MONOTONIC ns when the push
 // was due, written by the benchmark that sends it), and a push that asks
-// for an ack ("ack":true) is acked with its id.
+// for an ack ("ack":true) is acked with its id. A "seq" field in its data
+// (a number below 2^27) marks the push in a bit set, so that distinct
+// pushes and duplicates are counted apart.
+//
+// With --reconnect, a connection that the node closes or that is reset
+// (a node killed) connects again after a backoff with full jitter: a
+// random wait in [0, step), the step starting at --reconnect-min-ms and
+// doubling after each failed attempt up to --reconnect-max-ms; a 503
+// waits at least its Retry-After (times 1 to 1.5). It sends the same token
+// again. Close codes 1000, 4001 and 4002, and a 4xx at the upgrade, are
+// not retried (docs/lifecycle.md, what a client should do). The report
+// counts the reconnects and gives the latency from each drop to the new
+// hello. A connection waiting for its next attempt is a heap entry, not a
+// timer; it holds no socket.
+//
+// With --stats-s, a line of counters goes to stderr every S seconds of the
+// hold: connections open, reconnects, pushes received and distinct.
 //
 // Limitations: targets loopback (127.0.0.0/8) only; at most 19,000
 // connections per process (the host allows 20,000 open files); a pong or
-// a d2d message that cannot be written at once counts as dropped.
+// a d2d message that cannot be written at once counts as dropped; a
+// connection dropped while --d2d-rate messages are being sent reconnects
+// only once the sending is over; a {"t":"reconnect"} message is ignored
+// (no make-before-break): the device connects again once the node has
+// closed the connection.
 
 #include <arpa/inet.h>
 #include <fcntl.h>
@@ -50,13 +70,17 @@
 #include <cctype>
 #include <cerrno>
 #include <charconv>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <map>
+#include <queue>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #ifndef IP_BIND_ADDRESS_NO_PORT
@@ -67,6 +91,7 @@ namespace {
 
 constexpr std::size_t max_connections = 19000;
 constexpr std::size_t scratch_size = 64 * 1024;
+constexpr std::uint64_t max_seq = std::uint64_t{1} << 27;  // 16 MiB of bits
 constexpr std::uint64_t signal_tag = ~std::uint64_t{0};
 constexpr std::string_view ws_guid = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
@@ -254,6 +279,10 @@ struct options {
     std::size_t d2d_targets = 0;
     std::size_t d2d_data_bytes = 16;
     bool pushes = false;  // read pushes: latency from data.ts, ack them
+    bool reconnect = false;          // connect again after a drop
+    double reconnect_min_ms = 100;   // first backoff step
+    double reconnect_max_ms = 5000;  // largest backoff step
+    double stats_s = 0;              // 0: no stats lines
 };
 
 // Prints the usage text to `f`.
@@ -265,6 +294,8 @@ void usage(std::FILE* f) {
         "                     [--handshake-timeout-s S] [--close-wait-s S]\n"
         "                     [--d2d-rate R --d2d-to PREFIX:N [--d2d-s S]\n"
         "                      [--d2d-data-bytes B]] [--pushes]\n"
+        "                     [--reconnect [--reconnect-min-ms MS]\n"
+        "                      [--reconnect-max-ms MS]] [--stats-s S]\n"
         "\n"
         "Opens N idle WebSocket connections to a Pushy node (GET /v1/connect,\n"
         "subprotocol pushy.v1, line i of FILE as the bearer token of\n"
@@ -276,7 +307,12 @@ void usage(std::FILE* f) {
         "PREFIX(N-1) and reports the latency of their status answers.\n"
         "With --pushes it reads every push: the latency from a \"ts\"\n"
         "(CLOCK_MONOTONIC ns) in its data to its arrival, and an ack for\n"
-        "each push that asks for one.\n",
+        "each push that asks for one, and counts distinct pushes by the\n"
+        "\"seq\" of their data.\n"
+        "With --reconnect a dropped connection connects again with the\n"
+        "same token after a jittered exponential backoff (a random wait\n"
+        "below a step of MIN ms, doubling up to MAX ms; 100 and 5000).\n"
+        "With --stats-s it prints a line of counters to stderr every S s.\n",
         f);
 }
 
@@ -308,6 +344,10 @@ options parse_options(int argc, char** argv) {
         }
         if (a == "--pushes") {
             o.pushes = true;
+            continue;
+        }
+        if (a == "--reconnect") {
+            o.reconnect = true;
             continue;
         }
         if (a == "-h" || a == "--help") {
@@ -350,6 +390,12 @@ options parse_options(int argc, char** argv) {
             o.d2d_rate = parse_number(argv[i - 1], v);
         } else if (a == "--d2d-s") {
             o.d2d_s = parse_number(argv[i - 1], v);
+        } else if (a == "--reconnect-min-ms") {
+            o.reconnect_min_ms = parse_number(argv[i - 1], v);
+        } else if (a == "--reconnect-max-ms") {
+            o.reconnect_max_ms = parse_number(argv[i - 1], v);
+        } else if (a == "--stats-s") {
+            o.stats_s = parse_number(argv[i - 1], v);
         } else if (a == "--d2d-data-bytes") {
             o.d2d_data_bytes = std::size_t(parse_number(argv[i - 1], v));
         } else if (a == "--d2d-to") {
@@ -386,6 +432,14 @@ options parse_options(int argc, char** argv) {
         bad("--d2d-rate needs --d2d-to PREFIX:N with N >= 1");
     }
     if (o.d2d_data_bytes > 4096) bad("--d2d-data-bytes must be at most 4096");
+    if (o.reconnect_min_ms <= 0 || o.reconnect_max_ms < o.reconnect_min_ms ||
+        o.reconnect_max_ms > 3'600'000) {
+        bad("--reconnect-min-ms must be above 0 and at most "
+            "--reconnect-max-ms, which must be at most 3600000");
+    }
+    if (o.stats_s > 0 && o.stats_s < 0.01) {
+        bad("--stats-s must be 0 or at least 0.01");
+    }
     return o;
 }
 
@@ -472,16 +526,19 @@ enum class state : std::uint8_t {
     idle,           // open, answering pings
     closing,        // close frame sent, waiting for the peer's FIN
     done,           // socket closed
+    backoff,        // dropped, waiting for its next attempt (--reconnect)
 };
 
 // One connection. While idle only fd, st and skip matter.
 struct conn {
     int fd = -1;
     state st = state::pending;
-    std::uint16_t sent = 0;   // request bytes written so far
-    std::uint32_t skip = 0;   // data-frame payload bytes still to discard
-    std::uint64_t t0_ns = 0;  // when connect() was called
-    std::uint8_t key[16]{};   // Sec-WebSocket-Key bytes, until the 101
+    std::uint8_t attempt = 0;   // failed reconnect attempts since the drop
+    std::uint16_t sent = 0;     // request bytes written so far
+    std::uint32_t skip = 0;     // data-frame payload bytes still to discard
+    std::uint64_t t0_ns = 0;    // when connect() was called
+    std::uint64_t lost_ns = 0;  // when it dropped; 0 while never dropped
+    std::uint8_t key[16]{};     // Sec-WebSocket-Key bytes, until the 101
 };
 
 class load_generator {
@@ -603,6 +660,7 @@ class load_generator {
                 start_connect(started_++);
                 ++burst;
             }
+            run_reconnects(now);
             if (now - last_scan >= 100'000'000u) {
                 expire_handshakes(now);
                 last_scan = now;
@@ -615,7 +673,8 @@ class load_generator {
                     due <= now ? 0 : int((due - now + 999'999) / 1'000'000);
                 timeout = std::min(timeout, 100);
             }
-            poll_once(timeout);
+            poll_once_ns(std::min(std::uint64_t(timeout) * 1'000'000u,
+                                  next_reconnect_in(now)));
         }
         t_connected_ = now_ns();
         std::fprintf(stderr,
@@ -630,13 +689,88 @@ class load_generator {
     void hold_phase() {
         if (opt_.d2d_rate > 0) d2d_phase();
         std::uint64_t end = now_ns() + std::uint64_t(opt_.hold_s * 1e9);
+        std::uint64_t last_scan = now_ns();
+        auto stats_gap = std::uint64_t(opt_.stats_s * 1e9);
+        std::uint64_t next_stats = last_scan + stats_gap;
         for (;;) {
             std::uint64_t now = now_ns();
             if (stop_ || now >= end) break;
-            auto left_ms = (end - now + 999'999) / 1'000'000;
-            poll_once(int(std::min<std::uint64_t>(left_ms, 1000)));
+            run_reconnects(now);
+            if (in_handshake_ > 0 && now - last_scan >= 100'000'000u) {
+                expire_handshakes(now);
+                last_scan = now;
+            }
+            if (stats_gap > 0 && now >= next_stats) {
+                print_stats(now);
+                next_stats += stats_gap;
+            }
+            // Wake for the end, the next reconnect, the handshake scan and
+            // the next stats line, whichever comes first.
+            std::uint64_t wait = std::min(end - now, next_reconnect_in(now));
+            if (in_handshake_ > 0) {
+                wait = std::min<std::uint64_t>(wait, 100'000'000u);
+            }
+            if (stats_gap > 0) {
+                wait = std::min(wait, next_stats - std::min(next_stats, now));
+            }
+            poll_once_ns(wait);
         }
         t_hold_end_ = now_ns();
+    }
+
+    // Starts the reconnect attempts that are due, a bounded burst at a
+    // time.
+    void run_reconnects(std::uint64_t now) {
+        for (int burst = 0; burst < 256 && !retry_.empty(); ++burst) {
+            auto [due, i] = retry_.top();
+            if (due > now) break;
+            retry_.pop();
+            conn& c = conns_[i];
+            c.sent = 0;
+            c.skip = 0;
+            ++reconnect_attempts_;
+            start_connect(i);
+        }
+    }
+
+    // Nanoseconds until the next reconnect attempt is due (at most 1 s).
+    std::uint64_t next_reconnect_in(std::uint64_t now) const {
+        if (retry_.empty()) return 1'000'000'000u;
+        auto due = retry_.top().first;
+        if (due <= now) return 0;
+        return std::min<std::uint64_t>(due - now, 1'000'000'000u);
+    }
+
+    // Puts connection `c` in backoff: its next attempt is due after a
+    // random wait below the current step (full jitter), and at least
+    // `at_least_ms` times 1 to 1.5 (a Retry-After). Doubles the step.
+    void schedule_reconnect(conn& c, std::uint64_t now, double at_least_ms) {
+        double step = opt_.reconnect_min_ms * std::ldexp(1.0, c.attempt);
+        step = std::min(step, opt_.reconnect_max_ms);
+        double wait_ms = step * uniform();
+        if (at_least_ms > 0) {
+            wait_ms = std::max(wait_ms, at_least_ms * (1 + 0.5 * uniform()));
+        }
+        if (c.attempt < 62) ++c.attempt;
+        c.st = state::backoff;
+        retry_.emplace(now + std::uint64_t(wait_ms * 1e6),
+                       std::uint32_t(&c - conns_.data()));
+    }
+
+    // Returns a random number in [0, 1).
+    double uniform() { return double(masks_.next()) / 4294967296.0; }
+
+    // Prints a line of counters to stderr (--stats-s).
+    void print_stats(std::uint64_t now) {
+        std::fprintf(stderr,
+                     "{\"event\":\"stats\",\"t_ns\":%llu,\"open\":%zu,"
+                     "\"reconnects\":%zu,\"dropped\":%zu,\"waiting\":%zu,"
+                     "\"pushes\":%zu,\"distinct\":%zu}\n",
+                     (unsigned long long)now,
+                     established_ + reconnects_ - dropped_total_, reconnects_,
+                     dropped_total_, retry_.size(), pushes_received_,
+                     pushes_distinct_);
+        std::fflush(stderr);
     }
 
     // Sends d2d messages open loop for --d2d-s seconds, then waits up to
@@ -744,6 +878,22 @@ class load_generator {
         }
         std::uint64_t now = now_ns();
         ++pushes_received_;
+        auto seq_at = payload.find("\"seq\":");
+        if (seq_at != std::string_view::npos) {
+            std::uint64_t seq = max_seq;
+            auto v = payload.substr(seq_at + 6);
+            std::from_chars(v.data(), v.data() + v.size(), seq);
+            if (seq < max_seq) {
+                if (seen_.size() <= seq / 64) seen_.resize(seq / 64 + 1024);
+                std::uint64_t bit = std::uint64_t{1} << (seq % 64);
+                if (seen_[seq / 64] & bit) {
+                    ++pushes_duplicate_;
+                } else {
+                    seen_[seq / 64] |= bit;
+                    ++pushes_distinct_;
+                }
+            }
+        }
         auto ts_at = payload.find("\"ts\":");
         if (ts_at != std::string_view::npos) {
             std::uint64_t due = 0;
@@ -802,9 +952,13 @@ class load_generator {
     // --close-wait-s for the peers to close, then closes what is left.
     void close_phase() {
         if (t_hold_end_ == 0) t_hold_end_ = now_ns();
+        closing_all_ = true;
         std::size_t waiting = 0;
         for (std::size_t i = 0; i < conns_.size(); ++i) {
             conn& c = conns_[i];
+            if (c.st == state::backoff || (c.fd >= 0 && c.lost_ns != 0)) {
+                ++reconnect_waiting_at_end_;
+            }
             if (c.st == state::idle) {
                 ++open_at_end_;
                 std::uint8_t frame[8] = {0x88, 0x82};
@@ -992,6 +1146,7 @@ class load_generator {
             return 0;
         }
         if (status.substr(9, 3) != "101") {
+            if (c.lost_ns != 0) retry_after_ms_ = retry_after_ms(head);
             fail(c, "http_" + std::string(status.substr(9, 3)));
             return 0;
         }
@@ -1031,9 +1186,32 @@ class load_generator {
             fail(c, "bad_subprotocol");
             return 0;
         }
-        lat_101_.push_back(std::uint32_t((now_ns() - c.t0_ns) / 1000));
+        if (c.lost_ns == 0) {
+            lat_101_.push_back(std::uint32_t((now_ns() - c.t0_ns) / 1000));
+        }
         c.st = state::reading_hello;
         return end + 4;
+    }
+
+    // Returns the Retry-After of a response head in ms (seconds form,
+    // RFC 9110 section 10.2.3), or 0 when it has none.
+    static double retry_after_ms(std::string_view head) {
+        while (!head.empty()) {
+            auto eol = head.find("\r\n");
+            auto line = head.substr(0, eol);
+            auto colon = line.find(':');
+            if (colon != std::string_view::npos &&
+                iequals(line.substr(0, colon), "retry-after")) {
+                auto v = line.substr(colon + 1);
+                while (!v.empty() && v.front() == ' ') v.remove_prefix(1);
+                unsigned s = 0;
+                std::from_chars(v.data(), v.data() + v.size(), s);
+                return std::min(s, 3600u) * 1000.0;
+            }
+            if (eol == std::string_view::npos) break;
+            head.remove_prefix(eol + 2);
+        }
+        return 0;
     }
 
     // The Sec-WebSocket-Accept value the node must answer for connection
@@ -1095,10 +1273,22 @@ class load_generator {
                 fail(c, "bad_hello");
                 return 0;
             }
-            lat_hello_.push_back(std::uint32_t((now_ns() - c.t0_ns) / 1000));
+            std::uint64_t now = now_ns();
             c.st = state::idle;
-            ++established_;
             --in_handshake_;
+            if (c.lost_ns != 0) {
+                // A reconnect: its latency counts from the drop.
+                ++reconnects_;
+                auto us = (now - c.lost_ns) / 1000;
+                reconnect_lat_.push_back(
+                    std::uint32_t(std::min<std::uint64_t>(us, UINT32_MAX)));
+                last_reconnect_ns_ = now;
+                c.lost_ns = 0;
+                c.attempt = 0;
+            } else {
+                lat_hello_.push_back(std::uint32_t((now - c.t0_ns) / 1000));
+                ++established_;
+            }
             return head + std::size_t(len);
         }
 
@@ -1128,7 +1318,9 @@ class load_generator {
             int code = payload.size() >= 2 ? (std::uint8_t(payload[0]) << 8) |
                                                  std::uint8_t(payload[1])
                                            : 1005;
-            lost(c, "server_close_" + std::to_string(code));
+            // Normal closure, superseded and token expired are final.
+            bool again = code != 1000 && code != 4001 && code != 4002;
+            lost(c, "server_close_" + std::to_string(code), again);
             return 0;
         }
         return c.fd < 0 ? 0 : head + std::size_t(len);
@@ -1159,12 +1351,21 @@ class load_generator {
     }
 
     // Ends a connection that stopped: a failure during the handshake, a
-    // drop once it was established.
-    void lost(conn& c, const std::string& why) {
+    // drop once it was established. With --reconnect a drop that `may_retry`
+    // puts the connection in backoff.
+    void lost(conn& c, const std::string& why, bool may_retry = true) {
         if (c.st == state::idle) {
             ++dropped_[why];
             ++dropped_total_;
-            return close_fd(c);
+            close_fd(c);
+            if (opt_.reconnect && may_retry && !closing_all_) {
+                std::uint64_t now = now_ns();
+                if (first_loss_ns_ == 0) first_loss_ns_ = now;
+                c.lost_ns = now;
+                c.attempt = 0;
+                schedule_reconnect(c, now, 0);
+            }
+            return;
         }
         if (c.st == state::closing) {
             ++closed_clean_;
@@ -1174,12 +1375,25 @@ class load_generator {
         fail(c, why);
     }
 
-    // Counts a failed handshake by reason and closes its socket.
+    // Counts a failed handshake by reason and closes its socket. A failed
+    // reconnect attempt is counted apart and tried again, unless the node
+    // refused the device itself (a 4xx) or the generator is closing.
     void fail(conn& c, const std::string& why) {
-        ++failed_[why];
-        ++failed_total_;
         --in_handshake_;
         close_fd(c);
+        if (c.lost_ns == 0) {
+            ++failed_[why];
+            ++failed_total_;
+            return;
+        }
+        ++reconnect_failed_[why];
+        double at_least = std::exchange(retry_after_ms_, 0.0);
+        if (closing_all_) return;
+        if (why.rfind("http_4", 0) == 0) {
+            ++reconnect_gave_up_;
+            return;
+        }
+        schedule_reconnect(c, now_ns(), at_least);
     }
 
     // Closes the socket of `c` (which leaves the epoll set with it).
@@ -1230,6 +1444,46 @@ class load_generator {
         out += "}";
     }
 
+    // Appends the reconnect figures: counts, the latency from each drop to
+    // its new hello (percentiles, and 100 quantiles for a CDF), and the
+    // CLOCK_MONOTONIC times of the first drop and the last reconnect.
+    void append_reconnects(std::string& s) {
+        std::sort(reconnect_lat_.begin(), reconnect_lat_.end());
+        const auto& v = reconnect_lat_;
+        s += ",\"reconnect\":{\"reconnects\":" + std::to_string(reconnects_);
+        s += ",\"attempts\":" + std::to_string(reconnect_attempts_);
+        std::size_t failed = 0;
+        for (auto& [why, n] : reconnect_failed_) failed += n;
+        s += ",\"failed_attempts\":" + std::to_string(failed);
+        s += ",";
+        append_reasons(s, "failed_by_reason", reconnect_failed_);
+        s += ",\"gave_up\":" + std::to_string(reconnect_gave_up_);
+        s += ",\"waiting_at_end\":" + std::to_string(reconnect_waiting_at_end_);
+        s += ",\"first_loss_ns\":" + std::to_string(first_loss_ns_);
+        s += ",\"last_reconnect_ns\":" + std::to_string(last_reconnect_ns_);
+        double span = last_reconnect_ns_ > first_loss_ns_ && first_loss_ns_
+                          ? double(last_reconnect_ns_ - first_loss_ns_) / 1e9
+                          : 0;
+        char b[64];
+        std::snprintf(b, sizeof b, "%.3f", span);
+        s += ",\"span_s\":";
+        s += b;
+        s += ",\"latency_us\":{\"count\":" + std::to_string(v.size());
+        for (auto [name, q] : {std::pair{"p50", 0.5}, {"p90", 0.9},
+                               {"p99", 0.99}, {"p99.9", 0.999}}) {
+            s += ",\"";
+            s += name;
+            s += "\":" + std::to_string(percentile(v, q));
+        }
+        s += ",\"max\":" + std::to_string(v.empty() ? 0 : v.back());
+        s += ",\"quantiles\":[";
+        for (int k = 1; k <= 100 && !v.empty(); ++k) {
+            if (k > 1) s += ",";
+            s += std::to_string(percentile(v, k / 100.0));
+        }
+        s += "]}}";
+    }
+
     // Prints the run's figures: one JSON object with --json, else text.
     void report() {
         std::sort(lat_101_.begin(), lat_101_.end());
@@ -1271,6 +1525,8 @@ class load_generator {
             s += ",\"pushes\":{\"received\":" +
                  std::to_string(pushes_received_);
             s += ",\"acked\":" + std::to_string(pushes_acked_);
+            s += ",\"distinct\":" + std::to_string(pushes_distinct_);
+            s += ",\"duplicates\":" + std::to_string(pushes_duplicate_);
             s += ",\"latency_us\":{\"count\":" +
                  std::to_string(push_lat_.size());
             s += ",\"p50\":" + std::to_string(percentile(push_lat_, 0.50));
@@ -1280,6 +1536,7 @@ class load_generator {
                  std::to_string(push_lat_.empty() ? 0 : push_lat_.back());
             s += "}}";
         }
+        if (opt_.reconnect) append_reconnects(s);
         if (opt_.d2d_rate > 0) {
             std::sort(d2d_lat_.begin(), d2d_lat_.end());
             double d2d_s = double(t_d2d_end_ - t_d2d_begin_) / 1e9;
@@ -1366,6 +1623,25 @@ class load_generator {
     std::vector<std::uint32_t> push_lat_;
     std::size_t pushes_received_ = 0;
     std::size_t pushes_acked_ = 0;
+    std::size_t pushes_distinct_ = 0;
+    std::size_t pushes_duplicate_ = 0;
+    std::vector<std::uint64_t> seen_;  // a bit per push "seq" received
+    // Due reconnect attempts: (CLOCK_MONOTONIC ns, connection), soonest
+    // first; one entry per connection in backoff.
+    std::priority_queue<std::pair<std::uint64_t, std::uint32_t>,
+                        std::vector<std::pair<std::uint64_t, std::uint32_t>>,
+                        std::greater<>>
+        retry_;
+    bool closing_all_ = false;
+    double retry_after_ms_ = 0;  // of the refusal being failed
+    std::size_t reconnects_ = 0;
+    std::size_t reconnect_attempts_ = 0;
+    std::size_t reconnect_gave_up_ = 0;
+    std::size_t reconnect_waiting_at_end_ = 0;
+    std::map<std::string, std::size_t> reconnect_failed_;
+    std::vector<std::uint32_t> reconnect_lat_;
+    std::uint64_t first_loss_ns_ = 0;
+    std::uint64_t last_reconnect_ns_ = 0;
     std::string ack_payload_;
     std::string ack_frame_;
     std::string d2d_payload_;  // scratch of send_d2d

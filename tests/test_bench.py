@@ -1,17 +1,19 @@
-"""``pushy bench idle``, ``pushy bench connect`` and
-``benchmarks/idle_memory.py``, run small: real nodes, a real redis-server,
-real ``pushy-loadgen`` processes."""
+"""``pushy bench idle``, ``connect`` and ``storm``, ``benchmarks/idle_memory.py``
+and the load generator's reconnects, run small: real nodes, a real
+redis-server, real ``pushy-loadgen`` processes."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from pushy import Cluster, PushClient, benchkit
 from pushy.bench import loadgen_path
-from pushy.testing import scaled
+from pushy.testing import RedisServer, scaled, token_for, wait_until
 from pushy_cli import cli_env, run_pushy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -165,3 +167,93 @@ def test_pusher_refuses_bad_options() -> None:
 
     assert proc.returncode == 2
     assert "--devices PREFIX:N" in proc.stderr
+
+
+def test_bench_storm_registers_every_device_again_and_loses_no_message(
+    tmp_path: Path,
+) -> None:
+    proc = run_pushy(
+        "bench", "storm", "--devices", "2000", "--nodes", "2", "--per-process",
+        "1000", "--rate", "1000", "--before-s", "1", "--after-s", "3",
+        "--runs", "1", "--results", str(tmp_path), timeout=scaled(240),
+    )  # fmt: skip
+
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads((tmp_path / "storm.json").read_text())
+    assert (result["devices"], result["nodes"], result["loadgens"]) == (
+        2000, 2, [1000, 1000]
+    )
+    (run,) = result["runs"]
+    assert run["killed"] == "storm0-0"
+    assert run["records_by_node"] == {"storm0-1": 2000}
+    assert run["per_node_after"] == {"storm0-1": 2000}
+    assert run["not_reregistered"] == 0
+    assert run["drops"] == run["reconnects"] == 2000
+    assert run["reconnect_gave_up"] == 0
+    assert 0 < run["reregistered_s"] <= run["registry_checked_s"]
+    assert 0 < run["all_connected_s"] <= run["registry_checked_s"]
+    lat = run["reconnect_latency_ms"]
+    assert lat["count"] == 2000
+    assert 0 < lat["p50"] <= lat["p99"] <= lat["max"]
+    assert lat["cdf"][-1][1] == pytest.approx(1)
+    m = run["messages"]
+    assert m["enqueued"] > 0 and m["enqueue_errors"] == {}
+    assert m["enqueued_in_storm"] > 0
+    assert m["delivered"] == m["enqueued"]
+    assert m["received"] == m["delivered"] + m["duplicates"]
+    assert (m["dead_letters"], m["still_queued"], m["lost"]) == (0, 0, 0)
+    assert run["timeline"][0]["loadgens_open"] == 2000
+    assert run["timeline"][-1]["per_node"] == [2000]
+    assert result["summary"]["lost"] == 0
+    assert (tmp_path / "storm.png").stat().st_size > 0
+    assert "reregistered_s" in proc.stdout
+
+
+def test_bench_storm_refuses_more_devices_than_one_node_holds() -> None:
+    proc = run_pushy("bench", "storm", "--devices", "20000")
+
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "--devices must be 1-19000" in proc.stderr
+
+
+def test_loadgen_reconnects_the_devices_of_a_killed_node_and_counts_distinct_pushes(
+    tmp_path: Path, redis_server: RedisServer, cluster_factory: Callable[..., Cluster]
+) -> None:
+    cluster = cluster_factory(2, redis=redis_server.url)
+    doomed, other = cluster.nodes
+    other.stop()  # every device on the node that will be killed
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text("".join(token_for(f"l{i}") + "\n" for i in range(300)))
+    gen = benchkit.Loadgen.start(
+        loadgen_path(), port=cluster.port, tokens=tokens, connections=300,
+        rate=2000, hold_s=scaled(120), workdir=tmp_path, name="loadgen",
+        extra=["--reconnect", "--pushes", "--stats-s", "0.05"],
+    )  # fmt: skip
+    try:
+        wait_until(gen.ready, scaled(30), message="the load generator's connect phase")
+        assert doomed.push_url is not None
+        with PushClient(doomed.push_url) as client:
+            codes = [client.push("l7", {"seq": n}).code for n in (1, 1, 2)]
+        assert codes == [200, 200, 200]
+        other.start(scaled(20))
+        doomed.kill()
+
+        def all_back() -> bool:
+            stats = gen.last_event("stats") or {}
+            return stats.get("open") == 300 and stats.get("reconnects") == 300
+
+        wait_until(all_back, scaled(60), message="every device connected again")
+    finally:
+        benchkit.stop_loadgens([gen])
+
+    report = gen.report
+    assert report["connected"] == 300 and report["failed"] == 0
+    assert report["dropped"] == 300
+    assert (report["pushes"]["distinct"], report["pushes"]["duplicates"]) == (2, 1)
+    storm = report["reconnect"]
+    assert storm["reconnects"] == 300 and storm["gave_up"] == 0
+    assert storm["waiting_at_end"] == 0
+    assert storm["latency_us"]["count"] == 300
+    assert len(storm["latency_us"]["quantiles"]) == 100
+    assert 0 < storm["first_loss_ns"] < storm["last_reconnect_ns"]
+    assert storm["span_s"] > 0

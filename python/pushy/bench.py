@@ -25,10 +25,12 @@ import math
 import os
 import random
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -50,6 +52,7 @@ __all__ = [
     "run_idle",
     "run_push",
     "run_queue",
+    "run_storm",
 ]
 
 _SECRET = "pushy-bench-secret-" + "0123456789abcdef" * 3
@@ -130,6 +133,7 @@ def add_parser(commands: Any) -> None:
     from . import bench_direct
 
     bench_direct.add_parsers(scenarios)
+    _add_storm_parser(scenarios)
     bench.set_defaults(func=lambda args: _usage(bench))
 
 
@@ -227,7 +231,10 @@ def _node_stats(node: Any) -> dict[str, Any]:
 
 
 def _connections(cluster: Cluster) -> int:
-    return sum(int(_node_stats(node)["connections"]) for node in cluster.nodes)
+    """The devices connected to the running nodes of ``cluster``."""
+    return sum(
+        int(_node_stats(node)["connections"]) for node in cluster.nodes if node.running
+    )
 
 
 def _percentile(values: list[float], p: float) -> float:
@@ -448,6 +455,8 @@ def _say_summary(summary: dict[str, Any], say: Any, indent: str = "  ") -> None:
         if isinstance(s, dict) and "median" in s:
             rows.append((key, f"{s['median']:,.1f}", f"{s['min']:,.1f}",
                          f"{s['max']:,.1f}"))
+        elif isinstance(s, bool):
+            rows.append((key, 'yes' if s else 'no', '', ''))
         elif isinstance(s, int):
             rows.append((key, f"{s:,}", "", ""))
         else:
@@ -757,6 +766,27 @@ def run_queue(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
     return result
 
 
+def _start_processor(url: str, prefix: str) -> subprocess.Popen[str]:
+    """Start a ``pushy processor`` process on the queue of ``prefix`` and
+    wait for its start line.
+
+    Raises:
+        PushyError: it did not start (it is stopped).
+    """
+    processor = subprocess.Popen(
+        [sys.executable, "-m", "pushy", "processor", "--redis", url,
+         "--redis-prefix", prefix, "--consumer", "bench",
+         "--max-in-flight", "50000", "--log-level", "warning"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    assert processor.stdout is not None
+    if "consuming" not in processor.stdout.readline():
+        processor.kill()
+        processor.communicate(timeout=30)
+        raise PushyError("the message processor did not start")
+    return processor
+
+
 def _delivered(cluster: Cluster) -> int:
     return sum(int(_node_stats(n)["pushes"]["delivered"]) for n in cluster.nodes)
 
@@ -780,15 +810,7 @@ def _queue_run(
                                   "--pushes")
             procs.append(proc)
             _wait_ready(proc, "devices")
-        processor = subprocess.Popen(
-            [sys.executable, "-m", "pushy", "processor", "--redis", url,
-             "--redis-prefix", prefix, "--consumer", "bench",
-             "--max-in-flight", "50000", "--log-level", "warning"],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        )
-        assert processor.stdout is not None
-        if "consuming" not in processor.stdout.readline():
-            raise PushyError("the message processor did not start")
+        processor = _start_processor(url, prefix)
         pids = [n.pid for n in cluster.nodes if n.pid is not None]
         rng = random.Random(1)
         with PushClient(redis=url, prefix=prefix, timeout=30) as client:
@@ -1048,18 +1070,20 @@ def _bench_cluster(
 def _open_connections(
     cluster: Cluster, args: argparse.Namespace, sizes: list[int],
     tokens: list[Path], addrs: list[str], tmp: Path, say: Any,
-    handshake_timeout_s: float = 10, extra: tuple[str, ...] = (),
+    handshake_timeout_s: float = 10, rate: float | None = None,
+    extra: list[str] | None = None,
 ) -> tuple[list[benchkit.Loadgen], dict[str, Any]]:
-    """Start the load generators of a run at ``--rate`` in all and wait
-    until each has ended its connect phase, saying how many connections
-    the nodes hold every 2 s. Returns the load generators (holding their
-    connections until stopped, or for a bounded time) and what was seen:
-    their ready events, the wall time, and ``[seconds, connections]``
-    samples every 0.5 s. A handshake not done in ``handshake_timeout_s``
-    fails (``timeout_connect``, ``timeout_101``, ...). ``extra`` goes to
-    each load generator's command line."""
+    """Start the load generators of a run at ``rate`` (default ``--rate``)
+    connects/s in all and wait until each has ended its connect phase,
+    saying how many connections the nodes hold every 2 s. Returns the load
+    generators (holding their connections until stopped, or for a bounded
+    time) and what was seen: their ready events, the wall time, and
+    ``[seconds, connections]`` samples every 0.5 s. A handshake not done in
+    ``handshake_timeout_s`` fails (``timeout_connect``, ``timeout_101``,
+    ...); ``extra`` are more load generator options."""
     loadgen = loadgen_path()
-    rate = args.rate / len(sizes)
+    wanted = sum(sizes)
+    rate = (args.rate if rate is None else rate) / len(sizes)
     connect_s = max(sizes) / rate
     # Bounded: handshakes time out; a generator gives up its connections
     # by itself if this process never stops it.
@@ -1071,7 +1095,8 @@ def _open_connections(
             loadgen, port=cluster.port, tokens=path, connections=size,
             rate=rate, hold_s=hold_s, workdir=tmp, name=f"loadgen-{k}",
             source_addrs=addrs,
-            extra=["--handshake-timeout-s", str(handshake_timeout_s), *extra],
+            extra=["--handshake-timeout-s", str(handshake_timeout_s),
+                   *(extra or [])],
         )
         for k, (size, path) in enumerate(zip(sizes, tokens, strict=True))
     ]
@@ -1079,7 +1104,7 @@ def _open_connections(
     samples: list[list[float]] = [[0.0, 0]]
     next_sample = started + 0.5
     try:
-        with benchkit.Progress("connecting", args.connections, say,
+        with benchkit.Progress("connecting", wanted, say,
                                unit="connected") as progress:
             while None in ready:
                 now = time.monotonic()
@@ -1472,4 +1497,559 @@ def _connect_plot(runs: list[dict[str, Any]], target: float, path: Path) -> None
     lat.set_xticklabels(labels)
     lat.set(yscale="log", ylabel="from connect() (us)", title="latency")
     lat.set_ylim(bottom=10)
+    _save(plt, fig, lat, path)
+
+
+# ------------------------------------------------------------------ storm
+
+_STORM_DOC = """\
+A reconnect storm: the node that holds every device is killed (SIGKILL)
+while messages are queued to the devices. Node 0 of a cluster of --nodes
+node processes starts alone on the shared device port (SO_REUSEPORT), on
+one Redis registry; pushy-loadgen processes of at most --per-process
+devices each connect --devices devices to it at --connect-rate, with
+--reconnect (a dropped device connects again after a random wait below a
+step that starts at --reconnect-min-ms and doubles up to
+--reconnect-max-ms). Then the other nodes join the port, a message
+processor (a 'pushy processor' process) starts, and a PushClient queues
+messages to random devices open loop at --rate, from --before-s seconds
+before the kill to --after-s seconds after it. It measures the time from
+the kill until every device is connected to another node and registered
+there (a node sends the new hello once Redis has the device's record; every
+record is then read back and must name a live node), the latency from each
+drop to its new hello, the surviving nodes' CPU time and the host's listen
+drops in the storm, and, once the queue has drained (within
+--drain-timeout-s), the messages enqueued, delivered (distinct, counted at
+the devices by a sequence number), duplicated, dead-lettered and still
+queued: lost = enqueued - delivered - dead letters - still queued. Each run
+starts fresh nodes; results go to RESULTS/storm.json and storm.png."""
+
+#: Queue shards of the processor and the client (both default to 4).
+_QUEUE_SHARDS = 4
+#: A storm node may hold every device: a process holds 20,000 files here.
+_STORM_MAX_CONNECTIONS = 19_200
+
+
+def _add_storm_parser(scenarios: Any) -> None:
+    """The ``storm`` scenario's options."""
+    storm = scenarios.add_parser(
+        "storm",
+        help="a node with 19k devices killed: re-registration, queued messages",
+        description=_STORM_DOC,
+    )
+    add = storm.add_argument
+    add("--devices", type=int, default=19_000, metavar="N",
+        help="devices, all on the node that is killed; at most 19000 [19000]")
+    add("--nodes", type=int, default=4, metavar="N",
+        help="node processes, the killed one included; at least 2 [4]")
+    add("--rate", type=float, default=2000, metavar="R",
+        help="messages/s enqueued, open loop [2000]")
+    add("--before-s", type=float, default=3, metavar="S",
+        help="seconds of enqueueing before the kill [3]")
+    add("--after-s", type=float, default=7, metavar="S",
+        help="seconds of enqueueing after the kill [7]")
+    add("--ack", choices=("written", "client"), default="written",
+        help="when a message counts as delivered [written]")
+    add("--per-process", type=int, default=10_000, metavar="P",
+        help="devices per load generator, below 19000 [10000]")
+    add("--connect-rate", type=float, default=5000, metavar="R",
+        help="connects/s of the devices before the kill, in all [5000]")
+    add("--source-addrs", default="127.0.0.2-5", metavar="A,B|A-N",
+        help="load generator source addresses in 127.0.0.0/8 [127.0.0.2-5]")
+    add("--reconnect-min-ms", type=float, default=100, metavar="MS",
+        help="first backoff step of a dropped device [100]")
+    add("--reconnect-max-ms", type=float, default=5000, metavar="MS",
+        help="largest backoff step [5000]")
+    add("--threads", type=int, default=1, metavar="N", help="io threads per node [1]")
+    add("--timeout-s", type=float, default=60, metavar="S",
+        help="the devices must be registered again within this [60]")
+    add("--drain-timeout-s", type=float, default=120, metavar="S",
+        help="the queue must drain within this after the last enqueue [120]")
+    _add_run_options(storm, run_storm)
+
+
+def _storm_check(args: argparse.Namespace) -> tuple[list[int], list[str]]:
+    """Check the storm options; return the devices of each load generator
+    and the source addresses.
+
+    Raises:
+        PushyError: a value out of range.
+    """
+    if not 1 <= args.devices <= benchkit.MAX_PER_PROCESS:
+        raise PushyError(
+            f"--devices must be 1-{benchkit.MAX_PER_PROCESS} (one node holds "
+            f"them all), got {args.devices}"
+        )
+    if args.nodes < 2:
+        raise PushyError(f"--nodes must be at least 2 (one is killed), got {args.nodes}")
+    if args.runs < 1 or args.threads < 1:
+        raise PushyError("--runs and --threads must be at least 1")
+    if min(args.rate, args.before_s, args.after_s, args.connect_rate,
+           args.timeout_s, args.drain_timeout_s) <= 0:
+        raise PushyError("--rate, --before-s, --after-s, --connect-rate, "
+                         "--timeout-s and --drain-timeout-s must be above 0")
+    if not 0 < args.reconnect_min_ms <= args.reconnect_max_ms <= 3_600_000:
+        raise PushyError("--reconnect-min-ms must be above 0 and at most "
+                         "--reconnect-max-ms, at most 3600000")
+    if not 1 <= args.per_process < benchkit.MAX_PER_PROCESS:
+        raise PushyError(f"--per-process must be 1-{benchkit.MAX_PER_PROCESS - 1}")
+    addrs = _source_addrs(args.source_addrs)
+    if args.devices > len(addrs) * (_ephemeral_ports() - 1000):
+        raise PushyError("expected more --source-addrs for that many --devices")
+    return benchkit.split(args.devices, args.per_process), addrs
+
+
+def run_storm(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
+    """Run the storm scenario; return the results (also written as JSON).
+
+    Raises:
+        PushyError: bad options, a process failed, or a run did not
+            register every device again or lost messages (the results are
+            written first).
+    """
+    sizes, addrs = _storm_check(args)
+    runs: list[dict[str, Any]] = []
+    with _workspace(args) as (url, tmp, redis_pid):
+        tokens = _token_files(tmp, "s", sizes)
+        say(f"storm: {args.devices:,} devices on node 0 of {args.nodes}, "
+            f"{len(sizes)} load generators, {args.rate:,.0f} messages/s from "
+            f"{args.before_s:g} s before the kill to {args.after_s:g} s after, "
+            f"Redis {url}, {args.runs} runs")
+        for index in range(args.runs):
+            runs.append(_storm_run(index, url, redis_pid, args, sizes, tokens,
+                                   addrs, tmp, say))
+    stat = _spread(runs)
+    summary = {
+        "reregistered_s": stat(lambda r: r["reregistered_s"]),
+        "all_connected_s": stat(lambda r: r["all_connected_s"]),
+        "registry_checked_s": stat(lambda r: r["registry_checked_s"]),
+        "reconnect_p50_ms": stat(lambda r: r["reconnect_latency_ms"]["p50"]),
+        "reconnect_p99_ms": stat(lambda r: r["reconnect_latency_ms"]["p99"]),
+        "reconnect_max_ms": stat(lambda r: r["reconnect_latency_ms"]["max"]),
+        "node_cpu_s_storm": stat(lambda r: r["node_cpu_s_storm"]),
+        "listen_drops": stat(lambda r: r["listen_drops"]),
+        "delivery_p99_ms": stat(lambda r: r["messages"]["latency_ms"]["p99"]),
+        "delivery_max_ms": stat(lambda r: r["messages"]["latency_ms"]["max"]),
+        "enqueued": sum(r["messages"]["enqueued"] for r in runs),
+        "delivered": sum(r["messages"]["delivered"] for r in runs),
+        "duplicates": sum(r["messages"]["duplicates"] for r in runs),
+        "dead_letters": sum(r["messages"]["dead_letters"] for r in runs),
+        "still_queued": sum(r["messages"]["still_queued"] for r in runs),
+        "lost": sum(r["messages"]["lost"] for r in runs),
+        "not_reregistered": sum(r["not_reregistered"] for r in runs),
+        "goal_3s_met": all(r["reregistered_s"] <= 3 for r in runs),
+    }
+    result = {
+        "scenario": "storm",
+        "units": "seconds from the kill; latencies in milliseconds",
+        "devices": args.devices,
+        "nodes": args.nodes,
+        "threads": args.threads,
+        "loadgens": sizes,
+        "source_addrs": addrs,
+        "rate": args.rate,
+        "before_s": args.before_s,
+        "after_s": args.after_s,
+        "ack": args.ack,
+        "connect_rate": args.connect_rate,
+        "reconnect_min_ms": args.reconnect_min_ms,
+        "reconnect_max_ms": args.reconnect_max_ms,
+        "runs": runs,
+        "summary": summary,
+    }
+    _publish(result, args, lambda path: _storm_plot(runs, path), say)
+    bad = [r for r in runs if r["not_reregistered"] or r["messages"]["lost"]
+           or r["messages"]["still_queued"] or r["messages"]["enqueue_errors"]]
+    if bad:
+        errors = benchkit.merge_reasons([r["messages"] for r in bad],
+                                        "enqueue_errors")
+        raise PushyError(
+            f"storm: {len(bad)} of {len(runs)} runs did not register every "
+            f"device again or did not deliver every message: "
+            f"{summary['not_reregistered']:,} devices not registered again, "
+            f"{summary['lost']:,} messages lost, {summary['still_queued']:,} "
+            f"still queued; enqueue errors: {errors or 'none'}"
+        )
+    return result
+
+
+class _Enqueuer:
+    """Queues ``{"ts", "seq"}`` messages to random devices open loop at
+    ``rate``, from a thread of its own, until :meth:`stop`; ``seq`` counts
+    from 0, so the devices can tell every message apart."""
+
+    def __init__(self, url: str, prefix: str, devices: list[str], rate: float,
+                 ack: str) -> None:
+        self.sent = 0
+        self.errors: dict[str, int] = {}
+        self._url, self._prefix, self._devices = url, prefix, devices
+        self._rate, self._ack = rate, ack
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="enqueuer",
+                                        daemon=True)
+
+    def start(self) -> _Enqueuer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> int:
+        """Stop and return how many messages Redis took."""
+        self._stop.set()
+        self._thread.join(60)
+        return self.sent
+
+    def _run(self) -> None:
+        try:
+            self._enqueue()
+        except (PushyError, OSError) as exc:
+            # Part of a batch may be queued: the count would be wrong from
+            # here on, so the run stops enqueueing and reports the error.
+            self.errors[str(exc)[:200]] = self.errors.get(str(exc)[:200], 0) + 1
+
+    def _enqueue(self) -> None:
+        rng = random.Random(7)
+        tick = max(1, int(self._rate / 100))  # at most 100 batches a second
+        with PushClient(redis=self._url, prefix=self._prefix, timeout=10) as client:
+            started = time.perf_counter()
+            while not self._stop.is_set():
+                wait = started + self.sent / self._rate - time.perf_counter()
+                if wait > 0:
+                    self._stop.wait(wait)
+                    continue
+                ts = time.monotonic_ns()
+                batch = [(rng.choice(self._devices), {"ts": ts, "seq": self.sent + i})
+                         for i in range(tick)]
+                client.enqueue_many(batch, ttl=600, ack=self._ack)
+                self.sent += tick
+
+
+def _storm_run(
+    index: int, url: str, redis_pid: int | None, args: argparse.Namespace,
+    sizes: list[int], tokens: list[Path], addrs: list[str], tmp: Path, say: Any,
+) -> dict[str, Any]:
+    prefix = f"bs{index}-{os.getpid()}-{time.monotonic_ns() % 10**9}:"
+    cluster = Cluster(
+        args.nodes, url, secret=_SECRET, name=f"storm{index}", redis_prefix=prefix,
+        threads=args.threads, max_connections=_STORM_MAX_CONNECTIONS,
+    )
+    doomed, *others = cluster.nodes
+    devices = [f"s{i}" for i in range(args.devices)]
+    gens: list[benchkit.Loadgen] = []
+    processor: subprocess.Popen[str] | None = None
+    enqueuer: _Enqueuer | None = None
+    try:
+        doomed.start(cluster.start_timeout)
+        say(f"run {index}: connecting {args.devices:,} devices to {doomed.node_id}")
+        gens, _ = _open_connections(
+            cluster, args, sizes, tokens, addrs, tmp, say, handshake_timeout_s=30,
+            rate=args.connect_rate,
+            extra=["--reconnect", "--pushes", "--stats-s", "0.05",
+                   "--reconnect-min-ms", str(args.reconnect_min_ms),
+                   "--reconnect-max-ms", str(args.reconnect_max_ms)],
+        )  # fmt: skip
+        held = int(_node_stats(doomed)["connections"])
+        if held != args.devices:
+            raise PushyError(f"{doomed.node_id} holds {held:,} of {args.devices:,} "
+                             "devices after the connect phase")
+        for node in others:
+            node.start(cluster.start_timeout)
+        benchkit.wait_for(lambda: all(
+            _node_stats(n)["fleet"]["redis"] == "up" for n in cluster.nodes
+        ), 10, "the nodes' Redis links")
+        processor = _start_processor(url, prefix)
+        enqueuer = _Enqueuer(url, prefix, devices, args.rate, args.ack).start()
+        time.sleep(args.before_s)
+        watched = _watch_storm(doomed, others, gens, redis_pid, enqueuer, url, prefix,
+                               devices, args, say)
+        sent = enqueuer.stop()
+        drained = _drain(url, prefix, gens, sent, args, say)
+    finally:
+        if enqueuer is not None:
+            enqueuer.stop()
+        totals = ""
+        if processor is not None:
+            processor.terminate()
+            try:
+                totals = processor.communicate(timeout=30)[0].strip()
+            except subprocess.TimeoutExpired:
+                processor.kill()
+                processor.communicate()
+        benchkit.stop_loadgens(gens)
+        cluster.stop()
+    reports = [g.report for g in gens]
+    pushes = [r.get("pushes", {}) for r in reports]
+    storm = [r.get("reconnect", {}) for r in reports]
+    last = max((int(r.get("last_reconnect_ns", 0)) for r in storm), default=0)
+    first = min((int(r["first_loss_ns"]) for r in storm if r.get("first_loss_ns")),
+                default=0)
+    killed = watched["killed_ns"]
+    delivered = sum(int(p.get("distinct", 0)) for p in pushes)
+    lat = [p["latency_us"] for p in pushes if p.get("latency_us", {}).get("count")]
+    messages = {
+        "enqueued": sent,
+        "enqueue_errors": enqueuer.errors if enqueuer else {},
+        "enqueued_in_storm": watched["enqueued_in_storm"],
+        "delivered": delivered,
+        "received": sum(int(p.get("received", 0)) for p in pushes),
+        "duplicates": sum(int(p.get("duplicates", 0)) for p in pushes),
+        "dead_letters": drained["dead_letters"],
+        "still_queued": drained["still_queued"],
+        "lost": sent - delivered - drained["dead_letters"] - drained["still_queued"],
+        "drain_s": drained["drain_s"],
+        # Enqueue to device; with several load generators p50 is the
+        # median of theirs and p99 and max the worst.
+        "latency_ms": {
+            "p50": statistics.median(x["p50"] for x in lat) / 1000 if lat else 0,
+            "p99": max((x["p99"] for x in lat), default=0) / 1000,
+            "max": max((x["max"] for x in lat), default=0) / 1000,
+        },
+    }
+    run = {
+        "devices": args.devices,
+        "killed": doomed.node_id,
+        "reregistered_s": (last - killed) / 1e9 if last > killed else None,
+        "first_loss_after_kill_s": (first - killed) / 1e9 if first else None,
+        **{k: v for k, v in watched.items() if k not in ("killed_ns",)},
+        "drops": sum(int(r.get("dropped", 0)) for r in reports),
+        "reconnects": sum(int(r.get("reconnects", 0)) for r in storm),
+        "reconnect_attempts": sum(int(r.get("attempts", 0)) for r in storm),
+        "reconnect_failed_by_reason": benchkit.merge_reasons(storm, "failed_by_reason"),
+        "reconnect_gave_up": sum(int(r.get("gave_up", 0)) for r in storm),
+        "reconnect_latency_ms": _pooled_latency(storm),
+        "messages": messages,
+        "processor_totals": totals.splitlines()[-1] if totals else "",
+    }
+    m = messages
+    say(f"run {index}: every device connected elsewhere {run['all_connected_s']:.2f} s "
+        f"after the kill, the last registered at {run['reregistered_s']:.2f} s "
+        f"(registry checked at {run['registry_checked_s']:.2f} s); reconnect "
+        f"p50 {run['reconnect_latency_ms']['p50']:,.0f} ms, p99 "
+        f"{run['reconnect_latency_ms']['p99']:,.0f} ms; {run['listen_drops']:,} "
+        f"listen drops; messages: {m['enqueued']:,} enqueued, {m['delivered']:,} "
+        f"delivered, {m['duplicates']:,} duplicates, {m['dead_letters']:,} dead, "
+        f"{m['still_queued']:,} queued, {m['lost']:,} lost")
+    return run
+
+
+def _watch_storm(
+    doomed: Any, others: list[Any], gens: list[benchkit.Loadgen],
+    redis_pid: int | None, enqueuer: _Enqueuer, url: str, prefix: str,
+    devices: list[str], args: argparse.Namespace, say: Any,
+) -> dict[str, Any]:
+    """Kill ``doomed`` and follow the storm: every 0.1 s, the devices on
+    each surviving node, the records they wrote since the kill and the
+    devices the load generators hold, until all are connected again and
+    every record in Redis names a surviving node, and on until
+    ``--after-s`` has passed since the kill.
+
+    Raises:
+        BenchError: the devices were not all registered again within
+            ``--timeout-s``.
+    """
+    pids = [n.pid for n in others if n.pid is not None]
+    live = {n.node_id for n in others}
+
+    def fleet(node: Any) -> dict[str, Any]:
+        return dict(_node_stats(node)["fleet"])
+
+    registered0 = sum(int(fleet(n)["registered"]) for n in others)
+    cpu0 = sum(cpu_seconds(p) for p in pids)
+    lcpu0 = sum(g.cpu_seconds() for g in gens)
+    rcpu0 = cpu_seconds(redis_pid) if redis_pid else 0.0
+    drops0 = benchkit.listen_drops()
+    sent0 = enqueuer.sent
+    samples: list[dict[str, Any]] = [{
+        "t": 0.0, "per_node": [0] * len(others), "registered": 0,
+        "loadgens_open": args.devices,
+    }]
+    killed = time.monotonic_ns()
+    # The signal only: the process takes a while to exit (its kernel closes
+    # every socket), and that is part of the storm.
+    assert doomed.process is not None
+    doomed.process.send_signal(signal.SIGKILL)
+    connected_s = checked_s = exited_s = None
+    found: dict[str, int] = {}
+    figures: dict[str, Any] = {}
+    next_say = 1.0
+    while True:
+        t = (time.monotonic_ns() - killed) / 1e9
+        if exited_s is None and doomed.process.poll() is not None:
+            exited_s = t
+        try:
+            stats = [_node_stats(n) for n in others]
+        except OSError as exc:  # too busy to answer in 5 s, or gone
+            if t > args.timeout_s:
+                raise benchkit.BenchError(f"a surviving node does not answer: {exc}")
+            time.sleep(0.1)
+            continue
+        per_node = [int(st["connections"]) for st in stats]
+        registered = sum(int(st["fleet"]["registered"]) for st in stats) - registered0
+        held = sum(int((g.last_event("stats") or {}).get("open", 0)) for g in gens)
+        samples.append({"t": round(t, 3), "per_node": per_node,
+                        "registered": registered, "loadgens_open": held})
+        if connected_s is None and sum(per_node) == held == args.devices:
+            connected_s = t
+            figures = {
+                "node_cpu_s_storm": sum(cpu_seconds(p) for p in pids) - cpu0,
+                "loadgen_cpu_s_storm": sum(g.cpu_seconds() for g in gens) - lcpu0,
+                "redis_cpu_s_storm": (cpu_seconds(redis_pid) - rcpu0
+                                      if redis_pid else 0.0),
+                "listen_drops": benchkit.listen_drops() - drops0,
+                "enqueued_in_storm": enqueuer.sent - sent0,
+                "rejects": _merged_rejects(stats),
+                "registry_errors": sum(int(st["fleet"]["registry_errors"])
+                                       for st in stats),
+            }
+        if connected_s is not None and checked_s is None:
+            found = _registry_nodes(url, prefix, devices)
+            if set(found) <= live:
+                checked_s = (time.monotonic_ns() - killed) / 1e9
+        if checked_s is not None and t >= args.after_s:
+            break
+        if t > args.timeout_s:
+            raise benchkit.BenchError(
+                f"the devices were not all registered again within "
+                f"{args.timeout_s:g} s of the kill: nodes hold {sum(per_node):,}, "
+                f"load generators {held:,} of {args.devices:,}; records by node "
+                f"{found or 'not read'}"
+            )
+        if t >= next_say:
+            say(f"  {t:4.1f} s after the kill: {sum(per_node):,} connected to "
+                f"the other nodes, {registered:,} registered")
+            next_say += 1.0
+        time.sleep(0.1)
+    return {
+        "killed_ns": killed,
+        "killed_exited_s": exited_s,
+        "all_connected_s": connected_s,
+        "registry_checked_s": checked_s,
+        "records_by_node": found,
+        "not_reregistered": args.devices - sum(found.get(n, 0) for n in live),
+        "per_node_after": dict(zip((n.node_id for n in others),
+                                   samples[-1]["per_node"], strict=True)),
+        **figures,
+        "timeline": samples,
+    }
+
+
+def _merged_rejects(stats: list[dict[str, Any]]) -> dict[str, int]:
+    """The nodes' ``rejects`` counters, summed, the non-zero ones."""
+    total: dict[str, int] = {}
+    for st in stats:
+        for why, n in st.get("rejects", {}).items():
+            if isinstance(n, int) and n:
+                total[why] = total.get(why, 0) + n
+    return total
+
+
+def _registry_nodes(url: str, prefix: str, devices: list[str]) -> dict[str, int]:
+    """Read every device's registry record; return how many name each
+    node (``"none"``: no record)."""
+    import redis
+
+    counts: dict[str, int] = {}
+    with redis.Redis.from_url(url, socket_timeout=10, decode_responses=True) as r:
+        for start in range(0, len(devices), 2000):
+            keys = [f"{prefix}dev:{{{d}}}" for d in devices[start : start + 2000]]
+            for value in r.mget(keys):
+                node = "none" if value is None else str(value).split("\t", 1)[0]
+                counts[node] = counts.get(node, 0) + 1
+    return counts
+
+
+def _queue_counts(url: str, prefix: str) -> tuple[int, int]:
+    """Return the entries still in the queue's shards, and the dead letters."""
+    import redis
+
+    with redis.Redis.from_url(url, socket_timeout=10) as r:
+        queued = sum(int(r.xlen(f"{prefix}q:{k}")) for k in range(_QUEUE_SHARDS))
+        return queued, int(r.xlen(f"{prefix}q:dead"))
+
+
+def _drain(
+    url: str, prefix: str, gens: list[benchkit.Loadgen], sent: int,
+    args: argparse.Namespace, say: Any,
+) -> dict[str, Any]:
+    """Wait (up to ``--drain-timeout-s``) until the queue's shards are
+    empty, then (up to 10 s more) until the devices have received every
+    message that is not a dead letter. Returns ``still_queued``,
+    ``dead_letters`` and ``drain_s``; a queue that does not drain is
+    reported, not raised."""
+    started = time.monotonic()
+
+    def distinct() -> int:
+        return sum(int((g.last_event("stats") or {}).get("distinct", 0)) for g in gens)
+
+    queued, dead = _queue_counts(url, prefix)
+    while queued and time.monotonic() - started < args.drain_timeout_s:
+        time.sleep(0.2)
+        queued, dead = _queue_counts(url, prefix)
+    if not queued:
+        end = time.monotonic() + 10
+        while distinct() < sent - dead and time.monotonic() < end:
+            time.sleep(0.1)
+    drain_s = time.monotonic() - started
+    if queued:
+        say(f"  {queued:,} messages still queued {args.drain_timeout_s:g} s "
+            "after the last enqueue")
+    return {"still_queued": queued, "dead_letters": dead, "drain_s": drain_s}
+
+
+def _pooled_latency(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """The reconnect latency over all load generators, in ms, from each
+    one's 100 quantiles weighted by its count (so within a quantile step
+    of the exact figure): p50, p90, p99, max, and ``cdf``, ``[ms,
+    fraction]`` at 100 points."""
+    points: list[tuple[float, float]] = []
+    top = 0.0
+    for r in reports:
+        lat = r.get("latency_us", {})
+        qs, n = lat.get("quantiles") or [], int(lat.get("count", 0))
+        points += [(q / 1000, n / len(qs)) for q in qs]
+        top = max(top, float(lat.get("max", 0)) / 1000)
+    points.sort()
+    total = sum(w for _, w in points)
+    if not total:
+        return {"count": 0, "p50": 0.0, "p90": 0.0, "p99": 0.0, "max": 0.0, "cdf": []}
+    cdf: list[list[float]] = []
+    seen = 0.0
+    for ms, w in points:
+        seen += w
+        cdf.append([ms, seen / total])
+
+    def at(q: float) -> float:
+        return next(ms for ms, f in cdf if f >= q - 1e-9)
+
+    step = max(1, len(cdf) // 100)
+    return {"count": round(total), "p50": at(0.5), "p90": at(0.9),
+            "p99": at(0.99), "max": top, "cdf": cdf[::step] + [cdf[-1]]}
+
+
+def _storm_plot(runs: list[dict[str, Any]], path: Path) -> None:
+    plt = _pyplot()
+    if plt is None:
+        return
+    fig, (nodes, reg, lat) = plt.subplots(1, 3, figsize=(15, 4))
+    first = runs[0]
+    t = [s["t"] for s in first["timeline"]]
+    for k, node in enumerate(first["per_node_after"]):
+        nodes.plot(t, [s["per_node"][k] for s in first["timeline"]], label=node)
+    nodes.plot(t, [s["loadgens_open"] for s in first["timeline"]], "k:",
+               label="open at the load generators")
+    nodes.set(xlabel="seconds since the kill", ylabel="devices connected",
+              title=f"pushy bench storm: {first['devices']:,} devices, run 0")
+    nodes.legend()
+    for k, run in enumerate(runs):
+        reg.plot([s["t"] for s in run["timeline"]],
+                 [s["registered"] for s in run["timeline"]], label=f"run {k}")
+    reg.axvline(3, color="black", linestyle="--", label="goal (3 s)")
+    reg.set(xlabel="seconds since the kill",
+            ylabel="records written by the other nodes",
+            title="devices registered again")
+    reg.legend()
+    for k, run in enumerate(runs):
+        cdf = run["reconnect_latency_ms"]["cdf"]
+        lat.plot([ms / 1000 for ms, _ in cdf], [f for _, f in cdf], label=f"run {k}")
+    lat.set(xlabel="seconds from a drop to the new hello",
+            ylabel="fraction of the devices", title="reconnect latency")
     _save(plt, fig, lat, path)

@@ -229,7 +229,7 @@ def _direct_run(
     try:
         node_pids = [n.pid for n in cluster.nodes if n.pid is not None]
         gens, seen = bench._open_connections(
-            cluster, args, sizes, tokens, addrs, tmp, say, extra=("--pushes",)
+            cluster, args, sizes, tokens, addrs, tmp, say, extra=["--pushes"]
         )
         failed = sum(int((r or {}).get("failed", 0)) for r in seen["ready"])
         if failed:

@@ -219,6 +219,22 @@ class Loadgen:
             )
         return None
 
+    def last_event(self, name: str) -> dict[str, Any] | None:
+        """Return the last ``{"event":NAME,...}`` line it printed to stderr
+        (``stats`` lines come every ``--stats-s``), else ``None``."""
+        with open(self.stderr_path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 8192))
+            tail = f.read().decode(errors="replace")
+        head = '{"event":"' + name + '"'
+        for line in reversed(tail.splitlines()):
+            if line.startswith(head):
+                try:
+                    return dict(json.loads(line))
+                except ValueError:  # a line being written
+                    continue
+        return None
+
     def cpu_seconds(self) -> float:
         """Its CPU time so far (0 once it has exited)."""
         try:
