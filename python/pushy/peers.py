@@ -340,14 +340,21 @@ class NchanServer:
             return False
         try:
             self.status()
-        except OSError:
+        except benchkit.BenchError:
             return False
         return True
 
     def status(self) -> dict[str, str]:
-        """Nchan's stub status (``subscribers``, ``channels``, ...)."""
-        with urllib.request.urlopen(self.url + "/status", timeout=5) as r:
-            text = r.read().decode()
+        """Nchan's stub status (``subscribers``, ``channels``, ...).
+
+        Raises:
+            BenchError: nginx did not answer.
+        """
+        try:
+            with urllib.request.urlopen(self.url + "/status", timeout=5) as r:
+                text = r.read().decode()
+        except OSError as exc:
+            raise benchkit.BenchError(f"nginx did not answer /status: {exc}") from None
         return dict(
             (m[1], m[2]) for m in re.finditer(r"^([^:\n]+): *(.*)$", text, re.M)
         )
@@ -583,8 +590,10 @@ def _nchan_side(
         after = benchkit.sample_memory(pids)
         unicast = _nchan_unicast(server, pids, gens[0], args)
     finally:
-        benchkit.stop_loadgens(gens)
-        server.stop()
+        try:
+            benchkit.stop_loadgens(gens)
+        finally:
+            server.stop()
     return _side(held, before, after, unicast, gens, say)
 
 
