@@ -41,6 +41,24 @@
 //
 // With --stats-s, a line of counters goes to stderr every S seconds of the
 // hold: connections open, reconnects, pushes received and distinct.
+// for an ack ("ack":true) is acked with its id. While pushes arrive, a
+// line {"event":"pushes","received":N,"last_ns":T} goes to stderr at most
+// every 100 ms (T: CLOCK_MONOTONIC ns of the last one), so a benchmark can
+// tell when every push it sent has arrived.
+//
+// With --subscribe PATH:FIRST, the connections are subscribers of a peer
+// server instead (Nchan): connection i upgrades at PATH<FIRST+i> with no
+// token and no subprotocol, counts as established at the 101 (the peer
+// sends no hello), and with --pushes every data frame is a push: its body
+// is the message as published, whose "ts" gives the latency.
+//
+// With --publish M, the process opens no WebSocket at all: it POSTs M
+// messages {"ts":T,"seq":K} to PATH<k> (--publish-to PATH:N, k uniformly
+// random below N) over --publish-conns keep-alive HTTP/1.1 connections,
+// each with up to --pipeline requests in flight, as fast as the answers
+// come (or open loop at --publish-rate), counts the answers by status code
+// and reports. This is how a peer server (Nchan) takes one message per
+// device.
 //
 // Limitations: targets loopback (127.0.0.0/8) only; at most 19,000
 // connections per process (the host allows 20,000 open files); a pong or
@@ -53,6 +71,7 @@
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <signal.h>
 #include <sys/epoll.h>
 #include <sys/mman.h>
@@ -137,6 +156,23 @@ bool has_token(std::string_view value, std::string_view token) {
         value.remove_prefix(comma + 1);
     }
     return false;
+}
+
+// Calls `f(name, value)` for each "Name: value" line of `head` (header
+// lines, each ending in CRLF), the value without its leading blanks.
+template <class F>
+void for_each_header(std::string_view head, F&& f) {
+    while (!head.empty()) {
+        auto eol = head.find("\r\n");
+        auto line = head.substr(0, eol);
+        head.remove_prefix(eol == std::string_view::npos ? head.size()
+                                                         : eol + 2);
+        auto colon = line.find(':');
+        if (colon == std::string_view::npos) continue;
+        auto value = line.substr(colon + 1);
+        while (!value.empty() && value.front() == ' ') value.remove_prefix(1);
+        f(line.substr(0, colon), value);
+    }
 }
 
 // Computes the SHA-1 digest of `data` (FIPS 180-4); used only for the
@@ -283,6 +319,14 @@ struct options {
     double reconnect_min_ms = 100;   // first backoff step
     double reconnect_max_ms = 5000;  // largest backoff step
     double stats_s = 0;              // 0: no stats lines
+    std::string subscribe_path;  // peer subscribers at PATH<FIRST + i>
+    std::size_t subscribe_first = 0;
+    std::size_t publish = 0;   // messages to POST; 0: open connections
+    std::string publish_path;  // POST to PATH<k>, k below publish_targets
+    std::size_t publish_targets = 0;
+    std::size_t publish_conns = 4;
+    std::size_t pipeline = 32;  // requests in flight per connection
+    double publish_rate = 0;    // messages/s; 0: as fast as answers come
 };
 
 // Prints the usage text to `f`.
@@ -296,6 +340,10 @@ void usage(std::FILE* f) {
         "                      [--d2d-data-bytes B]] [--pushes]\n"
         "                     [--reconnect [--reconnect-min-ms MS]\n"
         "                      [--reconnect-max-ms MS]] [--stats-s S]\n"
+        "                     [--subscribe PATH:FIRST]\n"
+        "       pushy-loadgen --port P --publish M --publish-to PATH:N\n"
+        "                     [--publish-conns K] [--pipeline D]\n"
+        "                     [--publish-rate R] [--host H] [--json]\n"
         "\n"
         "Opens N idle WebSocket connections to a Pushy node (GET /v1/connect,\n"
         "subprotocol pushy.v1, line i of FILE as the bearer token of\n"
@@ -312,7 +360,13 @@ void usage(std::FILE* f) {
         "With --reconnect a dropped connection connects again with the\n"
         "same token after a jittered exponential backoff (a random wait\n"
         "below a step of MIN ms, doubling up to MAX ms; 100 and 5000).\n"
-        "With --stats-s it prints a line of counters to stderr every S s.\n",
+        "With --stats-s it prints a line of counters to stderr every S s.\n"
+        "With --subscribe PATH:FIRST the connections subscribe to a peer\n"
+        "server (Nchan): connection i upgrades at PATH<FIRST+i>, without\n"
+        "token, subprotocol or hello; --pushes then counts every frame.\n"
+        "With --publish M it POSTs M messages {\"ts\":T,\"seq\":K} to\n"
+        "PATH<k> (k random below N) over K keep-alive connections, D in\n"
+        "flight on each, and reports the answers by status code.\n",
         f);
 }
 
@@ -331,6 +385,20 @@ double parse_number(const char* flag, const char* text) {
         std::exit(2);
     }
     return v;
+}
+
+// Parses `text` of option `flag` as PREFIX:N into `prefix` and `n`; exits
+// with a usage error when it has no colon or N is not a number.
+void parse_target(const char* flag, std::string_view text, std::string& prefix,
+                  std::size_t& n) {
+    auto colon = text.rfind(':');
+    if (colon == std::string_view::npos) {
+        std::fprintf(stderr, "pushy-loadgen: %s expects PREFIX:N\n", flag);
+        std::exit(2);
+    }
+    prefix = std::string(text.substr(0, colon));
+    n = std::size_t(
+        parse_number(flag, std::string(text.substr(colon + 1)).c_str()));
 }
 
 // Parses the command line into options; exits 2 on a usage error.
@@ -399,16 +467,19 @@ options parse_options(int argc, char** argv) {
         } else if (a == "--d2d-data-bytes") {
             o.d2d_data_bytes = std::size_t(parse_number(argv[i - 1], v));
         } else if (a == "--d2d-to") {
-            std::string_view to = v;
-            auto colon = to.rfind(':');
-            if (colon == std::string_view::npos) {
-                std::fprintf(stderr, "pushy-loadgen: --d2d-to expects "
-                                     "PREFIX:N\n");
-                std::exit(2);
-            }
-            o.d2d_prefix = std::string(to.substr(0, colon));
-            o.d2d_targets = std::size_t(parse_number(
-                argv[i - 1], std::string(to.substr(colon + 1)).c_str()));
+            parse_target(argv[i - 1], v, o.d2d_prefix, o.d2d_targets);
+        } else if (a == "--subscribe") {
+            parse_target(argv[i - 1], v, o.subscribe_path, o.subscribe_first);
+        } else if (a == "--publish") {
+            o.publish = std::size_t(parse_number(argv[i - 1], v));
+        } else if (a == "--publish-to") {
+            parse_target(argv[i - 1], v, o.publish_path, o.publish_targets);
+        } else if (a == "--publish-conns") {
+            o.publish_conns = std::size_t(parse_number(argv[i - 1], v));
+        } else if (a == "--pipeline") {
+            o.pipeline = std::size_t(parse_number(argv[i - 1], v));
+        } else if (a == "--publish-rate") {
+            o.publish_rate = parse_number(argv[i - 1], v);
         } else {
             std::fprintf(stderr, "pushy-loadgen: unknown option %s\n",
                          argv[i - 1]);
@@ -421,12 +492,29 @@ options parse_options(int argc, char** argv) {
         std::exit(2);
     };
     if (o.port <= 0 || o.port > 65535) bad("--port must be 1-65535");
+    if (o.publish > 0) {
+        if (o.publish_targets == 0) {
+            bad("--publish needs --publish-to PATH:N with N >= 1");
+        }
+        if (o.publish_conns == 0 || o.publish_conns > 1000) {
+            bad("--publish-conns must be 1-1000");
+        }
+        if (o.pipeline == 0 || o.pipeline > 4096) {
+            bad("--pipeline must be 1-4096");
+        }
+        return o;
+    }
     if (o.connections == 0) bad("--connections must be at least 1");
     if (o.connections > max_connections) {
         bad("--connections must be at most 19000 per process "
             "(run several processes)");
     }
-    if (o.tokens.empty()) bad("--tokens FILE is required");
+    if (o.tokens.empty() && o.subscribe_path.empty()) {
+        bad("--tokens FILE (or --subscribe PATH:FIRST) is required");
+    }
+    if (!o.tokens.empty() && !o.subscribe_path.empty()) {
+        bad("--tokens and --subscribe exclude each other");
+    }
     if (o.rate <= 0) bad("--rate must be above 0");
     if (o.d2d_rate > 0 && o.d2d_targets == 0) {
         bad("--d2d-rate needs --d2d-to PREFIX:N with N >= 1");
@@ -448,8 +536,10 @@ options parse_options(int argc, char** argv) {
 // The token file, mapped read-only, and a view of each line.
 class token_file {
   public:
-    // Maps `path` and indexes its first `n` lines; exits on failure.
+    // Maps `path` and indexes its first `n` lines; exits on failure. An
+    // empty path (peer subscribers) maps nothing.
     token_file(const std::string& path, std::size_t n) {
+        if (path.empty()) return;
         int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
         struct stat st{};
         if (fd < 0 || fstat(fd, &st) != 0 || st.st_size == 0) {
@@ -504,7 +594,9 @@ class token_file {
     token_file(const token_file&) = delete;
     token_file& operator=(const token_file&) = delete;
 
-    ~token_file() { munmap(const_cast<char*>(data_), size_); }
+    ~token_file() {
+        if (data_) munmap(const_cast<char*>(data_), size_);
+    }
 
     // Returns the token of connection `i`.
     std::string_view operator[](std::size_t i) const { return lines_[i]; }
@@ -713,6 +805,12 @@ class load_generator {
             if (stats_gap > 0) {
                 wait = std::min(wait, next_stats - std::min(next_stats, now));
             }
+            if (opt_.pushes) {
+                // While pushes are counted, wake up often enough to say
+                // the last count soon after the last push.
+                say_pushes(now);
+                wait = std::min<std::uint64_t>(wait, 100'000'000u);
+            }
             poll_once_ns(wait);
         }
         t_hold_end_ = now_ns();
@@ -771,6 +869,22 @@ class load_generator {
                      dropped_total_, retry_.size(), pushes_received_,
                      pushes_distinct_);
         std::fflush(stderr);
+    }
+
+    // Prints the pushes received so far to stderr when the count changed,
+    // at most every 100 ms.
+    void say_pushes(std::uint64_t now) {
+        if (pushes_received_ == pushes_said_ ||
+            now < t_pushes_said_ + 100'000'000u) {
+            return;
+        }
+        std::fprintf(stderr,
+                     "{\"event\":\"pushes\",\"received\":%zu,"
+                     "\"last_ns\":%llu}\n",
+                     pushes_received_, (unsigned long long)last_push_ns_);
+        std::fflush(stderr);
+        pushes_said_ = pushes_received_;
+        t_pushes_said_ = now;
     }
 
     // Sends d2d messages open loop for --d2d-s seconds, then waits up to
@@ -872,7 +986,8 @@ class load_generator {
     // when it asks for an ack (its id is echoed as it came, number or
     // string).
     void on_push(conn& c, std::string_view payload) {
-        if (payload.find("\"t\":\"push\"") == std::string_view::npos) {
+        bool peer = !opt_.subscribe_path.empty();
+        if (!peer && payload.find("\"t\":\"push\"") == std::string_view::npos) {
             ++frames_ignored_;
             return;
         }
@@ -894,6 +1009,7 @@ class load_generator {
                 }
             }
         }
+        last_push_ns_ = now;
         auto ts_at = payload.find("\"ts\":");
         if (ts_at != std::string_view::npos) {
             std::uint64_t due = 0;
@@ -904,6 +1020,7 @@ class load_generator {
                     std::min<std::uint64_t>((now - due) / 1000, UINT32_MAX)));
             }
         }
+        if (peer) return;  // a peer's message is never acked
         if (payload.find("\"ack\":true") == std::string_view::npos) return;
         auto id_at = payload.find("\"id\":");
         if (id_at == std::string_view::npos) return;
@@ -1067,9 +1184,22 @@ class load_generator {
         c.st = state::reading_101;
     }
 
-    // Builds the upgrade request of connection `i` (DESIGN.md section 3).
+    // Builds the upgrade request of connection `i` (DESIGN.md section 3),
+    // or with --subscribe the plain one of a peer's subscriber.
     std::string request(std::size_t i, const conn& c) const {
         std::string r;
+        if (!opt_.subscribe_path.empty()) {
+            r += "GET ";
+            r += opt_.subscribe_path;
+            r += std::to_string(opt_.subscribe_first + i);
+            r += " HTTP/1.1\r\nHost: ";
+            r += host_header_;
+            r += "\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 "Sec-WebSocket-Key: ";
+            r += base64(c.key, sizeof c.key);
+            r += "\r\nSec-WebSocket-Version: 13\r\n\r\n";
+            return r;
+        }
         auto token = tokens_[i];
         r.reserve(256 + token.size());
         r += "GET /v1/connect HTTP/1.1\r\nHost: ";
@@ -1154,26 +1284,18 @@ class load_generator {
              protocol = false;
         std::string want = expected_accept(c);
         head.remove_prefix(eol + 2);
-        while (!head.empty()) {
-            eol = head.find("\r\n");
-            auto line = head.substr(0, eol);
-            head.remove_prefix(eol + 2);
-            auto colon = line.find(':');
-            if (colon == std::string_view::npos) continue;
-            auto name = line.substr(0, colon);
-            auto value = line.substr(colon + 1);
-            while (!value.empty() && value.front() == ' ')
-                value.remove_prefix(1);
-            if (iequals(name, "upgrade")) {
-                upgrade = has_token(value, "websocket");
-            } else if (iequals(name, "connection")) {
-                connection = has_token(value, "upgrade");
-            } else if (iequals(name, "sec-websocket-accept")) {
-                accept = value == want;
-            } else if (iequals(name, "sec-websocket-protocol")) {
-                protocol = value == "pushy.v1";
-            }
-        }
+        for_each_header(
+            head, [&](std::string_view name, std::string_view value) {
+                if (iequals(name, "upgrade")) {
+                    upgrade = has_token(value, "websocket");
+                } else if (iequals(name, "connection")) {
+                    connection = has_token(value, "upgrade");
+                } else if (iequals(name, "sec-websocket-accept")) {
+                    accept = value == want;
+                } else if (iequals(name, "sec-websocket-protocol")) {
+                    protocol = value == "pushy.v1";
+                }
+            });
         if (!upgrade || !connection) {
             fail(c, "bad_upgrade_headers");
             return 0;
@@ -1182,7 +1304,8 @@ class load_generator {
             fail(c, "bad_accept");
             return 0;
         }
-        if (!protocol) {
+        bool peer = !opt_.subscribe_path.empty();
+        if (!protocol && !peer) {
             fail(c, "bad_subprotocol");
             return 0;
         }
@@ -1190,6 +1313,12 @@ class load_generator {
             lat_101_.push_back(std::uint32_t((now_ns() - c.t0_ns) / 1000));
         }
         c.st = state::reading_hello;
+        if (peer) {
+            // A peer's subscriber is open at the 101: no hello follows.
+            c.st = state::idle;
+            ++established_;
+            --in_handshake_;
+        }
         return end + 4;
     }
 
@@ -1642,9 +1771,292 @@ class load_generator {
     std::vector<std::uint32_t> reconnect_lat_;
     std::uint64_t first_loss_ns_ = 0;
     std::uint64_t last_reconnect_ns_ = 0;
+    std::size_t pushes_said_ = 0;
+    std::uint64_t last_push_ns_ = 0;
+    std::uint64_t t_pushes_said_ = 0;
     std::string ack_payload_;
     std::string ack_frame_;
     std::string d2d_payload_;  // scratch of send_d2d
+};
+
+// ------------------------------------------------------------ publisher
+
+// One keep-alive HTTP/1.1 connection of the publisher, with the requests
+// it has not written yet and the answer bytes it has not parsed yet.
+struct pub_conn {
+    int fd = -1;
+    std::string out;
+    std::size_t out_sent = 0;
+    std::string in;
+    std::size_t in_flight = 0;  // requests queued or written, not answered
+};
+
+// Publishes --publish messages with one HTTP POST each (--publish mode).
+class http_publisher {
+  public:
+    // Connects the --publish-conns connections; exits 1 on failure.
+    explicit http_publisher(const options& o)
+        : opt_(o), conns_(o.publish_conns) {
+        sockaddr_in dst{};
+        if (!is_loopback(opt_.host, dst.sin_addr)) {
+            std::fprintf(stderr,
+                         "pushy-loadgen: --host must be an IPv4 "
+                         "address in 127.0.0.0/8\n");
+            std::exit(2);
+        }
+        dst.sin_family = AF_INET;
+        dst.sin_port = htons(std::uint16_t(opt_.port));
+        host_header_ = opt_.host + ":" + std::to_string(opt_.port);
+        ep_ = epoll_create1(EPOLL_CLOEXEC);
+        for (std::size_t i = 0; i < conns_.size(); ++i) {
+            int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+            if (fd < 0 || connect(fd, reinterpret_cast<const sockaddr*>(&dst),
+                                  sizeof dst) != 0) {
+                std::fprintf(stderr,
+                             "pushy-loadgen: cannot connect to %s: %s\n",
+                             host_header_.c_str(), std::strerror(errno));
+                std::exit(1);
+            }
+            int one = 1;
+            setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+            fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+            epoll_event ev{};
+            ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
+            ev.data.u64 = i;
+            epoll_ctl(ep_, EPOLL_CTL_ADD, fd, &ev);
+            conns_[i].fd = fd;
+        }
+        scratch_.resize(scratch_size);
+    }
+
+    // Sends every message and waits for its answer (or 10 s without any
+    // answer); prints the report and returns the exit code (0 when every
+    // message was answered 2xx).
+    int run() {
+        t_begin_ = now_ns();
+        std::uint64_t last_answer = t_begin_;
+        double gap_ns = opt_.publish_rate > 0 ? 1e9 / opt_.publish_rate : 0;
+        std::size_t next_conn = 0;
+        while (answered_ + failed_ < opt_.publish) {
+            std::uint64_t now = now_ns();
+            // Queue what is due on connections with room in their window,
+            // round robin, then write it.
+            std::size_t tries = 0;
+            while (sent_ < opt_.publish && tries < conns_.size()) {
+                std::uint64_t due =
+                    t_begin_ + std::uint64_t(double(sent_) * gap_ns);
+                if (due > now) break;
+                pub_conn& c = conns_[next_conn];
+                next_conn = (next_conn + 1) % conns_.size();
+                if (c.fd < 0 || c.in_flight >= opt_.pipeline) {
+                    ++tries;
+                    continue;
+                }
+                tries = 0;
+                queue_request(c, gap_ns > 0 ? due : now);
+            }
+            for (auto& c : conns_) flush(c);
+            if (dead_all()) break;
+            int timeout = 100;
+            if (sent_ < opt_.publish && gap_ns > 0) {
+                std::uint64_t due =
+                    t_begin_ + std::uint64_t(double(sent_) * gap_ns);
+                timeout = due <= now ? 0 : int((due - now) / 1'000'000);
+                timeout = std::min(timeout, 100);
+            }
+            std::size_t before = answered_ + failed_;
+            poll(timeout);
+            now = now_ns();
+            if (answered_ + failed_ != before) last_answer = now;
+            if (now > last_answer + 10'000'000'000u) break;  // stalled
+        }
+        t_end_ = now_ns();
+        report();
+        std::size_t ok = 0;
+        for (auto& [code, n] : codes_) {
+            if (code >= 200 && code < 300) ok += n;
+        }
+        return ok == opt_.publish ? 0 : 1;
+    }
+
+  private:
+    // True when every connection has failed.
+    bool dead_all() const {
+        return std::all_of(conns_.begin(), conns_.end(),
+                           [](const pub_conn& c) { return c.fd < 0; });
+    }
+
+    // Appends one POST of message `sent_` to a random target to `c`.
+    void queue_request(pub_conn& c, std::uint64_t ts) {
+        body_ = "{\"ts\":" + std::to_string(ts) +
+                ",\"seq\":" + std::to_string(sent_) + "}";
+        std::size_t target = std::size_t(rng_.next()) % opt_.publish_targets;
+        c.out += "POST ";
+        c.out += opt_.publish_path;
+        c.out += std::to_string(target);
+        c.out += " HTTP/1.1\r\nHost: ";
+        c.out += host_header_;
+        c.out += "\r\nContent-Length: ";
+        c.out += std::to_string(body_.size());
+        c.out += "\r\n\r\n";
+        c.out += body_;
+        ++c.in_flight;
+        ++sent_;
+    }
+
+    // Writes what `c` has queued, as far as the socket takes it.
+    void flush(pub_conn& c) {
+        while (c.fd >= 0 && c.out_sent < c.out.size()) {
+            ssize_t n = send(c.fd, c.out.data() + c.out_sent,
+                             c.out.size() - c.out_sent, MSG_NOSIGNAL);
+            if (n < 0) {
+                if (errno == EAGAIN || errno == EINTR) return;
+                return lose(c, "send:" + errno_name(errno));
+            }
+            c.out_sent += std::size_t(n);
+        }
+        c.out.clear();
+        c.out_sent = 0;
+    }
+
+    // Waits up to `timeout_ms` for answers and parses them.
+    void poll(int timeout_ms) {
+        epoll_event events[64];
+        int n = epoll_wait(ep_, events, 64, timeout_ms);
+        for (int k = 0; k < n; ++k) {
+            pub_conn& c = conns_[events[k].data.u64];
+            if (c.fd < 0) continue;
+            if (events[k].events & EPOLLOUT) flush(c);
+            read_answers(c);
+        }
+    }
+
+    // Reads what `c` has and counts each whole answer by status code.
+    void read_answers(pub_conn& c) {
+        char* buf = scratch_.data();
+        while (c.fd >= 0) {
+            ssize_t n = recv(c.fd, buf, scratch_size, 0);
+            if (n == 0) return lose(c, "eof");
+            if (n < 0) {
+                if (errno == EAGAIN || errno == EINTR) break;
+                return lose(c, "recv:" + errno_name(errno));
+            }
+            c.in.append(buf, std::size_t(n));
+        }
+        std::size_t used = 0;
+        while (c.fd >= 0) {
+            std::string_view rest(c.in.data() + used, c.in.size() - used);
+            std::size_t len = parse_answer(c, rest);
+            if (len == 0) break;
+            used += len;
+        }
+        c.in.erase(0, used);
+    }
+
+    // Parses one answer at the start of `data`; returns its length, or 0
+    // when it is incomplete or the connection failed. Answers need a
+    // Content-Length (Nchan's have one).
+    std::size_t parse_answer(pub_conn& c, std::string_view data) {
+        auto end = data.find("\r\n\r\n");
+        if (end == std::string_view::npos) return 0;
+        if (data.size() < 12 || data.substr(0, 9) != "HTTP/1.1 ") {
+            lose(c, "bad_response");
+            return 0;
+        }
+        int code = 0;
+        std::from_chars(data.data() + 9, data.data() + 12, code);
+        std::size_t length = 0;
+        bool close = false, sized = false;
+        std::string_view head = data.substr(0, end + 2);
+        head.remove_prefix(head.find("\r\n") + 2);
+        for_each_header(
+            head, [&](std::string_view name, std::string_view value) {
+                if (iequals(name, "content-length")) {
+                    std::from_chars(value.data(), value.data() + value.size(),
+                                    length);
+                    sized = true;
+                } else if (iequals(name, "connection")) {
+                    close = has_token(value, "close");
+                }
+            });
+        if (!sized) {
+            lose(c, "unsized_response");
+            return 0;
+        }
+        std::size_t total = end + 4 + length;
+        if (data.size() < total) return 0;
+        ++codes_[code];
+        ++answered_;
+        --c.in_flight;
+        if (close) lose(c, "server_close");
+        return c.fd < 0 ? 0 : total;
+    }
+
+    // Closes `c` after an error; its unanswered requests count as failed.
+    void lose(pub_conn& c, const std::string& why) {
+        failed_ += c.in_flight;
+        if (c.in_flight > 0) failed_by_[why] += c.in_flight;
+        c.in_flight = 0;
+        ::close(c.fd);
+        c.fd = -1;
+        c.out.clear();
+        c.in.clear();
+    }
+
+    // Prints the publisher's figures: one JSON object with --json, else text.
+    void report() {
+        double secs = double(t_end_ - t_begin_) / 1e9;
+        char num[64];
+        std::snprintf(num, sizeof num, "%.3f", secs);
+        std::string s =
+            "{\"publish\":{\"messages\":" + std::to_string(opt_.publish);
+        s += ",\"sent\":" + std::to_string(sent_);
+        s += ",\"answered\":" + std::to_string(answered_);
+        s += ",\"failed\":" + std::to_string(opt_.publish - answered_);
+        s += ",\"seconds\":";
+        s += num;
+        s += ",\"connections\":" + std::to_string(conns_.size());
+        s += ",\"pipeline\":" + std::to_string(opt_.pipeline);
+        s += ",\"codes\":{";
+        bool first = true;
+        for (auto& [code, n] : codes_) {
+            if (!first) s += ",";
+            first = false;
+            s += "\"" + std::to_string(code) + "\":" + std::to_string(n);
+        }
+        s += "},\"failed_by_reason\":{";
+        first = true;
+        for (auto& [why, n] : failed_by_) {
+            if (!first) s += ",";
+            first = false;
+            s += "\"" + why + "\":" + std::to_string(n);
+        }
+        s += "}}}";
+        if (opt_.json) {
+            std::printf("%s\n", s.c_str());
+            return;
+        }
+        std::printf("published %zu of %zu in %.3f s (%.0f/s), %zu failed\n",
+                    answered_, opt_.publish, secs,
+                    secs > 0 ? double(answered_) / secs : 0.0,
+                    opt_.publish - answered_);
+        for (auto& [code, n] : codes_) std::printf("code %d: %zu\n", code, n);
+    }
+
+    options opt_;
+    std::vector<pub_conn> conns_;
+    std::string host_header_;
+    std::vector<char> scratch_;
+    std::string body_;  // scratch of queue_request
+    mask_source rng_;
+    int ep_ = -1;
+    std::size_t sent_ = 0;
+    std::size_t answered_ = 0;
+    std::size_t failed_ = 0;
+    std::map<int, std::size_t> codes_;
+    std::map<std::string, std::size_t> failed_by_;
+    std::uint64_t t_begin_ = 0;
+    std::uint64_t t_end_ = 0;
 };
 
 }  // namespace
@@ -1652,6 +2064,10 @@ class load_generator {
 // Parses the options, runs the generator and returns its exit code.
 int main(int argc, char** argv) {
     options o = parse_options(argc, argv);
+    if (o.publish > 0) {
+        http_publisher pub(o);
+        return pub.run();
+    }
     load_generator gen(o);
     return gen.run();
 }

@@ -9,8 +9,10 @@
 #   scripts/dev.sh install       install only
 #
 # Installing means: the Debian packages the build and tests need (only the
-# missing ones, with apt-get, as root), a virtual environment in .venv, and
-# the package built into it with its test extras.
+# missing ones, with apt-get, as root; nginx with Nchan is the peer of
+# `pushy bench peers`, which runs an nginx of its own, not the system's
+# service), a virtual environment in .venv, and the package built into it
+# with its test extras.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -23,6 +25,7 @@ debs=(
     libboost-dev libssl-dev libhiredis-dev libmsgpack-cxx-dev
     libspdlog-dev libjwt-dev libsimdjson-dev prometheus-cpp-dev doctest-dev
     redis-server
+    nginx libnginx-mod-nchan
 )
 
 # Installs the Debian packages that are not installed yet.

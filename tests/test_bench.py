@@ -1,6 +1,7 @@
-"""``pushy bench idle``, ``connect`` and ``storm``, ``benchmarks/idle_memory.py``
-and the load generator's reconnects, run small: real nodes, a real
-redis-server, real ``pushy-loadgen`` processes."""
+"""``pushy bench idle``, ``connect``, ``unicast``, ``latency``, ``storm`` and
+``peers``, ``benchmarks/idle_memory.py`` and the load generator's reconnects,
+run small: real nodes, a real redis-server, a real nginx with Nchan, real
+``pushy-loadgen`` and ``pushy-pusher`` processes."""
 
 from __future__ import annotations
 
@@ -257,3 +258,49 @@ def test_loadgen_reconnects_the_devices_of_a_killed_node_and_counts_distinct_pus
     assert len(storm["latency_us"]["quantiles"]) == 100
     assert 0 < storm["first_loss_ns"] < storm["last_reconnect_ns"]
     assert storm["span_s"] > 0
+
+
+def test_bench_peers_measures_pushy_and_nchan_in_the_same_run(tmp_path: Path) -> None:
+    proc = run_pushy(
+        "bench", "peers", "--connections", "1000", "--pushes", "5000",
+        "--batch", "500", "--rate", "4000", "--registry-ttl-s", "3",
+        "--settle-s", "0.5", "--runs", "1", "--results", str(tmp_path),
+        timeout=scaled(240),
+    )  # fmt: skip
+
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads((tmp_path / "peers.json").read_text())
+    assert (result["connections"], result["pushes_per_run"]) == (1000, 5000)
+    (run,) = result["runs"]
+    for name in ("pushy", "nchan"):
+        side = run[name]
+        assert side["connected"] == side["held"] == 1000, name
+        assert side["failed"] == 0 and side["dropped_by_reason"] == {}, name
+        assert side["pushes"] == side["accepted"] == side["delivered"] == 5000, name
+        assert side["not_delivered"] == 0, name
+        assert side["rss_per_conn"] > 0 and side["node_cpu_s"] > 0, name
+        assert side["delivered_per_cpu_s"] == pytest.approx(
+            side["delivered"] / side["node_cpu_s"]
+        )
+        assert side["latency_us"]["count"] >= 5000, name
+    assert run["pushy"]["codes"] == {"200": 5000}
+    assert sum(run["nchan"]["codes"].values()) == 5000
+    ratios = run["ratios"]
+    assert ratios["delivered_per_cpu_s"] == pytest.approx(
+        run["pushy"]["delivered_per_cpu_s"] / run["nchan"]["delivered_per_cpu_s"]
+    )
+    assert ratios["rss_per_conn"] == pytest.approx(
+        run["pushy"]["rss_per_conn"] / run["nchan"]["rss_per_conn"]
+    )
+    goals = result["summary"]["goals"]
+    assert set(goals) == {"delivered_per_cpu_s", "rss_per_conn", "rss_slab_per_conn"}
+    assert all(isinstance(g["met"], bool) for g in goals.values())
+    assert (tmp_path / "peers.png").stat().st_size > 0
+    assert "Pushy/Nchan" in proc.stdout and "goal:" in proc.stdout
+
+
+def test_bench_peers_refuses_more_connections_than_one_node_holds() -> None:
+    proc = run_pushy("bench", "peers", "--connections", "30000")
+
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "--connections must be 1-18,900" in proc.stderr

@@ -9,6 +9,12 @@ from the call to its answer (p50/p99/p99.9), and the node processes'
 CPU-seconds per million pushes; results go to ``RESULTS/push.json`` with a
 latency plot next to it.
 
+``pushy bench d2d``, ``queue``, ``idle`` and ``connect`` measure
+device-to-device latency, indirect push, memory per idle connection and
+connection setup; ``pushy bench peers`` (:mod:`pushy.peers`) runs the idle
+and unicast workloads against Pushy and against Nchan in the same run and
+reports their ratios.
+
 Limitations: the pushes are sent closed-loop, in batches of ``--batch``
 concurrent pushes, so latencies include the wait behind the rest of the
 batch (a second phase sends 2,000 pushes one at a time for the latency of
@@ -33,7 +39,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +140,9 @@ def add_parser(commands: Any) -> None:
 
     bench_direct.add_parsers(scenarios)
     _add_storm_parser(scenarios)
+    from . import peers  # it builds on this module
+
+    peers.add_parser(scenarios)
     bench.set_defaults(func=lambda args: _usage(bench))
 
 
@@ -1034,10 +1043,11 @@ def _plan(args: argparse.Namespace) -> tuple[list[int], list[str]]:
     return benchkit.split(args.connections, args.per_process), addrs
 
 
-def _token_files(tmp: Path, prefix: str, sizes: list[int]) -> list[Path]:
+def _token_files(tmp: Path, prefix: str, sizes: list[int]) -> list[list[str]]:
     """Write one token file per load generator: devices ``PREFIX0`` ...
-    ``PREFIX(N-1)`` of account ``bench``, valid for a day."""
-    paths: list[Path] = []
+    ``PREFIX(N-1)`` of account ``bench``, valid for a day. Returns each
+    generator's ``--tokens FILE`` options."""
+    paths: list[list[str]] = []
     start = 0
     for k, size in enumerate(sizes):
         path = tmp / f"{prefix}tokens-{k}.txt"
@@ -1045,22 +1055,23 @@ def _token_files(tmp: Path, prefix: str, sizes: list[int]) -> list[Path]:
             issue_token(_SECRET, f"{prefix}{i}", "bench", ttl=86400) + "\n"
             for i in range(start, start + size)
         ))
-        paths.append(path)
+        paths.append(["--tokens", str(path)])
         start += size
     return paths
 
 
-def _fresh_prefix(name: str) -> str:
-    """A Redis key prefix no earlier run used."""
+def _run_prefix(name: str) -> str:
+    """A Redis key prefix of one run's own."""
     return f"b{name}{os.getpid()}-{time.monotonic_ns() % 10**9}:"
 
 
 def _bench_cluster(
-    args: argparse.Namespace, url: str, name: str, **options: Any
+    args: argparse.Namespace, url: str, name: str, prefix: str | None = None,
+    **options: Any,
 ) -> Cluster:
-    """Start the fresh cluster of one run, on its own Redis prefix (made
-    up unless ``redis_prefix`` is given)."""
-    prefix = options.pop("redis_prefix", None) or _fresh_prefix(name)
+    """Start the fresh cluster of one run (``--nodes`` nodes of
+    ``--threads`` io threads), on ``prefix`` or a Redis prefix of its own."""
+    prefix = prefix or _run_prefix(name)
     return Cluster(
         args.nodes, url, secret=_SECRET, name=name, redis_prefix=prefix,
         threads=args.threads, max_connections=_NODE_MAX_CONNECTIONS, **options,
@@ -1068,19 +1079,21 @@ def _bench_cluster(
 
 
 def _open_connections(
-    cluster: Cluster, args: argparse.Namespace, sizes: list[int],
-    tokens: list[Path], addrs: list[str], tmp: Path, say: Any,
-    handshake_timeout_s: float = 10, rate: float | None = None,
-    extra: list[str] | None = None,
+    port: int, held: Callable[[], int], args: argparse.Namespace,
+    sizes: list[int], inputs: list[list[str]], addrs: list[str], tmp: Path,
+    say: Any, handshake_timeout_s: float = 10, extra: Sequence[str] = (),
+    rate: float | None = None,
 ) -> tuple[list[benchkit.Loadgen], dict[str, Any]]:
-    """Start the load generators of a run at ``rate`` (default ``--rate``)
-    connects/s in all and wait until each has ended its connect phase,
-    saying how many connections the nodes hold every 2 s. Returns the load
-    generators (holding their connections until stopped, or for a bounded
-    time) and what was seen: their ready events, the wall time, and
-    ``[seconds, connections]`` samples every 0.5 s. A handshake not done in
-    ``handshake_timeout_s`` fails (``timeout_connect``, ``timeout_101``,
-    ...); ``extra`` are more load generator options."""
+    """Start the load generators of a run on ``port`` at ``rate`` (default
+    ``--rate``) connects/s in all and wait until each has ended its
+    connect phase, showing how many connections the server holds
+    (``held()``). Generator k gets ``inputs[k]`` (its ``--tokens FILE``,
+    or ``--subscribe PATH:FIRST``) and every one ``extra``. Returns the
+    load generators (holding their connections until stopped, or for a
+    bounded time) and what was seen: their ready events, the wall time,
+    and ``[seconds, connections]`` samples every 0.5 s. A handshake not
+    done in ``handshake_timeout_s`` fails (``timeout_connect``,
+    ``timeout_101``, ...)."""
     loadgen = loadgen_path()
     wanted = sum(sizes)
     rate = (args.rate if rate is None else rate) / len(sizes)
@@ -1092,13 +1105,13 @@ def _open_connections(
     started = time.monotonic()
     gens = [
         benchkit.Loadgen.start(
-            loadgen, port=cluster.port, tokens=path, connections=size,
+            loadgen, port=port, tokens=None, connections=size,
             rate=rate, hold_s=hold_s, workdir=tmp, name=f"loadgen-{k}",
             source_addrs=addrs,
-            extra=["--handshake-timeout-s", str(handshake_timeout_s),
-                   *(extra or [])],
+            extra=[*own, "--handshake-timeout-s", str(handshake_timeout_s),
+                   *extra],
         )
-        for k, (size, path) in enumerate(zip(sizes, tokens, strict=True))
+        for k, (size, own) in enumerate(zip(sizes, inputs, strict=True))
     ]
     ready: list[dict[str, Any] | None] = [None] * len(gens)
     samples: list[list[float]] = [[0.0, 0]]
@@ -1115,16 +1128,16 @@ def _open_connections(
                     )
                 ready = [r or g.ready() for r, g in zip(ready, gens, strict=True)]
                 if now >= next_sample and None in ready:
-                    held = _connections(cluster)
-                    samples.append([now - started, held])
+                    count = held()
+                    samples.append([now - started, count])
                     next_sample += 0.5
-                    progress.update(held)
+                    progress.update(count)
                 time.sleep(0.05)
     except BaseException:
         benchkit.stop_loadgens(gens)
         raise
     wall = time.monotonic() - started
-    samples.append([wall, _connections(cluster)])
+    samples.append([wall, held()])
     return gens, {"ready": ready, "wall_s": wall, "samples": samples}
 
 
@@ -1245,9 +1258,37 @@ def run_idle(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
     return result
 
 
+def _steady_state(cluster: Cluster, registry_ttl_s: float, settle_s: float) -> None:
+    """Wait for the steady state of idle connections: each node has
+    refreshed as many registry records as it holds since the call (a full
+    refresh round: the memory it takes stays with the node), the counts
+    have stayed the same for three readings, and ``settle_s`` more seconds
+    have passed.
+
+    Raises:
+        BenchError: no such state within ``registry_ttl_s`` + 60 s.
+    """
+    refreshed0 = [int(_node_stats(n)["fleet"]["refreshed"]) for n in cluster.nodes]
+    last: list[list[int]] = []
+
+    def settled() -> bool:
+        stats = [_node_stats(n) for n in cluster.nodes]
+        held = [int(st["connections"]) for st in stats]
+        done = all(
+            int(st["fleet"]["refreshed"]) - r0 >= h
+            for st, r0, h in zip(stats, refreshed0, held, strict=True)
+        )
+        last.append(held)
+        return done and len(last) >= 3 and last[-1] == last[-2] == last[-3]
+
+    benchkit.wait_for(settled, registry_ttl_s + 60,
+                      "a registry refresh round and a steady count", 0.5)
+    time.sleep(settle_s)
+
+
 def _idle_run(
     index: int, url: str, args: argparse.Namespace, sizes: list[int],
-    tokens: list[Path], addrs: list[str], tmp: Path, say: Any,
+    tokens: list[list[str]], addrs: list[str], tmp: Path, say: Any,
 ) -> dict[str, Any]:
     started = time.monotonic()
     cluster = _bench_cluster(args, url, f"idle{index}", heartbeat_s=args.heartbeat_s,
@@ -1262,34 +1303,16 @@ def _idle_run(
         cpu0 = sum(cpu_seconds(p) for p in pids)
         drops0 = benchkit.listen_drops()
         # A slow connect phase is no failure here: handshakes get 30 s.
-        gens, seen = _open_connections(cluster, args, sizes, tokens, addrs, tmp,
-                                       say, handshake_timeout_s=30)
+        gens, seen = _open_connections(cluster.port, lambda: _connections(cluster),
+                                       args, sizes, tokens, addrs, tmp, say,
+                                       handshake_timeout_s=30)
         connected_at = time.monotonic()
         cpu = sum(cpu_seconds(p) for p in pids) - cpu0
         drops = benchkit.listen_drops() - drops0
         rss_connected = benchkit.sample_memory(pids)["rss"]
-        # Measure the steady state: once each node has refreshed as many
-        # records as it holds since the connect phase (a full registry
-        # refresh round: its memory stays with the node), and the counts
-        # have stopped moving.
         say(f"  connected; measuring after the nodes' next registry refresh "
             f"round (every {args.registry_ttl_s / 3:g} s)")
-        refreshed0 = [int(_node_stats(n)["fleet"]["refreshed"]) for n in cluster.nodes]
-        last: list[list[int]] = []
-
-        def settled() -> bool:
-            stats = [_node_stats(n) for n in cluster.nodes]
-            held = [int(st["connections"]) for st in stats]
-            done = all(
-                int(st["fleet"]["refreshed"]) - r0 >= h
-                for st, r0, h in zip(stats, refreshed0, held, strict=True)
-            )
-            last.append(held)
-            return done and len(last) >= 3 and last[-1] == last[-2] == last[-3]
-
-        benchkit.wait_for(settled, args.registry_ttl_s + 60,
-                          "a registry refresh round and a steady count", 0.5)
-        time.sleep(args.settle_s)
+        _steady_state(cluster, args.registry_ttl_s, args.settle_s)
         per_node = [int(_node_stats(n)["connections"]) for n in cluster.nodes]
         after = benchkit.sample_memory(pids)
         after_s = time.monotonic() - connected_at
@@ -1420,7 +1443,8 @@ def run_connect(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
 
 def _connect_run(
     index: int, url: str, redis_pid: int | None, args: argparse.Namespace,
-    sizes: list[int], tokens: list[Path], addrs: list[str], tmp: Path, say: Any,
+    sizes: list[int], tokens: list[list[str]], addrs: list[str], tmp: Path,
+    say: Any,
 ) -> dict[str, Any]:
     cluster = _bench_cluster(args, url, f"conn{index}")
     gens: list[benchkit.Loadgen] = []
@@ -1438,7 +1462,8 @@ def _connect_run(
         cpu0 = sum(cpu_seconds(p) for p in pids)
         rcpu0 = cpu_seconds(redis_pid) if redis_pid else 0.0
         drops0 = benchkit.listen_drops()
-        gens, seen = _open_connections(cluster, args, sizes, tokens, addrs, tmp, say)
+        gens, seen = _open_connections(cluster.port, lambda: _connections(cluster),
+                                       args, sizes, tokens, addrs, tmp, say)
         cpu = sum(cpu_seconds(p) for p in pids) - cpu0
         rcpu = cpu_seconds(redis_pid) - rcpu0 if redis_pid else 0.0
         lcpu = sum(g.cpu_seconds() for g in gens)
@@ -1741,7 +1766,8 @@ def _storm_run(
         doomed.start(cluster.start_timeout)
         say(f"run {index}: connecting {args.devices:,} devices to {doomed.node_id}")
         gens, _ = _open_connections(
-            cluster, args, sizes, tokens, addrs, tmp, say, handshake_timeout_s=30,
+            cluster.port, lambda: _connections(cluster), args, sizes, tokens,
+            addrs, tmp, say, handshake_timeout_s=30,
             rate=args.connect_rate,
             extra=["--reconnect", "--pushes", "--stats-s", "0.05",
                    "--reconnect-min-ms", str(args.reconnect_min_ms),

@@ -217,19 +217,19 @@ def run_latency(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
 
 def _direct_run(
     index: int, url: str, args: argparse.Namespace, sizes: list[int],
-    tokens: list[Path], addrs: list[str], tmp: Path, mode: list[str], say: Any,
+    tokens: list[list[str]], addrs: list[str], tmp: Path, mode: list[str], say: Any,
     device_prefix: str, expected: int,
 ) -> dict[str, Any]:
     """One run: fresh nodes and devices, a warm-up push per device, then
     the ``expected`` timed pushes of ``mode`` (the pusher's options)."""
-    prefix = bench._fresh_prefix(f"{args.scenario}{index}")
-    cluster = bench._bench_cluster(args, url, f"{args.scenario}{index}",
-                                   redis_prefix=prefix)
+    prefix = bench._run_prefix(f"{args.scenario}{index}")
+    cluster = bench._bench_cluster(args, url, f"{args.scenario}{index}", prefix)
     gens: list[benchkit.Loadgen] = []
     try:
         node_pids = [n.pid for n in cluster.nodes if n.pid is not None]
         gens, seen = bench._open_connections(
-            cluster, args, sizes, tokens, addrs, tmp, say, extra=["--pushes"]
+            cluster.port, lambda: bench._connections(cluster), args, sizes,
+            tokens, addrs, tmp, say, extra=["--pushes"],
         )
         failed = sum(int((r or {}).get("failed", 0)) for r in seen["ready"])
         if failed:

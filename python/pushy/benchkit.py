@@ -175,7 +175,7 @@ class Loadgen:
         binary: str | Path,
         *,
         port: int,
-        tokens: Path,
+        tokens: Path | None,
         connections: int,
         rate: float,
         hold_s: float,
@@ -186,15 +186,19 @@ class Loadgen:
         extra: Sequence[str] = (),
     ) -> Loadgen:
         """Start a load generator opening ``connections`` connections (line
-        i of ``tokens`` is the token of connection i) at ``rate`` per second
-        and holding them ``hold_s`` seconds (or until :meth:`stop`)."""
+        i of ``tokens`` is the token of connection i; ``None`` when
+        ``extra`` says what to connect to instead, e.g. ``--subscribe``) at
+        ``rate`` per second and holding them ``hold_s`` seconds (or until
+        :meth:`stop`)."""
         out = workdir / f"{name}.stdout"
         err = workdir / f"{name}.stderr"
         cmd = [
             str(binary), "--host", host, "--port", str(port),
-            "--connections", str(connections), "--tokens", str(tokens),
+            "--connections", str(connections),
             "--rate", str(rate), "--hold-s", str(hold_s), "--json",
         ]  # fmt: skip
+        if tokens is not None:
+            cmd += ["--tokens", str(tokens)]
         if source_addrs:
             cmd += ["--source-addrs", ",".join(source_addrs)]
         cmd += list(extra)
@@ -234,6 +238,17 @@ class Loadgen:
                 except ValueError:  # a line being written
                     continue
         return None
+
+    def pushes(self) -> dict[str, int]:
+        """Return its latest count of pushes received (with ``--pushes``):
+        ``received`` and ``last_ns``, the CLOCK_MONOTONIC time of the last
+        one (both 0 before the first)."""
+        latest = {"received": 0, "last_ns": 0}
+        for line in self.stderr_path.read_text(errors="replace").splitlines():
+            if line.startswith('{"event":"pushes"'):
+                latest = json.loads(line)
+        return {"received": int(latest["received"]),
+                "last_ns": int(latest["last_ns"])}
 
     def cpu_seconds(self) -> float:
         """Its CPU time so far (0 once it has exited)."""
