@@ -277,6 +277,7 @@ class pusher {
         t0_ = now_ns();
         if (opt_.rate > 0) {
             auto n = std::size_t(opt_.rate * opt_.seconds);
+            late_us_.reserve(n);
             double step = 1e9 / opt_.rate;
             std::size_t k = 0;
             while (k < n) {
@@ -287,6 +288,9 @@ class pusher {
                         sleep_until(due);
                         break;
                     }
+                    late_us_.push_back(std::uint32_t(
+                        std::min<std::uint64_t>((now_ns() - due) / 1000,
+                                                UINT32_MAX)));
                     send(pick(), due, tally_);
                     ++k;
                 }
@@ -332,6 +336,11 @@ class pusher {
                  std::to_string(percentile(lat, q));
         }
         s += ",\"max\":" + std::to_string(lat.empty() ? 0 : lat.back()) + "}";
+        std::sort(late_us_.begin(), late_us_.end());
+        s += ",\"send_late_us\":{\"p50\":" +
+             std::to_string(percentile(late_us_, 0.5)) +
+             ",\"p99\":" + std::to_string(percentile(late_us_, 0.99)) + "}";
+        s += ",\"t0_ns\":" + std::to_string(t0_);
         s += ",\"cache_hits\":" + std::to_string(client_.cache_hits());
         s += ",\"cache_misses\":" + std::to_string(client_.cache_misses());
         s += ",\"first_failure\":\"";
@@ -405,6 +414,7 @@ class pusher {
     std::atomic<std::size_t> waiting_below_{0};
     tally tally_;
     tally warm_tally_;
+    std::vector<std::uint32_t> late_us_;  // due time to send (open loop)
     std::size_t sent_ = 0;
     std::uint64_t t0_ = 0, t_sent_ = 0, t_done_ = 0;
 };

@@ -263,7 +263,7 @@ def test_loadgen_reconnects_the_devices_of_a_killed_node_and_counts_distinct_pus
 def test_bench_peers_measures_pushy_and_nchan_in_the_same_run(tmp_path: Path) -> None:
     proc = run_pushy(
         "bench", "peers", "--connections", "1000", "--pushes", "5000",
-        "--batch", "500", "--rate", "4000", "--registry-ttl-s", "3",
+        "--window", "500", "--rate", "4000", "--registry-ttl-s", "3",
         "--settle-s", "0.5", "--runs", "1", "--results", str(tmp_path),
         timeout=scaled(240),
     )  # fmt: skip

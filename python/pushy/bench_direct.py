@@ -273,6 +273,7 @@ def _direct_run(
         "host_cpu_s_per_1m": host_cpu / n * 1e6,
         "delivered_per_node_cpu_s": delivered / max(report["node_cpu_s"], 1e-9),
         "answer_latency_us": report["latency_us"],
+        "send_late_us": report.get("send_late_us", {}),
         "device_latency_us": device_lat,
         "route_cache": {"hits": report["cache_hits"],
                         "misses": report["cache_misses"]},

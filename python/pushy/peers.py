@@ -17,8 +17,9 @@ from run to run), on the same number of connections held by one
    memory and of the kernel's slab per connection, once the connections
    are open and steady (for Pushy, after a registry refresh round);
 2. unicast on the same connections: a warm-up message to every device,
-   then ``--pushes`` messages to random devices, Pushy's through
-   ``PushClient(redis=...).push_many`` in batches of ``--batch``, Nchan's
+   then ``--pushes`` messages to random devices, Pushy's through its push
+   library (``pushy-pusher``, the engine of ``PushClient(redis=...)``)
+   with ``--window`` in flight, Nchan's
    as one POST each (``pushy-loadgen --publish``, ``--publishers``
    keep-alive connections with ``--pipeline`` requests in flight), as fast
    as each goes. Delivery is counted where the message arrives, at the
@@ -36,8 +37,8 @@ Limitations:
     Redis and the server share the cores, and the kernel slab counts both
     ends of each connection. The delivery latencies are taken under full
     load (every message is sent as fast as the system answers), so they
-    include the wait behind the messages ahead; Pushy's include the wait
-    behind the rest of its batch. Installing the Debian packages also
+    include the wait behind the messages ahead (Pushy's window, Nchan's
+    pipelines). Installing the Debian packages also
     installs (and on a host with a service manager starts) the system's
     nginx service; the benchmark never uses it.
 """
@@ -48,7 +49,6 @@ import argparse
 import contextlib
 import json
 import os
-import random
 import re
 import resource
 import shutil
@@ -61,11 +61,10 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from . import bench, benchkit
+from . import bench, bench_direct, benchkit
 from .benchkit import cpu_seconds
 from .cluster import _stop_with_parent, free_port
 from .errors import PushyError
-from .push import PushClient
 
 __all__ = ["NCHAN_MODULE", "NCHAN_PACKAGES", "NchanServer", "add_parser",
            "ensure_nchan", "run_peers"]
@@ -80,8 +79,8 @@ Pushy against Nchan (Debian's nginx + libnginx-mod-nchan, a channel per
 device) in the same run: --connections idle connections held by one
 pushy-loadgen on one Pushy node (one io thread, on Redis) and on an nginx
 of --nchan-workers workers, then --pushes messages to random devices on
-those connections: Pushy's through PushClient(redis=).push_many in batches
-of --batch, Nchan's one HTTP POST each. It reports the server's RSS and
+those connections: Pushy's through its push library (pushy-pusher) with
+--window in flight, Nchan's one HTTP POST each. It reports the server's RSS and
 the kernel's slab per connection, messages delivered (counted at the
 devices) per second and per server CPU-second, and the ratio of each
 Pushy figure to Nchan's, with the goals (>= 5x messages per CPU-second,
@@ -111,8 +110,8 @@ def add_parser(scenarios: Any) -> None:
     peers.add_argument("--pushes", type=int, default=200_000, metavar="M",
                        help="messages to random devices per run and system "
                        "[200000]")
-    peers.add_argument("--batch", type=int, default=2000, metavar="N",
-                       help="Pushy: pushes per push_many batch [2000]")
+    peers.add_argument("--window", type=int, default=2000, metavar="W",
+                       help="Pushy: pushes in flight [2000]")
     peers.add_argument("--nchan-workers", type=int, default=1, metavar="W",
                        help="nginx worker processes [1]")
     peers.add_argument("--publishers", type=int, default=4, metavar="K",
@@ -428,7 +427,7 @@ def run_peers(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
         devices = [f"p{i}" for i in range(args.connections)]
         say(f"peers: {args.connections:,} connections and {args.pushes:,} "
             f"messages per system and run; Pushy: 1 node, 1 io thread, Redis "
-            f"{url}, batches of {args.batch:,}; Nchan: {args.nchan_workers} "
+            f"{url}, {args.window:,} in flight; Nchan: {args.nchan_workers} "
             f"worker(s), {args.publishers} publisher connections x "
             f"{args.pipeline} in flight; {args.runs} runs")
         for index in range(args.runs):
@@ -454,7 +453,7 @@ def run_peers(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
         "units": "bytes per connection; messages per second and per CPU-second",
         "connections": args.connections,
         "pushes_per_run": args.pushes,
-        "pushy": {"nodes": 1, "threads": 1, "batch": args.batch,
+        "pushy": {"nodes": 1, "threads": 1, "window": args.window,
                   "registry": "redis", "registry_ttl_s": args.registry_ttl_s},
         "nchan": {"workers": args.nchan_workers, "publishers": args.publishers,
                   "pipeline": args.pipeline, "version": _nchan_version(nginx)},
@@ -474,8 +473,8 @@ def _check(args: argparse.Namespace) -> None:
     if not 1 <= args.connections <= bench._NODE_MAX_CONNECTIONS:
         raise PushyError(f"--connections must be 1-{bench._NODE_MAX_CONNECTIONS:,} "
                          "(one node process)")
-    if min(args.pushes, args.batch, args.runs) < 1:
-        raise PushyError("--pushes, --batch and --runs must be at least 1")
+    if min(args.pushes, args.window, args.runs) < 1:
+        raise PushyError("--pushes, --window and --runs must be at least 1")
     if not 1 <= args.nchan_workers <= 64:
         raise PushyError("--nchan-workers must be 1-64")
     if not 1 <= args.publishers <= 1000 or not 1 <= args.pipeline <= 4096:
@@ -521,7 +520,7 @@ def _pushy_side(
         bench._steady_state(cluster, args.registry_ttl_s, args.settle_s)
         held = bench._connections(cluster)
         after = benchkit.sample_memory(pids)
-        unicast = _pushy_unicast(pids, url, prefix, gens[0], devices, args)
+        unicast = _pushy_unicast(pids, url, prefix, gens[0], devices, args, tmp, say)
     finally:
         bench._close_all(cluster, gens)
     return _side(held, before, after, unicast, gens, say)
@@ -529,35 +528,25 @@ def _pushy_side(
 
 def _pushy_unicast(
     pids: list[int], url: str, prefix: str, gen: benchkit.Loadgen,
-    devices: list[str], args: argparse.Namespace,
+    devices: list[str], args: argparse.Namespace, tmp: Path, say: Any,
 ) -> dict[str, Any]:
     """Push to every device once (warm-up: routes cached, peer links open),
-    then ``--pushes`` times to random devices in ``push_many`` batches."""
-    rng = random.Random(1)
-    codes: dict[str, int] = {}
-    with PushClient(redis=url, prefix=prefix, timeout=30) as client:
-        for start in range(0, len(devices), args.batch):
-            ts = time.monotonic_ns()
-            client.push_many([(d, {"ts": ts, "seq": -1})
-                              for d in devices[start : start + args.batch]])
-        base = _wait_pushes(gen, len(devices))
-        cpu0 = sum(cpu_seconds(p) for p in pids)
-        client0 = time.process_time()
-        t0 = time.monotonic_ns()
-        sent = 0
-        while sent < args.pushes:
-            n = min(args.batch, args.pushes - sent)
-            ts = time.monotonic_ns()
-            batch = [(rng.choice(devices), {"ts": ts, "seq": sent + i})
-                     for i in range(n)]
-            for r in client.push_many(batch):
-                codes[str(r.code)] = codes.get(str(r.code), 0) + 1
-            sent += n
-        accepted = codes.get("200", 0)
-        seen = _wait_pushes(gen, base["received"] + accepted)
-        cpu = sum(cpu_seconds(p) for p in pids) - cpu0
-        client_cpu = time.process_time() - client0
-    return _unicast(sent, accepted, codes, base, seen, t0, cpu, client_cpu)
+    then ``--pushes`` times to random devices, ``--window`` in flight,
+    through ``pushy-pusher`` (the push library of ``PushClient(redis=)``)."""
+    cmd = [
+        bench.tool_path("pushy-pusher"), "--redis", url, "--prefix", prefix,
+        "--devices", f"p:{len(devices)}", "--warm", "--count", str(args.pushes),
+        "--window", str(args.window), "--node-pids", ",".join(map(str, pids)),
+    ]  # fmt: skip
+    report = bench_direct._pusher(cmd, tmp / "pusher.stderr",
+                                  len(devices) + args.pushes, say)
+    warm = int(report["warm"]["codes"].get("200", 0))
+    codes = {str(k): int(v) for k, v in report["codes"].items()}
+    accepted = codes.get("200", 0)
+    seen = _wait_pushes(gen, warm + accepted)
+    return _unicast(args.pushes, accepted, codes, {"received": warm, "last_ns": 0},
+                    seen, int(report["t0_ns"]), float(report["node_cpu_s"]),
+                    float(report["cpu_s"]))
 
 
 def _nchan_side(
