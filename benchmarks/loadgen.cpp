@@ -102,11 +102,16 @@
 #include <utility>
 #include <vector>
 
+#include "bench_util.hpp"
+
 #ifndef IP_BIND_ADDRESS_NO_PORT
 #define IP_BIND_ADDRESS_NO_PORT 24
 #endif
 
 namespace {
+
+using pushy_bench::now_ns;
+using pushy_bench::percentile;
 
 constexpr std::size_t max_connections = 19000;
 constexpr std::size_t scratch_size = 64 * 1024;
@@ -115,13 +120,6 @@ constexpr std::uint64_t signal_tag = ~std::uint64_t{0};
 constexpr std::string_view ws_guid = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
 // ------------------------------------------------------------ utilities
-
-// Returns CLOCK_MONOTONIC in nanoseconds.
-std::uint64_t now_ns() {
-    timespec ts{};
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return std::uint64_t(ts.tv_sec) * 1'000'000'000u + ts.tv_nsec;
-}
 
 // Returns the symbolic name of an errno value ("ECONNREFUSED"), or its
 // number when it has none.
@@ -287,14 +285,6 @@ class mask_source {
   private:
     std::uint64_t s_ = 1;
 };
-
-// Returns the nearest-rank percentile `q` (0..1) of sorted `v`, or 0.
-std::uint32_t percentile(const std::vector<std::uint32_t>& v, double q) {
-    if (v.empty()) return 0;
-    std::size_t rank = std::size_t(q * double(v.size()) + 0.999999);
-    rank = std::clamp<std::size_t>(rank, 1, v.size());
-    return v[rank - 1];
-}
 
 // ------------------------------------------------------------ options
 

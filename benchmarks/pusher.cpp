@@ -39,17 +39,14 @@
 #include <thread>
 #include <vector>
 
+#include "bench_util.hpp"
 #include "pushy/config.hpp"
 #include "pushy/push_client.hpp"
 
 namespace {
 
-// Returns CLOCK_MONOTONIC in nanoseconds.
-std::uint64_t now_ns() {
-    timespec ts{};
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return std::uint64_t(ts.tv_sec) * 1'000'000'000u + ts.tv_nsec;
-}
+using pushy_bench::now_ns;
+using pushy_bench::percentile;
 
 // Sleeps until CLOCK_MONOTONIC reaches `ns`.
 void sleep_until(std::uint64_t ns) {
@@ -222,14 +219,6 @@ options parse(int argc, char** argv) {
     if (o.rate > 0 && o.seconds <= 0) bad("--seconds must be above 0");
     if (o.data_bytes > 65536) bad("--data-bytes must be at most 65536");
     return o;
-}
-
-// Nearest-rank percentile `q` of sorted `v`, or 0.
-std::uint32_t percentile(const std::vector<std::uint32_t>& v, double q) {
-    if (v.empty()) return 0;
-    std::size_t rank = std::size_t(q * double(v.size()) + 0.999999);
-    rank = std::clamp<std::size_t>(rank, 1, v.size());
-    return v[rank - 1];
 }
 
 // What the answers told; written on the client's thread, read after

@@ -158,6 +158,10 @@ def test_bench_latency_paces_open_loop_and_measures_at_the_devices(
         assert device["count"] == sent
         assert 0 < device["p50"] <= device["p99"] <= device["p99.9"] <= device["max"]
         assert phase["summary"]["failed"] == 0
+        # The host's floor, measured in the same run: two bare hops.
+        floor = run["floor_us"]
+        assert floor["hops"] == 2 and floor["count"] == max(100, sent)
+        assert 0 < floor["from_send_us"]["p50"] <= floor["from_due_us"]["p99"]
     assert (tmp_path / "latency.png").stat().st_size > 0
 
 

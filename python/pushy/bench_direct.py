@@ -172,6 +172,7 @@ def run_latency(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
                 mode = ["--rate", str(rate), "--seconds", str(args.seconds)]
                 run = _direct_run(index, url, args, sizes, tokens, addrs, tmp,
                                   mode, say, "l", int(rate * args.seconds))
+                run["floor_us"] = _floor(rate, args.seconds)
                 runs.append(run)
                 dev, ans = run["device_latency_us"], run["answer_latency_us"]
                 say(f"  run {index}: {run['delivered']:,}/{run['sent']:,} "
@@ -179,7 +180,9 @@ def run_latency(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
                     f"p50 {dev['p50']:,} us, p99 {dev['p99']:,} us, p99.9 "
                     f"{dev['p99.9']:,} us; answer p50 {ans['p50']:,} us, p99 "
                     f"{ans['p99']:,} us; node CPU {run['node_cpu_s_per_1m']:.2f} "
-                    f"s per 1M")
+                    f"s per 1M; the host's floor (2 bare hops) p50 "
+                    f"{run['floor_us']['from_due_us']['p50']:,} us, p99 "
+                    f"{run['floor_us']['from_due_us']['p99']:,} us")
             stat = bench._spread(runs)
             summary = {
                 "device_p50_us": stat(lambda r: r["device_latency_us"]["p50"]),
@@ -188,6 +191,8 @@ def run_latency(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
                 "answer_p50_us": stat(lambda r: r["answer_latency_us"]["p50"]),
                 "answer_p99_us": stat(lambda r: r["answer_latency_us"]["p99"]),
                 "answer_p99.9_us": stat(lambda r: r["answer_latency_us"]["p99.9"]),
+                "floor_p50_us": stat(lambda r: r["floor_us"]["from_due_us"]["p50"]),
+                "floor_p99_us": stat(lambda r: r["floor_us"]["from_due_us"]["p99"]),
                 "sent_per_s": stat(lambda r: r["sent_per_s"]),
                 "node_cpu_s_per_1m": stat(lambda r: r["node_cpu_s_per_1m"]),
                 "failed": sum(r["sent"] - r["delivered"] for r in runs),
@@ -278,6 +283,21 @@ def _direct_run(
         "route_cache": {"hits": report["cache_hits"],
                         "misses": report["cache_misses"]},
     }
+
+
+def _floor(rate: float, seconds: float) -> dict[str, Any]:
+    """The host's floor at ``rate``: ``pushy-hops``, a message relayed by
+    bare processes over two loopback TCP hops (the shape of service ->
+    node -> device), for at most ``seconds`` (and 50,000 messages)."""
+    count = max(100, min(50_000, int(rate * seconds)))
+    cmd = [bench.tool_path("pushy-hops"), "--hops", "2", "--rate", str(rate),
+           "--count", str(count)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                              timeout=60 + count / rate)
+        return dict(json.loads(done.stdout))
+    except (subprocess.TimeoutExpired, ValueError):
+        raise benchkit.BenchError("pushy-hops gave no report") from None
 
 
 def _pusher(
@@ -389,5 +409,7 @@ def _latency_plot(phases: list[dict[str, Any]], path: Path) -> None:
         rate = f"{p['rate']:,.0f}/s"
         groups.append((f"{rate} at the device", p["summary"], "device_{}_us"))
         groups.append((f"{rate} answer", p["summary"], "answer_{}_us"))
+        groups.append((f"{rate} 2 bare hops", p["runs"][0]["floor_us"]["from_due_us"],
+                       "{}"))
     bench._percentile_bars(groups, "from due time (us)",
                            "pushy bench latency (median of runs)", path)
