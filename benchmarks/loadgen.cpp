@@ -75,6 +75,7 @@
 #include <signal.h>
 #include <sys/epoll.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/random.h>
 #include <sys/resource.h>
 #include <sys/signalfd.h>
@@ -2054,6 +2055,9 @@ class http_publisher {
 // Parses the options, runs the generator and returns its exit code.
 int main(int argc, char** argv) {
     options o = parse_options(argc, argv);
+    // End with the benchmark that started it, even if that one is killed:
+    // SIGTERM closes the connections and reports, as at the end of a hold.
+    prctl(PR_SET_PDEATHSIG, SIGTERM);
     if (o.publish > 0) {
         http_publisher pub(o);
         return pub.run();

@@ -20,6 +20,7 @@
 // answers by code, the latency from due time to answer, and this
 // process's CPU time.
 
+#include <signal.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <unistd.h>
@@ -414,6 +415,8 @@ int main(int argc, char** argv) {
     auto opt = parse(argc, argv);
     // Timers fire when due, not up to 50 us later (the default slack).
     prctl(PR_SET_TIMERSLACK, 1UL, 0, 0, 0);
+    // End with the benchmark that started it, even if that one is killed.
+    prctl(PR_SET_PDEATHSIG, SIGTERM);
     try {
         pusher p(opt);
         // Progress on stderr every half second, for the benchmark's bar.

@@ -462,8 +462,8 @@ def _say_summary(summary: dict[str, Any], say: Any, indent: str = "  ") -> None:
     rows = []
     for key, s in summary.items():
         if isinstance(s, dict) and "median" in s:
-            rows.append((key, f"{s['median']:,.1f}", f"{s['min']:,.1f}",
-                         f"{s['max']:,.1f}"))
+            values = (s["median"], s["min"], s["max"])
+            rows.append((key, *(_figure(v, values) for v in values)))
         elif isinstance(s, bool):
             rows.append((key, 'yes' if s else 'no', '', ''))
         elif isinstance(s, int):
@@ -472,6 +472,16 @@ def _say_summary(summary: dict[str, Any], say: Any, indent: str = "  ") -> None:
             rows.append((key, str(s), "", ""))
     for line in benchkit.figure_table(rows, ("figure", "median", "min", "max")):
         say(indent + line)
+
+
+def _figure(v: float, row: tuple[float, ...]) -> str:
+    """``v`` as the table shows it: whole numbers without decimals, small
+    ones with two, the rest with one (the same for every cell of a row)."""
+    if all(float(x).is_integer() for x in row):
+        return f"{v:,.0f}"
+    if max(abs(x) for x in row) < 100:
+        return f"{v:,.2f}"
+    return f"{v:,.1f}"
 
 
 def _plot(runs: list[dict[str, Any]], path: Path) -> None:
@@ -488,15 +498,67 @@ def _plot(runs: list[dict[str, Any]], path: Path) -> None:
     _save(plt, fig, ax, path)
 
 
+class _Stopped(BaseException):
+    """SIGTERM reached ``pushy bench``: unwind like Ctrl-C, stopping every
+    process the scenario started."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise _Stopped
+
+
+def _check_common(args: argparse.Namespace) -> None:
+    """Check the options every scenario shares before anything starts:
+    the results folder can be written, and the node options are in range.
+
+    Raises:
+        PushyError: one is not.
+    """
+    out = Path(args.results)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".pushy-bench-probe"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise PushyError(f"--results {args.results!r} cannot be written: "
+                         f"{exc.strerror or exc}") from None
+    threads = getattr(args, "threads", 1)
+    if not 1 <= threads <= 64:
+        raise PushyError(f"--threads must be 1-64, got {threads}")
+    ttl = getattr(args, "registry_ttl_s", 30)
+    if not ttl > 0:
+        raise PushyError(f"--registry-ttl-s must be above 0, got {ttl:g}")
+    nodes = getattr(args, "nodes", 1)
+    if nodes > _MAX_NODES:
+        raise PushyError(f"--nodes must be at most {_MAX_NODES} on one host, "
+                         f"got {nodes}")
+
+
+#: Node processes one scenario starts at most: 64 hold over a million
+#: connections, more than this host has memory for.
+_MAX_NODES = 64
+
+
 def _cli(run: Any) -> Any:
-    """The ``pushy bench`` handler of scenario ``run``: exit 1 on a failure."""
+    """The ``pushy bench`` handler of scenario ``run``: exit 1 on a failure,
+    130 when interrupted (Ctrl-C or SIGTERM, after stopping what it
+    started)."""
 
     def handler(args: argparse.Namespace) -> int:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
         try:
+            _check_common(args)
             run(args)
         except PushyError as exc:
             print(f"pushy: error: {exc}", file=sys.stderr)
             return 1
+        except (KeyboardInterrupt, _Stopped):
+            print("pushy: interrupted; the benchmark's processes were stopped",
+                  file=sys.stderr)
+            return 130
+        finally:
+            signal.signal(signal.SIGTERM, previous)
         return 0
 
     return handler
@@ -580,6 +642,12 @@ def _d2d_run(
         procs.append(senders)
         _wait_ready(senders, "senders")
         cpu0 = sum(cpu_seconds(p) for p in pids)
+        started = time.monotonic()
+        with benchkit.Progress("sending", args.seconds, say,
+                               unit="s of sending") as progress:
+            while senders.poll() is None and time.monotonic() - started < args.seconds:
+                time.sleep(0.25)
+                progress.update(min(time.monotonic() - started, args.seconds))
         report = _finish(senders, args.seconds + 60)["d2d"]
         cpu = sum(cpu_seconds(p) for p in pids) - cpu0
         after = _node_stats(node_a)["d2d"]

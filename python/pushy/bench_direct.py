@@ -84,8 +84,10 @@ def _add_direct_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _check(args: argparse.Namespace) -> tuple[list[int], list[str]]:
-    if not 0 <= args.data_bytes <= 65536:
-        raise PushyError("--data-bytes must be 0-65536")
+    # A push's data is at most the node's max_push_bytes (64 KiB) with its
+    # {"ts":...} around the padding.
+    if not 0 <= args.data_bytes <= 65_000:
+        raise PushyError("--data-bytes must be 0-65000")
     return bench._plan(args)
 
 
@@ -159,6 +161,9 @@ def run_latency(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
         raise PushyError(f"--rates must be numbers, got {args.rates!r}") from None
     if not rates or min(rates) <= 0 or args.seconds <= 0:
         raise PushyError("--rates and --seconds must be above 0")
+    if max(rates) > 200_000 or max(rates) * args.seconds > 10_000_000:
+        raise PushyError("--rates must be at most 200000 pushes/s, and at most "
+                         "10,000,000 pushes per run (--rates x --seconds)")
     sizes, addrs = _check(args)
     phases: list[dict[str, Any]] = []
     with bench._workspace(args) as (url, tmp, _):
@@ -309,7 +314,8 @@ def _pusher(
     with open(stderr_path, "wb") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
     try:
-        with benchkit.Progress("pushing", total, say, unit="answered") as progress:
+        with benchkit.Progress("pushing", total, say,
+                               unit="answered (warm-up included)") as progress:
             while proc.poll() is None:
                 if time.monotonic() > deadline:
                     raise benchkit.BenchError("pushy-pusher did not end within 900 s")

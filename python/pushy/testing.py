@@ -38,12 +38,13 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
-from .cluster import Cluster, NodeProcess, free_port
+from .cluster import Cluster, NodeProcess, _stop_with_parent, free_port
 from .device import DeviceClient
 from .errors import PushyError
 from .node import Node
@@ -268,6 +269,12 @@ class RedisServer:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
+                # It stops with the script that started it, even one killed.
+                preexec_fn=(
+                    _stop_with_parent
+                    if threading.current_thread() is threading.main_thread()
+                    else None
+                ),
             )
         self._state["process"] = process = self.process
 
