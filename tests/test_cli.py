@@ -28,7 +28,7 @@ FLAG_SECRET = "flag-secret-" + "a" * 52
 
 LISTENING = re.compile(
     r"pushy: node (?P<node>\S+) listening: "
-    r"devices (?P<url>ws://\S+), push (?P<push_url>http://\S+)"
+    r"devices (?P<url>wss?://\S+), push (?P<push_url>http://\S+)"
 )
 
 #: Loopback on free ports: what every ``serve`` here needs unless it says.

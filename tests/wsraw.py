@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import socket
+import ssl
 import struct
 import time
 from collections.abc import Iterable, Mapping
@@ -211,12 +212,23 @@ class RawWebSocket:
         port: the node's device port.
         timeout: default deadline of each read, in seconds; ``scaled(5)``
             when ``None``.
+        tls: speak TLS with this client context (a node with ``tls_cert``);
+            the handshake is done before the constructor returns.
     """
 
-    def __init__(self, host: str, port: int, timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.timeout = scaled(5) if timeout is None else timeout
-        self.sock = socket.create_connection((host, port), timeout=self.timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = socket.create_connection((host, port), timeout=self.timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls is not None:
+            sock = tls.wrap_socket(sock, server_hostname=host)
+        self.sock = sock
         self._buf = bytearray()
         self._eof = False
         #: Bytes the server sent between the last read and the end of TCP.
@@ -318,6 +330,8 @@ class RawWebSocket:
             raise TimeoutError("no data from the server in time") from None
         except ConnectionResetError:
             raise ServerClosed("reset") from None
+        except ssl.SSLEOFError:
+            raise ServerClosed("eof") from None
         if not data:
             self._eof = True
             raise ServerClosed("eof")
@@ -456,8 +470,10 @@ def open_device(
     token: str,
     host: str = "127.0.0.1",
     timeout: float | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> tuple[RawWebSocket, Any]:
-    """Connect a device with ``token`` and read its ``hello``.
+    """Connect a device with ``token`` (over TLS with ``tls``) and read its
+    ``hello``.
 
     Returns:
         The socket, ready for frames, and the ``hello`` message.
@@ -465,7 +481,7 @@ def open_device(
     Raises:
         AssertionError: the upgrade was not answered with 101.
     """
-    ws = RawWebSocket(host, port, timeout)
+    ws = RawWebSocket(host, port, timeout, tls)
     try:
         response = ws.upgrade(upgrade_headers(host, token=token))
         assert response.status == 101, (response.status, response.text)

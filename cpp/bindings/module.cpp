@@ -74,6 +74,9 @@ pushy::node_config config_from(const py::dict& d) {
         else if (key == "algorithm") str(c.algorithm);
         else if (key == "audience") str(c.audience);
         else if (key == "node_id") str(c.node_id);
+        else if (key == "tls_cert") str(c.tls_cert);
+        else if (key == "tls_key") str(c.tls_key);
+        else if (key == "tls_handshake_timeout_s") num(c.tls_handshake_timeout_s);
         else if (key == "redis") str(c.redis);
         else if (key == "redis_prefix") str(c.redis_prefix);
         else if (key == "peer_host") str(c.peer_host);

@@ -65,6 +65,8 @@ _SERVE_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--secret", "secret", str, "HS256 token secret (prefer PUSHY_SECRET)"),
     ("--algorithm", "algorithm", str, "token algorithm [HS256]"),
     ("--audience", "audience", str, "required 'aud' claim of tokens"),
+    ("--tls-cert", "tls_cert", str, "PEM certificate chain: wss:// [plain ws://]"),
+    ("--tls-key", "tls_key", str, "PEM private key of --tls-cert"),
     ("--redis", "redis", str, "Redis URL of the registry [embedded one]"),
     ("--redis-prefix", "redis_prefix", str, "prefix of Redis keys [pushy:]"),
     ("--peer-host", "peer_host", str, "address of the peer link [127.0.0.1]"),
@@ -76,6 +78,8 @@ _SERVE_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--pong-timeout-s", "pong_timeout_s", float, "pong deadline [15]"),
     ("--lifetime-s", "lifetime_s", float, "connection lifetime [1800]"),
     ("--upgrade-timeout-s", "upgrade_timeout_s", float, "upgrade deadline [10]"),
+    ("--tls-handshake-timeout-s", "tls_handshake_timeout_s", float,
+     "TLS handshake deadline [10]"),
     ("--close-timeout-s", "close_timeout_s", float, "closing deadline [5]"),
     ("--max-message-bytes", "max_message_bytes", int, "device message [65536]"),
     ("--max-push-bytes", "max_push_bytes", int, "push body [65536]"),
@@ -137,6 +141,8 @@ def _add_node_options(
             metavar = "S" if dest.endswith("_s") else "R"
         elif kind is int:
             metavar = "N"
+        elif dest.startswith("tls_"):
+            metavar = "FILE"
         else:
             metavar = flag.removeprefix("--").upper().replace("-", "_")
         if dest == "algorithm":

@@ -322,6 +322,7 @@ class Cluster:
         _check_options(options, redis=redis, host=host, port=port)
         self.port = port or free_port(host)
         self.host = host
+        self._scheme = "wss" if options.get("tls_cert") else "ws"
         self.start_timeout = start_timeout
         env = dict(os.environ)
         if secret is not None:
@@ -358,8 +359,9 @@ class Cluster:
 
     @property
     def url(self) -> str:
-        """The shared device WebSocket URL (as each node prints it)."""
-        return f"ws://{http_host(self.host)}:{self.port}/v1/connect"
+        """The shared device WebSocket URL (as each node prints it):
+        ``wss://`` with ``tls_cert``."""
+        return f"{self._scheme}://{http_host(self.host)}:{self.port}/v1/connect"
 
     def start(self) -> Self:
         """Start every node that is not running; wait until each listens.

@@ -54,6 +54,11 @@ class NodeConfig:
         public_key: PEM public key for RS256/ES256 tokens.
         algorithm: token signature algorithm, one of :data:`ALGORITHMS`.
         audience: when set, a token's ``aud`` claim must match it.
+        tls_cert: path of a PEM certificate chain (leaf first): the device
+            port then speaks TLS only (``wss://``). Needs ``tls_key``.
+            Empty (the default): plain WebSocket, for a node behind a TLS
+            terminator or on a private network.
+        tls_key: path of the PEM private key of ``tls_cert``.
         node_id: id of the node; empty picks a random id at start.
         redis: Redis URL of the shared registry
             (``redis://[[user]:password@]host[:port][/db]``); empty runs the
@@ -72,6 +77,8 @@ class NodeConfig:
         pong_timeout_s: seconds to wait for a pong before closing.
         lifetime_s: seconds before a device is asked to reconnect.
         upgrade_timeout_s: deadline of the HTTP upgrade.
+        tls_handshake_timeout_s: deadline of the TLS handshake (with
+            ``tls_cert``), before the upgrade's own.
         close_timeout_s: deadline of the closing handshake.
         max_message_bytes: largest message a device may send.
         max_push_bytes: largest push body a service may send.
@@ -128,6 +135,8 @@ class NodeConfig:
     public_key: str = field(default="", repr=False)
     algorithm: str = "HS256"
     audience: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
     node_id: str = ""
     redis: str = ""
     redis_prefix: str = "pushy:"
@@ -139,6 +148,7 @@ class NodeConfig:
     pong_timeout_s: float = 15.0
     lifetime_s: float = 1800.0
     upgrade_timeout_s: float = 10.0
+    tls_handshake_timeout_s: float = 10.0
     close_timeout_s: float = 5.0
     max_message_bytes: int = 64 * 1024
     max_push_bytes: int = 64 * 1024
@@ -199,8 +209,9 @@ class NodeConfig:
 
         Raises:
             ConfigError: the configuration cannot verify tokens (no secret for
-                an HS algorithm, no public key for RS256/ES256), or the two
-                ports are the same.
+                an HS algorithm, no public key for RS256/ES256), only one of
+                ``tls_cert`` and ``tls_key`` is set, or the two ports are the
+                same.
         """
         if self.algorithm.startswith("HS"):
             if not self.secret:
@@ -211,6 +222,10 @@ class NodeConfig:
         elif not self.public_key:
             raise ConfigError(
                 f"public_key must be set (PEM) for {self.algorithm} tokens"
+            )
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError(
+                "tls_cert and tls_key go together: set both for TLS, or neither"
             )
         if self.port != 0 and self.port == self.push_port:
             raise ConfigError(f"push_port must differ from port, both are {self.port}")
@@ -282,6 +297,7 @@ _POSITIVE_FLOATS = (
     "pong_timeout_s",
     "lifetime_s",
     "upgrade_timeout_s",
+    "tls_handshake_timeout_s",
     "close_timeout_s",
     "push_timeout_s",
     "registry_ttl_s",
@@ -303,6 +319,8 @@ _STRINGS = (
     "public_key",
     "algorithm",
     "audience",
+    "tls_cert",
+    "tls_key",
     "node_id",
     "redis",
     "redis_prefix",

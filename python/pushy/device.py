@@ -20,6 +20,7 @@ import itertools
 import json
 import logging
 import random
+import ssl as ssl_module
 import time
 from collections.abc import Callable, Mapping
 from types import TracebackType
@@ -61,8 +62,8 @@ class DeviceClient:
     """One device connected to a node.
 
     Args:
-        url: the node's device URL, ``ws://HOST:PORT/v1/connect``
-            (:attr:`pushy.Node.url`).
+        url: the node's device URL, ``ws://HOST:PORT/v1/connect``, or
+            ``wss://`` for a node with TLS (:attr:`pushy.Node.url`).
         token: the device's JWT (:func:`pushy.issue_token`).
         device: the device id, for display; taken from ``hello`` when
             ``None``.
@@ -86,6 +87,9 @@ class DeviceClient:
             (the default) to offer no extension.
         origin: an ``Origin`` header, as a browser sends.
         headers: extra HTTP headers of the upgrade request.
+        ssl: the :class:`ssl.SSLContext` of a ``wss://`` URL, e.g. one that
+            trusts a test certificate (``ssl.create_default_context(cafile=
+            ...)``); ``None`` uses the system's trusted certificates.
         reconnect: follow the node's lifecycle (see below); ``False`` (the
             default) keeps one connection, whose end is the client's end.
         reconnect_delay: with ``reconnect``, the first backoff step in
@@ -157,6 +161,7 @@ class DeviceClient:
         compression: str | None = None,
         origin: str | None = None,
         headers: Mapping[str, str] | None = None,
+        ssl: ssl_module.SSLContext | None = None,
         reconnect: bool = False,
         reconnect_delay: float = 0.1,
         reconnect_max_delay: float = 5.0,
@@ -179,6 +184,7 @@ class DeviceClient:
         self.compression = compression
         self.origin = origin
         self.headers = dict(headers or {})
+        self.ssl = ssl
         self._token = token
         self._ws: Any = None
         self._hello: _Message | None = None
@@ -263,6 +269,8 @@ class DeviceClient:
         }
         if self.origin is not None:
             kwargs["origin"] = self.origin
+        if self.ssl is not None and url.startswith("wss:"):
+            kwargs["ssl"] = self.ssl
         kwargs["additional_headers" if not _LEGACY else "extra_headers"] = headers
         if "proxy" in _CONNECT_PARAMS:
             # The node is reached directly; ignore HTTP(S)_PROXY variables.

@@ -352,8 +352,10 @@ class Node:
 
     @property
     def url(self) -> str:
-        """The device WebSocket URL, ``ws://HOST:PORT/v1/connect``."""
-        return f"ws://{self.host}:{self.port}/v1/connect"
+        """The device WebSocket URL, ``ws://HOST:PORT/v1/connect`` (``wss://``
+        with ``tls_cert``)."""
+        scheme = "wss" if self._config.tls_cert else "ws"
+        return f"{scheme}://{self.host}:{self.port}/v1/connect"
 
     @property
     def push_url(self) -> str:

@@ -20,6 +20,11 @@ fixture                 gives
 ``cluster_factory``     ``factory(nodes, redis=URL, **options)`` -> a
                         started :class:`Cluster` of ``pushy serve``
                         processes sharing one device port
+``pushy_tls``           :class:`TLSFiles` in a temporary folder: a test
+                        certificate for ``127.0.0.1`` and ``localhost``
+                        (``tls_cert=``, ``tls_key=`` of a node) and the
+                        client side's ``ssl_context()`` (needs the
+                        ``trustme`` package of the ``test`` extra)
 ======================  ====================================================
 
 Everything started by a fixture is stopped or closed at teardown.
@@ -36,12 +41,15 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import threading
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .cluster import Cluster, NodeProcess, _stop_with_parent, free_port
@@ -57,11 +65,13 @@ __all__ = [
     "RedisServer",
     "TEST_SECRET",
     "TIME_UNIT",
+    "TLSFiles",
     "async_wait_until",
     "free_port",
     "redis_server",
     "running_node",
     "scaled",
+    "tls_files",
     "token_for",
     "wait_until",
 ]
@@ -438,6 +448,62 @@ async def _connect_device(
     return client
 
 
+@dataclass(frozen=True)
+class TLSFiles:
+    """A test certificate and the authority that signed it, as PEM files.
+
+    Attributes:
+        cert: the certificate chain (leaf first): a node's ``tls_cert``.
+        key: its private key: a node's ``tls_key``.
+        ca: the test authority's certificate, which clients must trust.
+    """
+
+    cert: str
+    key: str
+    ca: str
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """A client context that trusts :attr:`ca` (and checks host names):
+        the ``ssl=`` of :class:`pushy.DeviceClient` or ``websockets``."""
+        return ssl.create_default_context(cafile=self.ca)
+
+
+def tls_files(
+    directory: str | os.PathLike[str],
+    hosts: tuple[str, ...] = ("127.0.0.1", "localhost"),
+) -> TLSFiles:
+    """Write a test certificate authority and a certificate for ``hosts``
+    (ECDSA P-256, the cheapest to handshake) into ``directory``.
+
+    For tests and benchmarks only: nothing but the clients given
+    :meth:`TLSFiles.ssl_context` trusts it.
+
+    Raises:
+        PushyError: the ``trustme`` package is not installed.
+    """
+    try:
+        import trustme
+    except ImportError:
+        raise PushyError(
+            "test certificates need the trustme package "
+            "(pip install 'pushy[test]' or pip install trustme)"
+        ) from None
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    authority = trustme.CA(key_type=trustme.KeyType.ECDSA)
+    issued = authority.issue_cert(*hosts, key_type=trustme.KeyType.ECDSA)
+    files = TLSFiles(
+        cert=str(folder / "cert.pem"),
+        key=str(folder / "key.pem"),
+        ca=str(folder / "ca.pem"),
+    )
+    Path(files.cert).write_bytes(b"".join(b.bytes() for b in issued.cert_chain_pems))
+    issued.private_key_pem.write_to_path(files.key)
+    os.chmod(files.key, 0o600)
+    authority.cert_pem.write_to_path(files.ca)
+    return files
+
+
 # The pytest plugin. pytest is imported only when it is there, and
 # pytest-asyncio only for the async fixture, so that the helpers above work
 # without either.
@@ -479,6 +545,11 @@ if pytest is not None:
         yield factory
         for node in reversed(nodes):
             node.stop()
+
+    @pytest.fixture
+    def pushy_tls(tmp_path: Path) -> TLSFiles:
+        """A test certificate for ``127.0.0.1`` and ``localhost``."""
+        return tls_files(tmp_path / "tls")
 
     @pytest.fixture(name="redis_server")
     def _redis_server_fixture() -> Iterator[RedisServer]:

@@ -39,6 +39,12 @@ struct node_config {
     std::string algorithm = "HS256";
     std::string audience;
 
+    // TLS on the device port (wss://): the PEM certificate chain (leaf
+    // first) and the PEM private key, both files or neither. Empty: plain
+    // WebSocket (ws://), for a node behind a TLS terminator.
+    std::string tls_cert;
+    std::string tls_key;
+
     // Empty: a random id is chosen at start.
     std::string node_id;
 
@@ -61,6 +67,7 @@ struct node_config {
     double pong_timeout_s = 15;
     double lifetime_s = 1800;
     double upgrade_timeout_s = 10;
+    double tls_handshake_timeout_s = 10;
     double close_timeout_s = 5;
 
     std::size_t max_message_bytes = 64 * 1024;

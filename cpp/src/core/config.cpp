@@ -39,6 +39,11 @@ void node_config::validate() const {
     require(pong_timeout_s > 0, "pong_timeout_s must be positive");
     require(lifetime_s > 0, "lifetime_s must be positive");
     require(upgrade_timeout_s > 0, "upgrade_timeout_s must be positive");
+    require(tls_handshake_timeout_s > 0,
+            "tls_handshake_timeout_s must be positive");
+    require(tls_cert.empty() == tls_key.empty(),
+            "tls_cert and tls_key go together: set both for TLS, or "
+            "neither");
     require(close_timeout_s > 0, "close_timeout_s must be positive");
     require(push_timeout_s > 0, "push_timeout_s must be positive");
     require(d2d_rate > 0, "d2d_rate must be positive");

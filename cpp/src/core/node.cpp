@@ -12,6 +12,7 @@
 #include "http/push_server.hpp"
 #include "net/acceptor.hpp"
 #include "net/session.hpp"
+#include "net/tls.hpp"
 #include "net/upgrade.hpp"
 #include "routing/fleet.hpp"
 
@@ -227,6 +228,10 @@ void node_impl::start() {
     verifier_ = std::make_unique<auth::jwt_verifier>(
         cfg_.algorithm, hs ? cfg_.secret : cfg_.public_key, cfg_.audience);
     node_id_ = cfg_.node_id.empty() ? random_node_id() : cfg_.node_id;
+    tls_.reset();
+    if (!cfg_.tls_cert.empty()) {
+        tls_ = std::make_unique<tls::context>(cfg_.tls_cert, cfg_.tls_key);
+    }
 
     unsigned n = cfg_.threads;
     if (n == 0) n = std::max(1u, std::thread::hardware_concurrency());
@@ -281,9 +286,10 @@ void node_impl::start() {
     }
     running_ = true;
     if (fleet_) fleet_->start();
-    PUSHY_INFO("node {} listening: devices ws://{}:{}/v1/connect, push "
+    PUSHY_INFO("node {} listening: devices {}://{}:{}/v1/connect, push "
                "http://{}:{} ({} io thread{}){}",
-               node_id_, cfg_.host, port_, cfg_.push_host, push_port_, n,
+               node_id_, tls_ ? "wss" : "ws", cfg_.host, port_,
+               cfg_.push_host, push_port_, n,
                n == 1 ? "" : "s",
                fleet_ ? ", peer " + fleet_->peer_address() : std::string());
 }

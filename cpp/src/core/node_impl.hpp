@@ -25,6 +25,9 @@ namespace pushy {
 class device_server;
 class push_server;
 class fleet;
+namespace tls {
+class context;
+}
 
 // The outcome of a push delivered on this node: on the caller's thread,
 // with the push id (0 when none was assigned) and a reason.
@@ -53,6 +56,8 @@ public:
     std::uint16_t peer_port() const noexcept;
     // The fleet on Redis, or null on the embedded registry.
     pushy::fleet* fleet() noexcept { return fleet_.get(); }
+    // The device port's TLS context, or null for plain WebSocket.
+    const tls::context* tls() const noexcept { return tls_.get(); }
 
     // Sends a push to `device` if it is connected to this node; `done` then
     // runs on `home` once the outcome is known. Returns false (and never
@@ -139,6 +144,7 @@ private:
     node_config cfg_;
     std::string node_id_;
     std::unique_ptr<auth::jwt_verifier> verifier_;
+    std::unique_ptr<tls::context> tls_;
     connection_table table_;
     std::vector<std::unique_ptr<io_thread>> threads_;
     std::unique_ptr<device_server> devices_;

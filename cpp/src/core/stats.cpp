@@ -23,6 +23,7 @@ constexpr std::string_view reject_names[] = {
     "bad_ws_key",         "bad_subprotocol",
     "bad_origin",         "headers_too_large",
     "too_many_headers",   "upgrade_timeout",
+    "tls_handshake_failed", "tls_handshake_timeout",
     "too_many_connections", "accept_rate",
     "draining",           "shutting_down",
     "token_missing",
@@ -123,6 +124,8 @@ std::string stats_json(std::string_view node_id, std::size_t connections,
           sum(blocks, [](auto& b) -> auto& { return b.messages_out; }));
     field("pings_sent",
           sum(blocks, [](auto& b) -> auto& { return b.pings_sent; }));
+    field("tls_handshakes",
+          sum(blocks, [](auto& b) -> auto& { return b.tls_handshakes; }));
     s += ",\"reconnects\":{\"lifetime\":";
     s += std::to_string(
         sum(blocks, [](auto& b) -> auto& { return b.reconnects_lifetime; }));

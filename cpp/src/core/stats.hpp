@@ -46,6 +46,8 @@ enum class reject : std::uint8_t {
     headers_too_large,
     too_many_headers,
     upgrade_timeout,
+    tls_handshake_failed,   // bad TLS (plain HTTP on the TLS port, ...)
+    tls_handshake_timeout,
     too_many_connections,
     accept_rate,          // 503: over the accept rate
     draining,             // 503: the node is draining
@@ -103,6 +105,8 @@ struct alignas(64) counters {
     std::atomic<std::uint64_t> messages_in{0};
     std::atomic<std::uint64_t> messages_out{0};
     std::atomic<std::uint64_t> pings_sent{0};
+    // TLS handshakes completed on the device port.
+    std::atomic<std::uint64_t> tls_handshakes{0};
     // Reconnect messages sent (lifetime, drain), and connections closed
     // because they were still open a grace period after theirs.
     std::atomic<std::uint64_t> reconnects_lifetime{0};

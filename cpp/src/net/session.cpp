@@ -4,7 +4,10 @@
 
 #include <algorithm>
 #include <cctype>
+#include <climits>
+#include <cstdint>
 #include <random>
+#include <utility>
 
 #include "core/logging.hpp"
 #include "core/node_impl.hpp"
@@ -51,10 +54,11 @@ session::clock::duration seconds(double s) {
 }  // namespace
 
 session::session(node_impl& node, io_thread& thread, tcp::socket socket,
-                 auth::claims claims)
+                 auth::claims claims, tls::SSL* tls)
     : node_(node),
       thread_(thread),
       socket_(std::move(socket)),
+      tls_(tls),
       reader_(node.config().max_message_bytes),
       device_(std::move(claims.device)),
       account_(std::move(claims.account)),
@@ -72,7 +76,10 @@ session::session(node_impl& node, io_thread& thread, tcp::socket socket,
 
 // The wheel entry and any pending acks are unlinked on the io thread by
 // finish(); this only covers a session that never started.
-session::~session() { timer_wheel::cancel(*this); }
+session::~session() {
+    timer_wheel::cancel(*this);
+    tls::release(tls_);
+}
 
 net::io_context& session::context() noexcept { return thread_.ioc; }
 
@@ -151,7 +158,12 @@ void session::begin(std::string_view leftover, std::string_view response) {
             close(code, "bad frame");
         }
     }
-    do_wait_read();
+    // Through TLS, OpenSSL may hold frames read with the upgrade request.
+    if (tls::pending(tls_)) {
+        read_soon();
+    } else {
+        do_wait_read();
+    }
     // A newer connection on another node registered right after this one
     // and kicked it before it got here.
     if (kicked) close(ws::close_superseded, "superseded by a newer connection");
@@ -170,9 +182,24 @@ void session::do_wait_read() {
                        });
 }
 
-// Drains the socket into the thread's buffer and feeds the frame parser.
-// At most a few buffers per wake-up, so one busy device cannot starve the
-// others on the thread.
+// Reads on the thread's next turn, without waiting for the socket: for
+// bytes it will not signal again (already taken from it by OpenSSL, or
+// left behind by a turn that read its share).
+void session::read_soon() {
+    if (reading_ || state_ == state::closed) return;
+    reading_ = true;
+    net::post(thread_.ioc, [self = shared_from_this()] {
+        self->reading_ = false;
+        self->on_readable({});
+    });
+}
+
+// Drains the socket into the thread's buffer and feeds the frame parser,
+// until the socket has nothing more. At most a few buffers per turn, so
+// one busy device cannot starve the others on the thread: a device with
+// more reads again on its next turn (waiting for the socket would stall
+// it: the reactor's epoll is edge-triggered and would not signal bytes
+// already there).
 void session::on_readable(error_code ec) {
     if (state_ == state::closed) return;
     if (ec) {
@@ -180,16 +207,23 @@ void session::on_readable(error_code ec) {
         return;
     }
     auto& buf = thread_.read_buffer;
-    for (int round = 0; round < 4; ++round) {
-        std::size_t n = socket_.read_some(net::buffer(buf), ec);
-        if (ec == net::error::would_block || ec == net::error::try_again) {
-            break;
+    // Through TLS a read returns at most one record (16 KiB).
+    const int rounds = tls_ ? 16 : 4;
+    for (int round = 0; round < rounds; ++round) {
+        std::size_t n = 0;
+        auto st = tls::read_some(socket_, tls_, buf.data(), buf.size(), n);
+        if (st == tls::io::want_read) return do_wait_read();
+        if (st == tls::io::want_write) {
+            read_wants_write_ = true;
+            if (!writing_) do_wait_write();
+            return;
         }
-        if (ec) {
+        if (st != tls::io::ok) {
             // EOF or reset: a device that vanishes is normal (debug only).
             if (state_ == state::open) {
                 PUSHY_DEBUG("device {} disconnected: {}", device_,
-                            ec.message());
+                            st == tls::io::closed ? "closed"
+                                                  : tls::last_error());
             }
             finish();
             return;
@@ -206,9 +240,10 @@ void session::on_readable(error_code ec) {
                        reject_name(r));
             close(code, reject_name(r));
         }
-        if (n < buf.size()) break;
+        // A plain read shorter than the buffer took all the kernel had.
+        if (!tls_ && n < buf.size()) return do_wait_read();
     }
-    do_wait_read();
+    read_soon();
 }
 
 // ----------------------------------------------------------- frame events
@@ -575,12 +610,16 @@ void session::send_frame(ws::opcode op, std::string_view payload) {
 // Most pushes go out here with one send() and no Asio operation at all.
 void session::flush() {
     if (writing_ || state_ == state::closed) return;
-    error_code ec;
     while (out_offset_ < out_.size()) {
-        std::size_t n = socket_.write_some(
-            net::buffer(out_.data() + out_offset_, out_.size() - out_offset_),
-            ec);
-        if (ec == net::error::would_block || ec == net::error::try_again) {
+        std::size_t size = out_.size() - out_offset_;
+        std::size_t n = 0;
+        auto st = tls::write_some(socket_, tls_, out_.data() + out_offset_,
+                                  size, n);
+        if (st == tls::io::want_write) {
+            if (tls_) {
+                tls_offered_ = static_cast<std::uint32_t>(
+                    std::min<std::size_t>(size, UINT32_MAX));
+            }
             complete_writes();
             do_wait_write();
             // The kernel's buffer is full: the oldest waiting push now has
@@ -588,10 +627,17 @@ void session::flush() {
             if (!waiters_.empty()) schedule_timer();
             return;
         }
-        if (ec) {
+        if (st != tls::io::ok) {
+            // Includes a TLS write that wants a read: renegotiation is off,
+            // so only a broken peer asks for one.
+            if (state_ == state::open) {
+                PUSHY_DEBUG("device {}: write failed: {}", device_,
+                            tls::last_error());
+            }
             finish();
             return;
         }
+        tls_offered_ = 0;
         out_offset_ += n;
         written_ += n;
         counters::bump(thread_.stats.bytes_out, n);
@@ -603,6 +649,9 @@ void session::flush() {
     if (state_ == state::closing) {
         // Our close frame is out; half-close so the device sees the end
         // and answers, while we read its close frame (RFC 6455 7.1.1).
+        // Through TLS the close_notify goes first (RFC 8446 6.1).
+        tls::shutdown(tls_);
+        error_code ec;
         socket_.shutdown(tcp::socket::shutdown_send, ec);
     }
 }
@@ -644,6 +693,10 @@ void session::on_writable(error_code ec) {
         return;
     }
     flush();
+    if (read_wants_write_ && state_ != state::closed) {
+        read_wants_write_ = false;
+        on_readable({});
+    }
 }
 
 // Reports every push whose frame the kernel has fully taken. One that asked
@@ -732,6 +785,7 @@ void session::finish() {
     }
     error_code ec;
     socket_.close(ec);
+    tls::release(std::exchange(tls_, nullptr));
     std::string().swap(out_);
     if (started_) {
         node_.live_sessions.fetch_sub(1, std::memory_order_relaxed);
@@ -745,9 +799,11 @@ void session::finish() {
 void session::drop_slow_consumer(push_outcome o, std::string_view why) {
     // out_ always starts on a frame boundary (it is only emptied when fully
     // written), so walking our own unmasked headers from its start finds
-    // the end of the frame that holds out_offset_.
+    // the end of the frame that holds out_offset_. Through TLS, bytes
+    // already framed into a pending record are kept whole too.
+    std::size_t keep = out_offset_ + tls_offered_;
     std::size_t cut = 0;
-    while (cut < out_offset_ && cut + 2 <= out_.size()) {
+    while (cut < keep && cut + 2 <= out_.size()) {
         auto b = reinterpret_cast<const unsigned char*>(out_.data() + cut);
         std::uint64_t len = b[1] & 0x7f;
         std::size_t head = 2;

@@ -24,6 +24,7 @@
 #include "auth/jwt_verifier.hpp"
 #include "core/timer_wheel.hpp"
 #include "net/push_request.hpp"
+#include "net/tls.hpp"
 #include "net/ws_codec.hpp"
 #include "routing/d2d.hpp"
 
@@ -39,8 +40,10 @@ public:
     using tcp = boost::asio::ip::tcp;
     using clock = std::chrono::steady_clock;
 
+    // `tls` (owned from now on) is the connection's TLS state, or null
+    // for a plain one.
     session(node_impl& node, io_thread& thread, tcp::socket socket,
-            auth::claims claims);
+            auth::claims claims, tls::SSL* tls = nullptr);
     ~session() override;
 
     // Registers the device (superseding an older connection), sends the
@@ -108,6 +111,7 @@ private:
     void on_close(std::uint16_t code, std::string_view reason) override;
 
     void do_wait_read();
+    void read_soon();
     void on_readable(boost::system::error_code ec);
     void do_wait_write();
     void on_writable(boost::system::error_code ec);
@@ -137,6 +141,7 @@ private:
     node_impl& node_;
     io_thread& thread_;
     tcp::socket socket_;
+    tls::SSL* tls_;  // null for a plain connection
     ws::ws_reader reader_;
     std::string device_;
     std::string account_;
@@ -172,6 +177,13 @@ private:
     bool draining_ = false;
     bool registered_ = false;
     bool started_ = false;
+    // A TLS read that must write first (a key update while the kernel's
+    // buffer is full): reading resumes once the socket is writable.
+    bool read_wants_write_ = false;
+    // Through TLS: the bytes offered to the write that the kernel did not
+    // take whole. OpenSSL has framed them into a record already, so they
+    // must be offered again as they are (see drop_slow_consumer).
+    std::uint32_t tls_offered_ = 0;
 };
 
 }  // namespace pushy

@@ -1,20 +1,21 @@
 #include "net/upgrade.hpp"
 
-#include <boost/asio/write.hpp>
 #include <boost/beast/core/flat_buffer.hpp>
-#include <boost/beast/core/tcp_stream.hpp>
+#include <boost/beast/core/string.hpp>
 #include <boost/beast/http/empty_body.hpp>
 #include <boost/beast/http/parser.hpp>
-#include <boost/beast/http/read.hpp>
 #include <boost/beast/http/rfc7230.hpp>
 
+#include <chrono>
 #include <optional>
+#include <utility>
 
 #include "core/logging.hpp"
 #include "core/node_impl.hpp"
 #include "detail/json_out.hpp"
 #include "detail/url.hpp"
 #include "net/session.hpp"
+#include "net/tls.hpp"
 #include "net/ws_codec.hpp"
 
 namespace pushy {
@@ -55,41 +56,150 @@ bool has_token(std::string_view value, std::string_view token) {
     return false;
 }
 
-class upgrade : public std::enable_shared_from_this<upgrade> {
+class upgrade : public std::enable_shared_from_this<upgrade>,
+                public timer_entry {
 public:
-    upgrade(node_impl& node, io_thread& thread, net::ip::tcp::socket s)
+    using tcp = net::ip::tcp;
+    using clock = std::chrono::steady_clock;
+
+    upgrade(node_impl& node, io_thread& thread, tcp::socket s)
         : node_(node),
           thread_(thread),
-          stream_(std::move(s)),
+          socket_(std::move(s)),
           buffer_(node.config().max_header_bytes + 4096) {
         node_.pending_upgrades.fetch_add(1, std::memory_order_relaxed);
+        fire = &upgrade::on_timer;
     }
 
     ~upgrade() {
+        timer_wheel::cancel(*this);
+        tls::release(tls_);
         node_.pending_upgrades.fetch_sub(1, std::memory_order_relaxed);
     }
 
+    // Starts with the TLS handshake when the node has TLS, else with the
+    // request.
     void run() {
-        parser_.emplace();
-        parser_->header_limit(
-            static_cast<std::uint32_t>(node_.config().max_header_bytes));
-        stream_.expires_after(std::chrono::duration_cast<
-                              std::chrono::steady_clock::duration>(
-            std::chrono::duration<double>(node_.config().upgrade_timeout_s)));
-        http::async_read_header(
-            stream_, buffer_, *parser_,
-            [self = shared_from_this()](error_code ec, std::size_t) {
-                self->on_read(ec);
-            });
+        error_code ec;
+        socket_.non_blocking(true, ec);
+        if (auto* ctx = node_.tls()) {
+            tls_ = ctx->accept_on(socket_.native_handle());
+            if (!tls_) {
+                PUSHY_WARN("TLS: cannot make a connection: {}",
+                           tls::last_error());
+                return close();
+            }
+            phase_ = phase::handshake;
+            arm(node_.config().tls_handshake_timeout_s);
+            return do_handshake();
+        }
+        start_request();
     }
 
 private:
-    void on_read(error_code ec) {
-        if (ec == beast::error::timeout) {
+    enum class phase : std::uint8_t { handshake, request, answer, drain };
+
+    // The deadline of the current phase, on the thread's wheel: no timer
+    // of its own.
+    void arm(double seconds) {
+        thread_.wheel.schedule(
+            *this, clock::now() + std::chrono::duration_cast<clock::duration>(
+                                      std::chrono::duration<double>(seconds)));
+    }
+
+    static void on_timer(timer_entry* e) {
+        static_cast<upgrade*>(e)->on_deadline();
+    }
+
+    // The phase took too long: the connection is closed without an answer
+    // (its pending wait ends with operation_aborted, releasing this).
+    void on_deadline() {
+        if (phase_ == phase::handshake) {
+            thread_.stats.count(reject::tls_handshake_timeout);
+            PUSHY_DEBUG("TLS handshake timed out");
+        } else if (phase_ == phase::request) {
             thread_.stats.count(reject::upgrade_timeout);
             PUSHY_DEBUG("upgrade timed out");
-            return;
         }
+        close();
+    }
+
+    void close() {
+        timer_wheel::cancel(*this);
+        error_code ec;
+        socket_.close(ec);
+    }
+
+    // Waits until the socket can be read (or written, for `want_write`)
+    // and calls `next`; nothing once the connection is closed.
+    void wait(tls::io want, void (upgrade::*next)()) {
+        auto w = want == tls::io::want_write ? tcp::socket::wait_write
+                                             : tcp::socket::wait_read;
+        socket_.async_wait(w, [self = shared_from_this(), next](error_code ec) {
+            if (ec || !self->socket_.is_open()) return;
+            ((*self).*next)();
+        });
+    }
+
+    void do_handshake() {
+        switch (auto st = tls::handshake(tls_)) {
+            case tls::io::ok:
+                counters::bump(thread_.stats.tls_handshakes);
+                return start_request();
+            case tls::io::want_read:
+            case tls::io::want_write: return wait(st, &upgrade::do_handshake);
+            default:
+                // Plain HTTP to the TLS port, a client that rejects the
+                // certificate, a scanner: counted, logged at debug.
+                thread_.stats.count(reject::tls_handshake_failed);
+                PUSHY_DEBUG("TLS handshake failed: {}", tls::last_error());
+                return close();
+        }
+    }
+
+    void start_request() {
+        phase_ = phase::request;
+        parser_.emplace();
+        parser_->header_limit(
+            static_cast<std::uint32_t>(node_.config().max_header_bytes));
+        arm(node_.config().upgrade_timeout_s);
+        do_read();
+    }
+
+    // Reads until the request header is whole, then checks it. Bytes past
+    // the header (the device's first frames, if it was quick) stay in
+    // buffer_ for the session.
+    void do_read() {
+        for (;;) {
+            std::size_t room = buffer_.max_size() - buffer_.size();
+            if (room == 0) break;  // the parser reports header_limit below
+            auto space = buffer_.prepare(std::min<std::size_t>(room, 4096));
+            std::size_t n = 0;
+            auto st = tls::read_some(socket_, tls_,
+                                     static_cast<char*>(space.data()),
+                                     space.size(), n);
+            if (st == tls::io::want_read || st == tls::io::want_write) {
+                return wait(st, &upgrade::do_read);
+            }
+            // A client that leaves before its request is whole is no
+            // error of ours.
+            if (st != tls::io::ok) return close();
+            buffer_.commit(n);
+            error_code ec;
+            std::size_t used = parser_->put(buffer_.data(), ec);
+            buffer_.consume(used);
+            if (ec == http::error::need_more) continue;
+            if (ec) return on_bad_request(ec);
+            if (parser_->is_header_done()) break;
+        }
+        if (!parser_->is_header_done()) {
+            return on_bad_request(http::error::header_limit);
+        }
+        timer_wheel::cancel(*this);
+        check(parser_->get());
+    }
+
+    void on_bad_request(error_code ec) {
         if (ec == http::error::header_limit ||
             ec == http::error::buffer_overflow) {
             return refuse(http::status::request_header_fields_too_large,
@@ -99,15 +209,8 @@ private:
                                   node_.config().max_header_bytes) +
                               " bytes");
         }
-        if (ec == http::error::end_of_stream || ec == net::error::eof ||
-            ec == net::error::connection_reset) {
-            return;
-        }
-        if (ec) {
-            return refuse(http::status::bad_request, reject::bad_request,
-                          "malformed HTTP request: " + ec.message());
-        }
-        check(parser_->get());
+        refuse(http::status::bad_request, reject::bad_request,
+               "malformed HTTP request: " + ec.message());
     }
 
     // Checks the request in the order that gives the most useful answer.
@@ -230,14 +333,14 @@ private:
             response += "Sec-WebSocket-Protocol: pushy.v1\r\n";
         }
         response += "\r\n";
-        stream_.expires_never();
         auto data = buffer_.data();
         std::string_view leftover(static_cast<const char*>(data.data()),
                                   data.size());
         // The meta claim goes to the connected event, not into the session.
         auto meta = std::move(claims.meta);
-        auto s = std::make_shared<session>(
-            node_, thread_, stream_.release_socket(), std::move(claims));
+        auto s = std::make_shared<session>(node_, thread_, std::move(socket_),
+                                           std::move(claims),
+                                           std::exchange(tls_, nullptr));
         s->start(leftover, std::move(meta), std::move(response));
     }
 
@@ -273,33 +376,56 @@ private:
         response_ += std::to_string(body.size());
         response_ += "\r\n\r\n";
         response_ += body;
-        net::async_write(stream_, net::buffer(response_),
-                         [self = shared_from_this()](error_code, std::size_t) {
-                             error_code ec;
-                             self->stream_.socket().shutdown(
-                                 net::ip::tcp::socket::shutdown_send, ec);
-                             self->drain();
-                         });
+        phase_ = phase::answer;
+        // The answer and the drain after it have 2 s, whatever the client
+        // does.
+        arm(2);
+        do_answer();
+    }
+
+    // Writes the answer, then ends our side (TLS close_notify, TCP FIN).
+    void do_answer() {
+        while (written_ < response_.size()) {
+            std::size_t n = 0;
+            auto st = tls::write_some(socket_, tls_,
+                                      response_.data() + written_,
+                                      response_.size() - written_, n);
+            if (st == tls::io::want_read || st == tls::io::want_write) {
+                return wait(st, &upgrade::do_answer);
+            }
+            if (st != tls::io::ok) return close();
+            written_ += n;
+        }
+        tls::shutdown(tls_);
+        error_code ec;
+        socket_.shutdown(tcp::socket::shutdown_send, ec);
+        phase_ = phase::drain;
+        do_drain();
     }
 
     // Reads and discards what the client still sends until it closes, so
     // closing never resets a connection whose answer is still unread.
-    void drain() {
-        stream_.expires_after(std::chrono::seconds(2));
-        buffer_.clear();
-        stream_.async_read_some(
-            buffer_.prepare(4096),
-            [self = shared_from_this()](error_code ec, std::size_t) {
-                if (!ec) self->drain();
-            });
+    void do_drain() {
+        for (;;) {
+            std::size_t n = 0;
+            auto st = tls::read_some(socket_, tls_, thread_.read_buffer.data(),
+                                     thread_.read_buffer.size(), n);
+            if (st == tls::io::want_read || st == tls::io::want_write) {
+                return wait(st, &upgrade::do_drain);
+            }
+            if (st != tls::io::ok) return close();
+        }
     }
 
     node_impl& node_;
     io_thread& thread_;
-    beast::tcp_stream stream_;
+    tcp::socket socket_;
+    tls::SSL* tls_ = nullptr;
     beast::flat_buffer buffer_;
     std::optional<http::request_parser<http::empty_body>> parser_;
     std::string response_;
+    std::size_t written_ = 0;
+    phase phase_ = phase::request;
 };
 
 }  // namespace
