@@ -3,7 +3,8 @@
 // One thread, one edge-triggered epoll set. Each connection is a small
 // struct and owns no buffer: reads peek into one shared scratch buffer and
 // consume only whole frames (or whole response heads), so an idle
-// connection costs the generator a few dozen bytes plus its socket.
+// connection costs the generator a few dozen bytes plus its socket (for
+// TLS, see --tls below).
 //
 // Per connection: connect (paced, from a source address picked round
 // robin, bound with IP_BIND_ADDRESS_NO_PORT so the port is chosen per
@@ -26,7 +27,10 @@
 // was due, written by the benchmark that sends it), and a push that asks
 // for an ack ("ack":true) is acked with its id. A "seq" field in its data
 // (a number below 2^27) marks the push in a bit set, so that distinct
-// pushes and duplicates are counted apart.
+// pushes and duplicates are counted apart. While pushes arrive, a line
+// {"event":"pushes","received":N,"last_ns":T} goes to stderr at most every
+// 100 ms (T: CLOCK_MONOTONIC ns of the last one), so a benchmark can tell
+// when every push it sent has arrived.
 //
 // With --reconnect, a connection that the node closes or that is reset
 // (a node killed) connects again after a backoff with full jitter: a
@@ -41,16 +45,30 @@
 //
 // With --stats-s, a line of counters goes to stderr every S seconds of the
 // hold: connections open, reconnects, pushes received and distinct.
-// for an ack ("ack":true) is acked with its id. While pushes arrive, a
-// line {"event":"pushes","received":N,"last_ns":T} goes to stderr at most
-// every 100 ms (T: CLOCK_MONOTONIC ns of the last one), so a benchmark can
-// tell when every push it sent has arrived.
 //
 // With --subscribe PATH:FIRST, the connections are subscribers of a peer
 // server instead (Nchan): connection i upgrades at PATH<FIRST+i> with no
 // token and no subprotocol, counts as established at the 101 (the peer
 // sends no hello), and with --pushes every data frame is a push: its body
 // is the message as published, whose "ts" gives the latency.
+//
+// With --tls, the WebSocket connections (devices and --subscribe peers)
+// speak TLS (wss; OpenSSL 3, TLS 1.2 or 1.3): after the TCP connect comes
+// a non-blocking TLS handshake (SNI: the --host value), then the upgrade
+// and every byte after it go through SSL_write and SSL_read. The server's
+// certificate is NOT verified: this is a benchmark client on loopback,
+// measuring the server's cost, not whom it talks to. Every handshake is a
+// full one (no session is resumed). The report adds the latency from
+// connect() to the end of the TLS handshake. At the end the close frame
+// goes over TLS without a TCP half-close (a FIN before close_notify reads
+// as a truncation to the server), and the server's close_notify is
+// answered before the socket is closed. TLS cannot peek (a record is
+// decrypted whole, and SSL_peek returns one record at most), so a TLS
+// connection reads until the socket is drained and keeps the incomplete
+// tail of a head or frame in a buffer of its own, allocated only while
+// such a tail is pending: an idle TLS connection owns its SSL object,
+// whose record buffers are released while empty (SSL_MODE_RELEASE_BUFFERS),
+// and nothing else.
 //
 // With --publish M, the process opens no WebSocket at all: it POSTs M
 // messages {"ts":T,"seq":K} to PATH<k> (--publish-to PATH:N, k uniformly
@@ -66,7 +84,11 @@
 // connection dropped while --d2d-rate messages are being sent reconnects
 // only once the sending is over; a {"t":"reconnect"} message is ignored
 // (no make-before-break): the device connects again once the node has
-// closed the connection.
+// closed the connection; under --tls a write that would block leaves its
+// record pending in OpenSSL, so that later writes on that connection fail
+// or garble its stream (as a short send() does in plaintext); --tls does
+// not apply to --publish; the SNI is an IPv4 address (RFC 6066 section 3
+// allows names only), which OpenSSL sends as given.
 
 #include <arpa/inet.h>
 #include <fcntl.h>
@@ -84,6 +106,9 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+
 #include <algorithm>
 #include <array>
 #include <bit>
@@ -97,6 +122,7 @@
 #include <cstring>
 #include <functional>
 #include <map>
+#include <memory>
 #include <queue>
 #include <string>
 #include <string_view>
@@ -318,6 +344,7 @@ struct options {
     std::size_t publish_conns = 4;
     std::size_t pipeline = 32;  // requests in flight per connection
     double publish_rate = 0;    // messages/s; 0: as fast as answers come
+    bool tls = false;           // wss: TLS under every WebSocket connection
 };
 
 // Prints the usage text to `f`.
@@ -331,7 +358,7 @@ void usage(std::FILE* f) {
         "                      [--d2d-data-bytes B]] [--pushes]\n"
         "                     [--reconnect [--reconnect-min-ms MS]\n"
         "                      [--reconnect-max-ms MS]] [--stats-s S]\n"
-        "                     [--subscribe PATH:FIRST]\n"
+        "                     [--subscribe PATH:FIRST] [--tls]\n"
         "       pushy-loadgen --port P --publish M --publish-to PATH:N\n"
         "                     [--publish-conns K] [--pipeline D]\n"
         "                     [--publish-rate R] [--host H] [--json]\n"
@@ -355,6 +382,10 @@ void usage(std::FILE* f) {
         "With --subscribe PATH:FIRST the connections subscribe to a peer\n"
         "server (Nchan): connection i upgrades at PATH<FIRST+i>, without\n"
         "token, subprotocol or hello; --pushes then counts every frame.\n"
+        "With --tls the connections speak TLS (wss, TLS 1.2 or 1.3, SNI\n"
+        "the --host value, full handshakes) and the report adds the\n"
+        "latency to the end of the TLS handshake. The server's certificate\n"
+        "is NOT verified: a benchmark client, on loopback only.\n"
         "With --publish M it POSTs M messages {\"ts\":T,\"seq\":K} to\n"
         "PATH<k> (k random below N) over K keep-alive connections, D in\n"
         "flight on each, and reports the answers by status code.\n",
@@ -407,6 +438,10 @@ options parse_options(int argc, char** argv) {
         }
         if (a == "--reconnect") {
             o.reconnect = true;
+            continue;
+        }
+        if (a == "--tls") {
+            o.tls = true;
             continue;
         }
         if (a == "-h" || a == "--help") {
@@ -484,6 +519,8 @@ options parse_options(int argc, char** argv) {
     };
     if (o.port <= 0 || o.port > 65535) bad("--port must be 1-65535");
     if (o.publish > 0) {
+        // The publisher speaks plain HTTP/1.1 only.
+        if (o.tls) bad("--tls does not apply to --publish");
         if (o.publish_targets == 0) {
             bad("--publish needs --publish-to PATH:N with N >= 1");
         }
@@ -603,6 +640,7 @@ class token_file {
 enum class state : std::uint8_t {
     pending,        // not started yet
     connecting,     // TCP connect in progress
+    tls_handshake,  // TLS handshake in progress (--tls)
     sending,        // upgrade request partly written
     reading_101,    // waiting for the response head
     reading_hello,  // waiting for the hello frame
@@ -623,6 +661,58 @@ struct conn {
     std::uint64_t lost_ns = 0;  // when it dropped; 0 while never dropped
     std::uint8_t key[16]{};     // Sec-WebSocket-Key bytes, until the 101
 };
+
+// Frees an SSL object (a stateless deleter keeps the pointer 8 bytes).
+struct ssl_free {
+    void operator()(SSL* ssl) const { SSL_free(ssl); }
+};
+
+// The TLS side of one connection under --tls, kept apart from `conn` so a
+// plaintext run pays nothing for it. The tail holds the bytes of a head or
+// frame not yet whole, and exists only while they do: TLS cannot peek.
+struct tls_link {
+    std::unique_ptr<SSL, ssl_free> ssl;  // from the TCP connect to the close
+    std::unique_ptr<char[]> tail;        // incomplete head or frame, or null
+    std::uint32_t tail_len = 0;          // below scratch_size
+};
+
+// Returns the reason of a failed TLS call that returned `ret` on `ssl`
+// ("tls:" + OpenSSL's reason, or tls:eof, tls:syscall:ERRNO, ...), and
+// empties the thread's OpenSSL error queue. Call it right after the call,
+// before errno changes.
+std::string tls_error(SSL* ssl, int ret) {
+    int saved_errno = errno;
+    int e = SSL_get_error(ssl, ret);
+    unsigned long code = ERR_peek_error();
+    std::string why = "tls:";
+    if (e == SSL_ERROR_WANT_READ) {
+        why += "want_read";
+    } else if (e == SSL_ERROR_WANT_WRITE) {
+        why += "want_write";
+    } else if (e == SSL_ERROR_ZERO_RETURN) {
+        why += "close_notify";
+    } else if (e == SSL_ERROR_SYSCALL && saved_errno != 0) {
+        why += "syscall:" + errno_name(saved_errno);
+    } else if (code == 0 ||
+               ERR_GET_REASON(code) == SSL_R_UNEXPECTED_EOF_WHILE_READING) {
+        why += "eof";  // the peer closed TCP without a close_notify
+    } else if (const char* r = ERR_reason_error_string(code)) {
+        // "wrong version number" becomes wrong_version_number, in the
+        // style of the other reasons.
+        for (; *r; ++r) why += *r == ' ' ? '_' : *r;
+    } else {
+        why += "error_" + std::to_string(ERR_GET_REASON(code));
+    }
+    ERR_clear_error();
+    return why;
+}
+
+// Empties the thread's OpenSSL error queue and errno before a TLS call, so
+// that SSL_get_error and tls_error judge that call alone.
+void tls_clear() {
+    ERR_clear_error();
+    errno = 0;
+}
 
 class load_generator {
   public:
@@ -665,6 +755,7 @@ class load_generator {
         lat_101_.reserve(opt_.connections);
         lat_hello_.reserve(opt_.connections);
         scratch_.resize(scratch_size);
+        if (opt_.tls) start_tls_context();
     }
 
     // Runs the connect phase, the hold and the close phase; returns the
@@ -682,6 +773,29 @@ class load_generator {
     [[noreturn]] static void die_usage(const char* what) {
         std::fprintf(stderr, "pushy-loadgen: %s\n", what);
         std::exit(2);
+    }
+
+    // Creates the client context of --tls: TLS 1.2 or 1.3, no certificate
+    // verification (a benchmark client on loopback), record buffers
+    // released while empty so that an idle connection keeps none.
+    void start_tls_context() {
+        ctx_.reset(SSL_CTX_new(TLS_client_method()));
+        if (!ctx_ ||
+            !SSL_CTX_set_min_proto_version(ctx_.get(), TLS1_2_VERSION)) {
+            std::fprintf(stderr, "pushy-loadgen: cannot create the TLS "
+                                 "context\n");
+            std::exit(1);
+        }
+        SSL_CTX_set_verify(ctx_.get(), SSL_VERIFY_NONE, nullptr);
+        // The upgrade request is rebuilt for each attempt to write it, so
+        // a retried SSL_write may come from another address.
+        SSL_CTX_set_mode(ctx_.get(), SSL_MODE_RELEASE_BUFFERS |
+                                         SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+        tls_.resize(conns_.size());
+        lat_tls_.reserve(opt_.connections);
+        // OpenSSL writes with write(), not send(MSG_NOSIGNAL): a write to
+        // a reset connection must fail with EPIPE, not kill the process.
+        signal(SIGPIPE, SIG_IGN);
     }
 
     // Raises the soft open-file limit to what N connections need.
@@ -944,12 +1058,35 @@ class load_generator {
         payload += data;
         payload += "}";
         text_frame(frame, payload);
-        if (send(c.fd, frame.data(), frame.size(), MSG_NOSIGNAL) !=
-            ssize_t(frame.size())) {
+        if (!send_whole(c, frame.data(), frame.size())) {
             ++d2d_dropped_;
             return;
         }
         ++d2d_sent_;
+    }
+
+    // Writes `n` bytes on `c` at once: one send() on a plain connection,
+    // one SSL_write under --tls. Returns false when they could not all be
+    // written, with the reason in `why` when given.
+    bool send_whole(conn& c, const void* p, std::size_t n,
+                    std::string* why = nullptr) {
+        if (tls_.empty()) {
+            if (send(c.fd, p, n, MSG_NOSIGNAL) == ssize_t(n)) return true;
+            if (why) *why = errno_name(errno);
+            return false;
+        }
+        SSL* ssl = tls_of(c).ssl.get();
+        tls_clear();
+        int r = SSL_write(ssl, p, int(n));
+        if (r == int(n)) return true;
+        std::string e = tls_error(ssl, r);
+        if (why) *why = std::move(e);
+        return false;
+    }
+
+    // Returns the TLS side of connection `c` (under --tls only).
+    tls_link& tls_of(const conn& c) {
+        return tls_[std::size_t(&c - conns_.data())];
     }
 
     // Makes `frame` one masked text frame of `payload` (RFC 6455 section
@@ -1025,10 +1162,7 @@ class load_generator {
         msg += "}";
         std::string& frame = ack_frame_;
         text_frame(frame, msg);
-        if (send(c.fd, frame.data(), frame.size(), MSG_NOSIGNAL) ==
-                ssize_t(frame.size())) {
-            ++pushes_acked_;
-        }
+        if (send_whole(c, frame.data(), frame.size())) ++pushes_acked_;
     }
 
     // Reads a status answer: its id (the due time) and code.
@@ -1074,9 +1208,11 @@ class load_generator {
                 std::memcpy(frame + 2, &mask, 4);
                 frame[6] = std::uint8_t(0x03 ^ frame[2]);  // 1000 = 0x03e8
                 frame[7] = std::uint8_t(0xe8 ^ frame[3]);
-                if (send(c.fd, frame, sizeof frame, MSG_NOSIGNAL) ==
-                        ssize_t(sizeof frame) &&
-                    shutdown(c.fd, SHUT_WR) == 0) {
+                // Under TLS no half-close: a FIN before any close_notify
+                // would read as a truncation to the server, which closes
+                // first anyway (RFC 6455 section 7.1.1).
+                if (send_whole(c, frame, sizeof frame) &&
+                    (!tls_.empty() || shutdown(c.fd, SHUT_WR) == 0)) {
                     c.st = state::closing;
                     ++waiting;
                     continue;
@@ -1140,15 +1276,27 @@ class load_generator {
     void on_event(std::size_t i, std::uint32_t events) {
         conn& c = conns_[i];
         if (c.fd < 0) return;
-        if (c.st == state::connecting || c.st == state::sending) {
+        if (c.st == state::tls_handshake) {
+            // A handshake may wait to read as well as to write: any event
+            // moves it on.
+            on_writable(c);
+            if (c.fd < 0 || c.st == state::tls_handshake ||
+                c.st == state::sending) {
+                return;
+            }
+        } else if (c.st == state::connecting || c.st == state::sending) {
             if (!(events & (EPOLLOUT | EPOLLERR | EPOLLHUP))) return;
             on_writable(c);
-            if (c.fd < 0 || c.st == state::sending) return;
+            if (c.fd < 0 || c.st == state::sending ||
+                c.st == state::tls_handshake) {
+                return;
+            }
         }
         on_readable(c);
     }
 
-    // Finishes the connect and writes (the rest of) the upgrade request.
+    // Finishes the connect (and under --tls the TLS handshake) and writes
+    // (the rest of) the upgrade request.
     void on_writable(conn& c) {
         if (c.st == state::connecting) {
             int err = 0;
@@ -1156,8 +1304,26 @@ class load_generator {
             getsockopt(c.fd, SOL_SOCKET, SO_ERROR, &err, &len);
             if (err != 0) return fail(c, "connect:" + errno_name(err));
             c.st = state::sending;
+            if (!tls_.empty()) start_tls(c);
         }
+        if (c.st == state::tls_handshake && !tls_handshake(c)) return;
         std::string req = request(std::size_t(&c - conns_.data()), c);
+        if (!tls_.empty()) {
+            // SSL_write writes the whole request or nothing: a retry
+            // repeats it (the same bytes) until it goes.
+            SSL* ssl = tls_of(c).ssl.get();
+            tls_clear();
+            int n = SSL_write(ssl, req.data(), int(req.size()));
+            if (n <= 0) {
+                int e = SSL_get_error(ssl, n);
+                if (e == SSL_ERROR_WANT_WRITE || e == SSL_ERROR_WANT_READ) {
+                    ERR_clear_error();
+                    return;
+                }
+                return fail(c, tls_error(ssl, n));
+            }
+            c.sent = std::uint16_t(req.size());
+        }
         while (c.sent < req.size()) {
             ssize_t n = send(c.fd, req.data() + c.sent, req.size() - c.sent,
                              MSG_NOSIGNAL);
@@ -1173,6 +1339,44 @@ class load_generator {
         ev.data.u64 = std::size_t(&c - conns_.data());
         epoll_ctl(ep_, EPOLL_CTL_MOD, c.fd, &ev);
         c.st = state::reading_101;
+    }
+
+    // Gives connection `c`, whose TCP connect is done, its SSL object and
+    // starts the TLS handshake (state tls_handshake).
+    void start_tls(conn& c) {
+        tls_link& t = tls_of(c);
+        t.ssl.reset(SSL_new(ctx_.get()));
+        // The SNI is the --host address: not a name as RFC 6066 wants,
+        // but what the benchmark connects to; OpenSSL sends it as given.
+        if (!t.ssl || !SSL_set_fd(t.ssl.get(), c.fd) ||
+            !SSL_set_tlsext_host_name(t.ssl.get(), opt_.host.c_str())) {
+            ERR_clear_error();
+            return fail(c, "tls:setup");
+        }
+        SSL_set_connect_state(t.ssl.get());
+        c.st = state::tls_handshake;
+    }
+
+    // Moves the TLS handshake of `c` on; returns true once it is done
+    // (state sending), false while it waits for the socket or failed.
+    bool tls_handshake(conn& c) {
+        SSL* ssl = tls_of(c).ssl.get();
+        tls_clear();
+        int r = SSL_connect(ssl);
+        if (r != 1) {
+            int e = SSL_get_error(ssl, r);
+            if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
+                ERR_clear_error();
+                return false;
+            }
+            fail(c, tls_error(ssl, r));
+            return false;
+        }
+        if (c.lost_ns == 0) {
+            lat_tls_.push_back(std::uint32_t((now_ns() - c.t0_ns) / 1000));
+        }
+        c.st = state::sending;
+        return true;
     }
 
     // Builds the upgrade request of connection `i` (DESIGN.md section 3),
@@ -1209,6 +1413,7 @@ class load_generator {
     // Reads what connection `c` has: peeks into the scratch buffer and
     // consumes whole response heads and frames only.
     void on_readable(conn& c) {
+        if (!tls_.empty()) return on_readable_tls(c);
         char* buf = scratch_.data();
         while (c.fd >= 0) {
             if (c.st == state::closing) return drain_closing(c);
@@ -1229,6 +1434,97 @@ class load_generator {
             if (recv(c.fd, buf, used, 0) != ssize_t(used)) {
                 return lost(c, "recv_short");
             }
+        }
+    }
+
+    // Reads what TLS connection `c` has: SSL_read until the socket is
+    // drained (edge-triggered epoll), whole heads and frames handled from
+    // the scratch buffer, an incomplete tail kept in the connection's own
+    // buffer until the next read completes it.
+    void on_readable_tls(conn& c) {
+        if (c.st == state::closing) return drain_closing_tls(c);
+        tls_link& t = tls_of(c);
+        char* buf = scratch_.data();
+        std::size_t have = t.tail_len;
+        if (have > 0) {
+            std::memcpy(buf, t.tail.get(), have);
+            t.tail.reset();
+            t.tail_len = 0;
+        }
+        for (;;) {
+            if (have == scratch_size) {
+                // Cannot happen: on_response and on_frame fail anything
+                // that would not fit, and take whatever is whole.
+                return lost(c, "frame_too_big");
+            }
+            SSL* ssl = t.ssl.get();
+            tls_clear();
+            int n = SSL_read(ssl, buf + have, int(scratch_size - have));
+            if (n <= 0) {
+                int e = SSL_get_error(ssl, n);
+                if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
+                    ERR_clear_error();
+                    break;
+                }
+                return lost(c, tls_error(ssl, n));
+            }
+            have += std::size_t(n);
+            std::size_t used = consume(c, std::string_view(buf, have));
+            if (c.fd < 0) return;
+            have -= used;
+            std::memmove(buf, buf + used, have);
+        }
+        if (have > 0) {
+            t.tail = std::make_unique_for_overwrite<char[]>(have);
+            std::memcpy(t.tail.get(), buf, have);
+            t.tail_len = std::uint32_t(have);
+        }
+    }
+
+    // Handles the whole response heads and frames at the start of `data`
+    // (read from TLS connection `c`), and discards the payload bytes that
+    // c.skip still owes; returns how many bytes were used.
+    std::size_t consume(conn& c, std::string_view data) {
+        std::size_t used = 0;
+        while (c.fd >= 0 && used < data.size()) {
+            if (c.skip > 0) {
+                auto n = std::min<std::size_t>(c.skip, data.size() - used);
+                c.skip -= std::uint32_t(n);
+                used += n;
+                continue;
+            }
+            auto rest = data.substr(used);
+            std::size_t n = c.st == state::reading_101 ? on_response(c, rest)
+                                                       : on_frame(c, rest);
+            if (n == 0) break;
+            used += n;
+        }
+        return used;
+    }
+
+    // Reads and discards until the peer closes a TLS connection in
+    // closing; answers its close_notify with ours.
+    void drain_closing_tls(conn& c) {
+        SSL* ssl = tls_of(c).ssl.get();
+        char* buf = scratch_.data();
+        for (;;) {
+            tls_clear();
+            int n = SSL_read(ssl, buf, int(scratch_size));
+            if (n > 0) continue;
+            int e = SSL_get_error(ssl, n);
+            if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
+                ERR_clear_error();
+                return;
+            }
+            if (e == SSL_ERROR_ZERO_RETURN) {
+                // One non-blocking try; the socket closes right after.
+                tls_clear();
+                SSL_shutdown(ssl);
+            }
+            ERR_clear_error();
+            ++closed_clean_;
+            --closing_;
+            return close_fd(c);
         }
     }
 
@@ -1458,8 +1754,9 @@ class load_generator {
             frame[6 + k] = std::uint8_t(payload[k]) ^ frame[2 + k % 4];
         }
         std::size_t n = 6 + payload.size();
-        if (send(c.fd, frame, n, MSG_NOSIGNAL) != ssize_t(n)) {
-            return lost(c, "pong_send:" + errno_name(errno));
+        std::string why;
+        if (!send_whole(c, frame, n, &why)) {
+            return lost(c, "pong_send:" + why);
         }
         ++pongs_sent_;
     }
@@ -1516,8 +1813,15 @@ class load_generator {
         schedule_reconnect(c, now_ns(), at_least);
     }
 
-    // Closes the socket of `c` (which leaves the epoll set with it).
+    // Closes the socket of `c` (which leaves the epoll set with it) and
+    // frees its TLS side.
     void close_fd(conn& c) {
+        if (!tls_.empty()) {
+            tls_link& t = tls_of(c);
+            t.ssl.reset();
+            t.tail.reset();
+            t.tail_len = 0;
+        }
         if (c.fd >= 0) ::close(c.fd);
         c.fd = -1;
         c.st = state::done;
@@ -1535,6 +1839,9 @@ class load_generator {
             switch (c.st) {
                 case state::connecting:
                     fail(c, "timeout_connect");
+                    break;
+                case state::tls_handshake:
+                    fail(c, "timeout_tls");
                     break;
                 case state::sending:
                     fail(c, "timeout_send");
@@ -1608,6 +1915,7 @@ class load_generator {
     void report() {
         std::sort(lat_101_.begin(), lat_101_.end());
         std::sort(lat_hello_.begin(), lat_hello_.end());
+        std::sort(lat_tls_.begin(), lat_tls_.end());
         double connect_s = double(t_connected_ - t_begin_) / 1e9;
         double hold_s = double(t_hold_end_ - t_connected_) / 1e9;
         double rate = connect_s > 0 ? double(established_) / connect_s : 0;
@@ -1637,6 +1945,8 @@ class load_generator {
         s += ",\"rate_target_per_s\":" + num(opt_.rate);
         s += ",\"connect_phase_s\":" + num(connect_s);
         s += ",\"upgrade_rate_per_s\":" + num(rate);
+        s += opt_.tls ? ",\"tls\":true" : ",\"tls\":false";
+        if (opt_.tls) s += ",\"tls_latency_us\":" + lat(lat_tls_);
         s += ",\"handshake_latency_us\":" + lat(lat_101_);
         s += ",\"hello_latency_us\":" + lat(lat_hello_);
         s += ",\"hold_s\":" + num(hold_s);
@@ -1695,6 +2005,10 @@ class load_generator {
             connect_s, opt_.rate, percentile(lat_101_, 0.5),
             percentile(lat_101_, 0.99), percentile(lat_hello_, 0.5),
             percentile(lat_hello_, 0.99), hold_s, pongs_sent_);
+        if (opt_.tls) {
+            std::printf("tls handshake p50 %u us, p99 %u us\n",
+                        percentile(lat_tls_, 0.5), percentile(lat_tls_, 0.99));
+        }
         for (auto& [why, n] : failed_) {
             std::printf("failed: %s %zu\n", why.c_str(), n);
         }
@@ -1714,6 +2028,11 @@ class load_generator {
     int ep_ = -1;
     int sig_ = -1;
     bool stop_ = false;
+    struct ctx_free {
+        void operator()(SSL_CTX* ctx) const { SSL_CTX_free(ctx); }
+    };
+    std::unique_ptr<SSL_CTX, ctx_free> ctx_;  // under --tls only
+    std::vector<tls_link> tls_;  // one per connection under --tls, else empty
 
     std::size_t started_ = 0;
     std::size_t in_handshake_ = 0;
@@ -1730,6 +2049,7 @@ class load_generator {
     std::map<std::string, std::size_t> dropped_;
     std::vector<std::uint32_t> lat_101_;
     std::vector<std::uint32_t> lat_hello_;
+    std::vector<std::uint32_t> lat_tls_;  // connect() to TLS handshake done
     std::uint64_t t_begin_ = 0;
     std::uint64_t t_connected_ = 0;
     std::uint64_t t_hold_end_ = 0;
