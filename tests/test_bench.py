@@ -1,5 +1,5 @@
-"""``pushy bench idle``, ``connect``, ``unicast``, ``latency``, ``storm`` and
-``peers``, ``benchmarks/idle_memory.py`` and the load generator's reconnects,
+"""``pushy bench idle``, ``connect``, ``tls``, ``unicast``, ``latency``,
+``storm`` and ``peers``, ``benchmarks/idle_memory.py`` and the load generator's reconnects,
 run small: real nodes, a real redis-server, a real nginx with Nchan, real
 ``pushy-loadgen`` and ``pushy-pusher`` processes."""
 
@@ -77,6 +77,37 @@ def test_bench_connect_writes_upgrade_rate_latency_cpu_and_a_plot(
     assert "redis_cpu_s_per_1m" in result["summary"]
     assert (tmp_path / "connect.png").stat().st_size > 0
     assert "hello_p99_us" in proc.stdout
+
+
+def test_bench_tls_measures_tls_and_plain_connections_in_the_same_run(
+    tmp_path: Path,
+) -> None:
+    proc = run_pushy(
+        "bench", "tls", "--connections", "1000", "--nodes", "1",
+        "--per-process", "500", "--rate", "1000", "--source-addrs", "127.0.0.2-3",
+        "--runs", "2", "--settle-s", "0.2", "--registry-ttl-s", "3",
+        "--results", str(tmp_path), timeout=scaled(240),
+    )  # fmt: skip
+
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads((tmp_path / "tls.json").read_text())
+    assert result["connections"] == 1000 and len(result["runs"]) == 2
+    for pair in result["runs"]:
+        tls, plain = pair["tls"], pair["plain"]
+        assert tls["connected"] == tls["held"] == plain["connected"] == 1000
+        assert tls["failed"] == plain["failed"] == 0
+        # Every TLS connection was a full handshake at the node, plain none.
+        assert tls["tls_handshakes"] == 1000 and plain["tls_handshakes"] == 0
+        assert 0 < tls["tls_latency_us"]["p50"] <= tls["hello_latency_us"]["p50"]
+        assert "tls_latency_us" not in plain
+        # An idle TLS connection holds its OpenSSL state: several KB more.
+        assert pair["tls_rss_per_conn"] > pair["plain_rss_per_conn"] + 4000
+        assert pair["tls_handshake_cpu_us"] == pytest.approx(
+            tls["node_cpu_us_per_upgrade"] - plain["node_cpu_us_per_upgrade"]
+        )
+    assert set(result["goals"]) == {"tls_rss_per_conn", "tls_handshakes_per_core_s"}
+    assert (tmp_path / "tls.png").stat().st_size > 0
+    assert "goal tls_rss_per_conn" in proc.stdout
 
 
 def test_bench_idle_refuses_more_connections_than_its_nodes_hold() -> None:

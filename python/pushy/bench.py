@@ -143,6 +143,9 @@ def add_parser(commands: Any) -> None:
     from . import peers  # it builds on this module
 
     peers.add_parser(scenarios)
+    from . import bench_tls
+
+    bench_tls.add_parser(scenarios)
     bench.set_defaults(func=lambda args: _usage(bench))
 
 
@@ -1236,6 +1239,8 @@ def _loadgen_figures(reports: list[dict[str, Any]]) -> dict[str, Any]:
         "upgrades_per_s": connected / phase if phase > 0 else 0.0,
         "handshake_latency_us": latency("handshake_latency_us"),
         "hello_latency_us": latency("hello_latency_us"),
+        **({"tls_latency_us": latency("tls_latency_us")}
+           if any("tls_latency_us" in r for r in reports) else {}),
     }
 
 
@@ -1357,10 +1362,17 @@ def _steady_state(cluster: Cluster, registry_ttl_s: float, settle_s: float) -> N
 def _idle_run(
     index: int, url: str, args: argparse.Namespace, sizes: list[int],
     tokens: list[list[str]], addrs: list[str], tmp: Path, say: Any,
+    tls: Any = None,
 ) -> dict[str, Any]:
+    """One run of the idle scenario; over TLS with ``tls`` (a
+    :class:`pushy.testing.TLSFiles`): the nodes get its certificate and the
+    load generators ``--tls``."""
     started = time.monotonic()
+    options: dict[str, Any] = {}
+    if tls is not None:
+        options = {"tls_cert": tls.cert, "tls_key": tls.key}
     cluster = _bench_cluster(args, url, f"idle{index}", heartbeat_s=args.heartbeat_s,
-                             registry_ttl_s=args.registry_ttl_s)
+                             registry_ttl_s=args.registry_ttl_s, **options)
     gens: list[benchkit.Loadgen] = []
     try:
         pids = [n.pid for n in cluster.nodes if n.pid is not None]
@@ -1373,15 +1385,18 @@ def _idle_run(
         # A slow connect phase is no failure here: handshakes get 30 s.
         gens, seen = _open_connections(cluster.port, lambda: _connections(cluster),
                                        args, sizes, tokens, addrs, tmp, say,
-                                       handshake_timeout_s=30)
+                                       handshake_timeout_s=30,
+                                       extra=["--tls"] if tls is not None else ())
         connected_at = time.monotonic()
         cpu = sum(cpu_seconds(p) for p in pids) - cpu0
+        loadgen_cpu = sum(g.cpu_seconds() for g in gens)
         drops = benchkit.listen_drops() - drops0
         rss_connected = benchkit.sample_memory(pids)["rss"]
         say(f"  connected; measuring after the nodes' next registry refresh "
             f"round (every {args.registry_ttl_s / 3:g} s)")
         _steady_state(cluster, args.registry_ttl_s, args.settle_s)
-        per_node = [int(_node_stats(n)["connections"]) for n in cluster.nodes]
+        stats = [_node_stats(n) for n in cluster.nodes]
+        per_node = [int(st["connections"]) for st in stats]
         after = benchkit.sample_memory(pids)
         after_s = time.monotonic() - connected_at
         redis1 = _redis_info(url, "memory")["used_memory"]
@@ -1419,6 +1434,9 @@ def _idle_run(
         "redis_per_conn": per_conn(redis1 - redis0),
         "node_cpu_s_connect": cpu,
         "node_cpu_us_per_upgrade": cpu / max(figures["connected"], 1) * 1e6,
+        "loadgen_cpu_us_per_upgrade": loadgen_cpu / max(figures["connected"], 1)
+        * 1e6,
+        "tls_handshakes": sum(int(st.get("tls_handshakes", 0)) for st in stats),
         "listen_drops": drops,
         "connect_wall_s": seen["wall_s"],
         "measured_after_s": after_s,

@@ -85,10 +85,7 @@ net::io_context& session::context() noexcept { return thread_.ioc; }
 
 void session::start(std::string_view leftover, std::string meta,
                     std::string response) {
-    error_code ec;
-    socket_.non_blocking(true, ec);
-    socket_.set_option(tcp::no_delay(true), ec);
-
+    // The socket is non-blocking with TCP_NODELAY already (the upgrade).
     auto* f = node_.fleet();
     if (!f) return begin(leftover, response);
     // On a fleet the device is registered in Redis before it gets hello:

@@ -82,6 +82,9 @@ public:
     void run() {
         error_code ec;
         socket_.non_blocking(true, ec);
+        // Frames go out as they are made, and a TLS flight of several
+        // writes must not wait for the device's delayed ACK (Nagle).
+        socket_.set_option(tcp::no_delay(true), ec);
         if (auto* ctx = node_.tls()) {
             tls_ = ctx->accept_on(socket_.native_handle());
             if (!tls_) {
