@@ -119,13 +119,7 @@ def add_parser(commands: Any) -> None:
         description=_IDLE_DOC,
     )
     _add_connection_options(idle, 200_000, 16_000, 5_000, "connects/s in all")
-    idle.add_argument("--heartbeat-s", type=float, default=60, metavar="S",
-                      help="the nodes' ping interval [60]")
-    idle.add_argument("--settle-s", type=float, default=3, metavar="S",
-                      help="wait after the count settles, before measuring [3]")
-    idle.add_argument("--registry-ttl-s", type=float, default=30, metavar="S",
-                      help="the nodes' registry TTL; each node refreshes its "
-                      "records every third of it [30]")
+    _add_idle_options(idle, registry_ttl_s=30)
     _add_run_options(idle, run_idle)
 
     connect = scenarios.add_parser(
@@ -147,6 +141,18 @@ def add_parser(commands: Any) -> None:
 
     bench_tls.add_parser(scenarios)
     bench.set_defaults(func=lambda args: _usage(bench))
+
+
+def _add_idle_options(parser: argparse.ArgumentParser, registry_ttl_s: float) -> None:
+    """The options of the scenarios that measure idle connections (idle,
+    tls): the nodes' heartbeat and registry TTL, and the settling time."""
+    parser.add_argument("--heartbeat-s", type=float, default=60, metavar="S",
+                        help="the nodes' ping interval [60]")
+    parser.add_argument("--settle-s", type=float, default=3, metavar="S",
+                        help="wait after the count settles, before measuring [3]")
+    parser.add_argument("--registry-ttl-s", type=float, default=registry_ttl_s,
+                        metavar="S", help="the nodes' registry TTL; each node "
+                        f"refreshes its records every third of it [{registry_ttl_s:g}]")
 
 
 def _add_fleet_options(parser: argparse.ArgumentParser) -> None:
@@ -1028,7 +1034,8 @@ def _add_connection_options(
     parser.add_argument("--connections", type=int, default=connections,
                         metavar="N", help=f"connections per run [{connections}]")
     parser.add_argument("--nodes", type=int, default=0, metavar="K",
-                        help="node processes sharing the device port; 0: "
+                        help="node processes sharing the device port; 0: one "
+                        f"up to {_NODE_MAX_CONNECTIONS:,} connections, else "
                         f"N / {_NODE_SHARE}, rounded up [0]")
     parser.add_argument("--per-process", type=int, default=per_process,
                         metavar="P", help="connections per load generator, "
@@ -1095,12 +1102,18 @@ def _plan(args: argparse.Namespace) -> tuple[list[int], list[str]]:
     if not 1 <= args.per_process < benchkit.MAX_PER_PROCESS:
         raise PushyError(f"--per-process must be 1-{benchkit.MAX_PER_PROCESS - 1}")
     if args.nodes == 0:
-        args.nodes = max(1, math.ceil(args.connections / _NODE_SHARE))
-    if args.connections > args.nodes * _NODE_SHARE:
+        args.nodes = (1 if args.connections <= _NODE_MAX_CONNECTIONS
+                      else math.ceil(args.connections / _NODE_SHARE))
+    # One node takes every connection; several get a hash's share each.
+    capacity = (_NODE_MAX_CONNECTIONS if args.nodes == 1
+                else args.nodes * _NODE_SHARE)
+    if args.connections > capacity:
+        each = ("below the 19,000 sockets of a process" if args.nodes == 1
+                else f"{_NODE_SHARE:,} each, below the 19,000 sockets of a "
+                "process, as the port's hash spreads them")
         raise PushyError(
-            f"{args.nodes} nodes hold at most {args.nodes * _NODE_SHARE:,} "
-            f"connections here ({_NODE_SHARE:,} each, below the 19,000 "
-            f"sockets of a process); expected --nodes of at least "
+            f"{args.nodes} nodes hold at most {capacity:,} connections here "
+            f"({each}); expected --nodes of at least "
             f"{math.ceil(args.connections / _NODE_SHARE)}"
         )
     addrs = _source_addrs(args.source_addrs)

@@ -57,13 +57,7 @@ def add_parser(scenarios: Any) -> None:
         "per CPU-second", description=TLS_DOC,
     )
     bench._add_connection_options(tls, 18_000, 18_000, 1_000, "connects/s in all")
-    tls.add_argument("--heartbeat-s", type=float, default=60, metavar="S",
-                     help="the nodes' ping interval [60]")
-    tls.add_argument("--settle-s", type=float, default=3, metavar="S",
-                     help="wait after the count settles, before measuring [3]")
-    tls.add_argument("--registry-ttl-s", type=float, default=120, metavar="S",
-                     help="the nodes' registry TTL; each node refreshes its "
-                     "records every third of it [120]")
+    bench._add_idle_options(tls, registry_ttl_s=120)
     bench._add_run_options(tls, run_tls)
 
 
