@@ -1,9 +1,9 @@
 #!/bin/sh
-# Builds the load generator and the floor probe without the package (the
-# package installs both, and pushy-pusher, which needs the engine).
+# Builds the load generator and the floor probes without the package (the
+# package installs them, and pushy-pusher, which needs the engine).
 #
 # Usage: benchmarks/build.sh [OUTPUT_DIR]
-#   Writes OUTPUT_DIR/pushy-loadgen and OUTPUT_DIR/pushy-hops (default
+#   Writes OUTPUT_DIR/pushy-loadgen, pushy-hops and pushy-fanout (default
 #   OUTPUT_DIR: build/bench under the repository root) and creates the
 #   directory. CXX overrides g++. The load generator links OpenSSL 3
 #   (libssl-dev) for --tls.
@@ -13,7 +13,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 root=$(dirname "$here")
 dir=${1:-"$root/build/bench"}
 mkdir -p "$dir"
-for tool in loadgen hops; do
+for tool in loadgen hops fanout; do
     case $tool in
         loadgen) libs="-lssl -lcrypto" ;;
         *) libs= ;;

@@ -165,8 +165,17 @@ def test_bench_unicast_counts_pushes_at_the_devices_and_their_cost(
     assert answer["count"] == 20000
     assert 0 < answer["p50"] <= answer["p99"] <= answer["max"]
     assert run["device_latency_us"]["count"] == 20000
+    # The floor: a bare sender, the same number of sends of a push's size.
+    floor = run["floor"]
+    assert (floor["sockets"], floor["messages"], floor["bytes"]) == (1000, 20000, 168)
+    assert floor["received_bytes"] == 20000 * 168
+    assert floor["sender_cpu_s_per_1m"] > 0 and floor["receiver_cpu_s_per_1m"] > 0
+    assert run["node_cpu_over_floor"] == pytest.approx(
+        run["node_cpu_s_per_1m"] / floor["sender_cpu_s_per_1m"]
+    )
     assert (tmp_path / "unicast.png").stat().st_size > 0
     assert "delivered_per_node_cpu_s" in proc.stdout
+    assert "floor_sender_cpu_s_per_1m" in proc.stdout
 
 
 def test_bench_latency_paces_open_loop_and_measures_at_the_devices(

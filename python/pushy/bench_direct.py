@@ -111,13 +111,19 @@ def run_unicast(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
             mode = ["--count", str(args.pushes), "--window", str(args.window)]
             run = _direct_run(index, url, args, sizes, tokens, addrs, tmp, mode, say,
                               "u", args.pushes)
+            run["floor"] = _fanout_floor(args)
+            run["node_cpu_over_floor"] = (
+                run["node_cpu_s_per_1m"] / run["floor"]["sender_cpu_s_per_1m"]
+            )
             runs.append(run)
             say(f"run {index}: {run['delivered']:,}/{run['sent']:,} delivered in "
                 f"{run['seconds']:.2f} s ({run['delivered_per_s']:,.0f}/s); "
                 f"CPU-s per 1M: nodes {run['node_cpu_s_per_1m']:.2f}, devices "
                 f"{run['device_cpu_s_per_1m']:.2f}, service "
                 f"{run['service_cpu_s_per_1m']:.2f}; answer p50 "
-                f"{run['answer_latency_us']['p50']:,} us")
+                f"{run['answer_latency_us']['p50']:,} us; the host's floor (a bare "
+                f"sender, the same sends): {run['floor']['sender_cpu_s_per_1m']:.2f} "
+                f"CPU-s per 1M, {run['floor']['messages_per_s']:,.0f}/s")
     stat = bench._spread(runs)
     summary = {
         "delivered_per_s": stat(lambda r: r["delivered_per_s"]),
@@ -128,6 +134,11 @@ def run_unicast(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
         "delivered_per_node_cpu_s": stat(lambda r: r["delivered_per_node_cpu_s"]),
         "answer_p50_us": stat(lambda r: r["answer_latency_us"]["p50"]),
         "answer_p99_us": stat(lambda r: r["answer_latency_us"]["p99"]),
+        "floor_sender_cpu_s_per_1m": stat(lambda r: r["floor"]["sender_cpu_s_per_1m"]),
+        "floor_receiver_cpu_s_per_1m": stat(
+            lambda r: r["floor"]["receiver_cpu_s_per_1m"]),
+        "floor_messages_per_s": stat(lambda r: r["floor"]["messages_per_s"]),
+        "node_cpu_over_floor": stat(lambda r: r["node_cpu_over_floor"]),
         "failed": sum(r["sent"] - r["delivered"] for r in runs),
     }
     result = {
@@ -288,6 +299,35 @@ def _direct_run(
         "route_cache": {"hits": report["cache_hits"],
                         "misses": report["cache_misses"]},
     }
+
+
+def _push_frame_bytes(data_bytes: int) -> int:
+    """The size of the WebSocket frame of one of pushy-pusher's pushes
+    (header included) with ``data_bytes`` of padding."""
+    data = '{"ts":1000000000000000'
+    if data_bytes:
+        data += ',"pad":"' + "x" * data_bytes + '"'
+    body = f'{{"t":"push","id":1000000,"from":"service:bench","data":{data}}},"ack":false}}'
+    return len(body) + (2 if len(body) < 126 else 4)
+
+
+def _fanout_floor(args: argparse.Namespace) -> dict[str, Any]:
+    """The host's floor for the unicast run of ``args``: ``pushy-fanout``,
+    a bare sender writing as many messages of a push frame's size, one
+    send() each, to as many loopback connections (at most 1,000,000
+    messages)."""
+    cmd = [bench.tool_path("pushy-fanout"),
+           "--sockets", str(min(args.connections, 18_000)),
+           "--messages", str(min(args.pushes, 1_000_000)),
+           "--bytes", str(_push_frame_bytes(args.data_bytes))]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                              timeout=120)
+        return dict(json.loads(done.stdout))
+    except (subprocess.TimeoutExpired, ValueError):
+        raise benchkit.BenchError(
+            f"pushy-fanout gave no report: {done.stderr.strip()[:200]}"
+        ) from None
 
 
 def _floor(rate: float, seconds: float) -> dict[str, Any]:
