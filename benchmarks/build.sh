@@ -3,9 +3,9 @@
 # package installs them, and pushy-pusher, which needs the engine).
 #
 # Usage: benchmarks/build.sh [OUTPUT_DIR]
-#   Writes OUTPUT_DIR/pushy-loadgen, pushy-hops and pushy-fanout (default
-#   OUTPUT_DIR: build/bench under the repository root) and creates the
-#   directory. CXX overrides g++. The load generator links OpenSSL 3
+#   Writes OUTPUT_DIR/pushy-loadgen, pushy-hops, pushy-fanout and
+#   pushy-connects (default OUTPUT_DIR: build/bench under the repository
+#   root) and creates the directory. CXX overrides g++. The load generator links OpenSSL 3
 #   (libssl-dev) for --tls.
 set -eu
 
@@ -13,7 +13,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 root=$(dirname "$here")
 dir=${1:-"$root/build/bench"}
 mkdir -p "$dir"
-for tool in loadgen hops fanout; do
+for tool in loadgen hops fanout connects; do
     case $tool in
         loadgen) libs="-lssl -lcrypto" ;;
         *) libs= ;;

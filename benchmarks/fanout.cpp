@@ -39,32 +39,14 @@
 
 namespace {
 
+using pushy_bench::cpu_seconds;
+using pushy_bench::die;
 using pushy_bench::now_ns;
-
-[[noreturn]] void die(const char* what) {
-    std::perror(what);
-    std::exit(1);
-}
-
-// CPU-seconds (user + system) of this process so far.
-double cpu_s() {
-    rusage r{};
-    getrusage(RUSAGE_SELF, &r);
-    return double(r.ru_utime.tv_sec + r.ru_stime.tv_sec) +
-           double(r.ru_utime.tv_usec + r.ru_stime.tv_usec) / 1e6;
-}
+using pushy_bench::raise_file_limit;
 
 void no_delay(int s) {
     int one = 1;
     setsockopt(s, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-}
-
-// Raises the soft open-file limit to what `n` sockets need.
-void raise_file_limit(std::size_t n) {
-    rlimit rl{};
-    getrlimit(RLIMIT_NOFILE, &rl);
-    rl.rlim_cur = std::min<rlim_t>(rl.rlim_max, n + 32);
-    setrlimit(RLIMIT_NOFILE, &rl);
 }
 
 // The receiver: connects `n` sockets to `port`, says so on `ready`, then
@@ -89,7 +71,7 @@ void raise_file_limit(std::size_t n) {
         ev.data.fd = s;
         epoll_ctl(ep, EPOLL_CTL_ADD, s, &ev);
     }
-    double cpu0 = cpu_s();
+    double cpu0 = cpu_seconds();
     if (write(ready, "r", 1) != 1) die("pushy-fanout: pipe");
     std::vector<char> buf(64 * 1024);
     std::uint64_t got = 0;
@@ -105,7 +87,7 @@ void raise_file_limit(std::size_t n) {
             }
         }
     }
-    std::string out = std::to_string(cpu_s() - cpu0) + " " +
+    std::string out = std::to_string(cpu_seconds() - cpu0) + " " +
                       std::to_string(got) + "\n";
     if (write(report, out.data(), out.size()) < 0) _exit(1);
     _exit(0);
@@ -190,7 +172,7 @@ int main(int argc, char** argv) {
     std::mt19937_64 rng(1);
     std::uniform_int_distribution<std::size_t> pick(0, sockets - 1);
     std::uint64_t full = 0;
-    double cpu0 = cpu_s();
+    double cpu0 = cpu_seconds();
     std::uint64_t t0 = now_ns();
     for (std::size_t k = 0; k < messages; ++k) {
         int s = out[pick(rng)];
@@ -207,7 +189,7 @@ int main(int argc, char** argv) {
             }
         }
     }
-    double sender_cpu = cpu_s() - cpu0;
+    double sender_cpu = cpu_seconds() - cpu0;
     double seconds = double(now_ns() - t0) / 1e9;
     char buf[128] = {};
     ssize_t n = read(report[0], buf, sizeof buf - 1);

@@ -35,13 +35,9 @@
 
 namespace {
 
+using pushy_bench::die;
 using pushy_bench::now_ns;
 using pushy_bench::percentile;
-
-[[noreturn]] void die(const char* what) {
-    std::perror(what);
-    std::exit(1);
-}
 
 // A listening socket on 127.0.0.1 and a free port; returns the socket.
 int listen_any(std::uint16_t& port) {

@@ -75,6 +75,13 @@ def test_bench_connect_writes_upgrade_rate_latency_cpu_and_a_plot(
     assert run["handshake_latency_us"]["p50"] <= hello["p50"]
     assert run["node_cpu_s_per_1m"] > 0 and run["loadgen_cpu_s_per_1m"] > 0
     assert "redis_cpu_s_per_1m" in result["summary"]
+    # The floor: bare processes doing the same TCP work for as many.
+    floor = run["floor"]
+    assert floor["connections"] == floor["done"] == 2000 and floor["failed"] == 0
+    assert floor["connections_per_s"] > 0
+    assert floor["client_cpu_us_per_connection"] > 0
+    assert floor["server_cpu_us_per_connection"] > 0
+    assert "floor_connections_per_s" in result["summary"]
     assert (tmp_path / "connect.png").stat().st_size > 0
     assert "hello_p99_us" in proc.stdout
 

@@ -1506,8 +1506,15 @@ def run_connect(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
             f"{args.rate:,.0f}/s from {len(sizes)} load generators, "
             f"{args.nodes} nodes on Redis {url}, {args.runs} runs")
         for index in range(args.runs):
-            runs.append(_connect_run(index, url, redis_pid, args, sizes, tokens,
-                                     addrs, tmp, say))
+            run = _connect_run(index, url, redis_pid, args, sizes, tokens, addrs,
+                               tmp, say)
+            run["floor"] = _connect_floor(args)
+            floor = run["floor"]
+            say(f"  the host's floor (a bare client and server, the same TCP "
+                f"work): {floor['connections_per_s']:,.0f} connections/s, CPU per "
+                f"connection {floor['client_cpu_us_per_connection']:.1f} us client, "
+                f"{floor['server_cpu_us_per_connection']:.1f} us server")
+            runs.append(run)
     stat = _spread(runs)
     summary = {
         "upgrades_per_s": stat(lambda r: r["upgrades_per_s"]),
@@ -1518,6 +1525,11 @@ def run_connect(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
         "handshake_p99_us": stat(lambda r: r["handshake_latency_us"]["p99"]),
         "node_cpu_s_per_1m": stat(lambda r: r["node_cpu_s_per_1m"]),
         "loadgen_cpu_s_per_1m": stat(lambda r: r["loadgen_cpu_s_per_1m"]),
+        "floor_connections_per_s": stat(lambda r: r["floor"]["connections_per_s"]),
+        "floor_client_cpu_us": stat(
+            lambda r: r["floor"]["client_cpu_us_per_connection"]),
+        "floor_server_cpu_us": stat(
+            lambda r: r["floor"]["server_cpu_us_per_connection"]),
         "failed": sum(r["failed"] for r in runs),
         "registry_errors": sum(r["registry_errors"] for r in runs),
     }
@@ -1599,14 +1611,38 @@ def _connect_run(
     return run
 
 
+def _connect_floor(args: argparse.Namespace) -> dict[str, Any]:
+    """The host's floor for connection setup: ``pushy-connects``, a bare
+    client and a bare server doing an upgrade's TCP work (connect, a
+    400-byte request, a 250-byte answer) for as many connections (at most
+    18,000), from as many source addresses."""
+    cmd = [tool_path("pushy-connects"),
+           "--connections", str(min(args.connections, 18_000)),
+           "--sources", str(min(len(_source_addrs(args.source_addrs)), 200))]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                              timeout=120)
+        return dict(json.loads(done.stdout))
+    except (subprocess.TimeoutExpired, ValueError):
+        raise benchkit.BenchError("pushy-connects gave no report") from None
+
+
 def _connect_plot(runs: list[dict[str, Any]], target: float, path: Path) -> None:
     plt = _pyplot()
     if plt is None:
         return
     fig, (rate, lat) = plt.subplots(1, 2, figsize=(11, 4))
     labels = [f"run {k}" for k in range(len(runs))]
-    rate.bar(labels, [r["upgrades_per_s"] for r in runs], label="achieved")
-    rate.axhline(target, color="black", linestyle="--", label="target")
+    width = 0.4
+    xs = range(len(runs))
+    rate.bar([x - width / 2 for x in xs], [r["upgrades_per_s"] for r in runs],
+             width, label="upgrades achieved")
+    rate.bar([x + width / 2 for x in xs],
+             [r["floor"]["connections_per_s"] for r in runs], width,
+             label="floor: bare TCP connections")
+    rate.set_xticks(list(xs))
+    rate.set_xticklabels(labels)
+    rate.axhline(target, color="black", linestyle="--", label="offered")
     rate.set(ylabel="authenticated upgrades per second",
              title="pushy bench connect")
     rate.legend()
