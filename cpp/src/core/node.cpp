@@ -78,16 +78,15 @@ std::uint16_t node_impl::peer_port() const noexcept {
     return fleet_ ? fleet_->peer_port() : 0;
 }
 
+void push_done::operator()(push_outcome o, std::string_view reason) {
+    net::post(home->ioc, [o, id = id, r = std::string(reason),
+                          fn = std::move(fn)]() mutable { fn(o, id, r); });
+}
+
 // Queues `req` on session `s`; its outcome reaches `done` on `home`.
 static void deliver_to(io_thread& home, std::shared_ptr<session> s,
                        push_request req, local_push_done done) {
-    req.done = [home = &home, id = req.id, done = std::move(done)](
-                   push_outcome o, std::string_view reason) mutable {
-        net::post(home->ioc, [o, id, r = std::string(reason),
-                              done = std::move(done)]() mutable {
-            done(o, id, r);
-        });
-    };
+    req.done = push_done{&home, req.id, std::move(done)};
     auto& ctx = s->context();  // before `s` moves into the handler
     net::post(ctx, [s = std::move(s), req = std::move(req)]() mutable {
         s->deliver(std::move(req));

@@ -17,6 +17,7 @@
 #include "core/connection_table.hpp"
 #include "core/io_thread.hpp"
 #include "core/stats.hpp"
+#include "net/push_request.hpp"
 #include "pushy/config.hpp"
 #include "routing/d2d.hpp"
 
@@ -29,10 +30,6 @@ namespace tls {
 class context;
 }
 
-// The outcome of a push delivered on this node: on the caller's thread,
-// with the push id (0 when none was assigned) and a reason.
-using local_push_done =
-    std::function<void(push_outcome, std::uint64_t id, std::string_view)>;
 
 class node_impl {
 public:

@@ -11,10 +11,23 @@
 
 namespace pushy {
 
-// Called exactly once with the outcome, on the io thread of the connection
-// (or of the caller, when the device is not connected). `reason` is valid
-// only during the call.
-using push_done = std::function<void(push_outcome, std::string_view reason)>;
+struct io_thread;
+
+// The outcome of a push delivered on this node, with the push id (0 when
+// none was assigned) and a reason valid only during the call.
+using local_push_done =
+    std::function<void(push_outcome, std::uint64_t id, std::string_view)>;
+
+// Where a push's outcome goes: `fn` runs on io thread `home`, with `id`.
+// The connection's thread calls it exactly once; it posts the call to
+// `home` (no wrapper of its own: one allocation less per push).
+struct push_done {
+    io_thread* home = nullptr;
+    std::uint64_t id = 0;
+    local_push_done fn;
+
+    void operator()(push_outcome o, std::string_view reason);
+};
 
 struct push_request {
     std::uint64_t id = 0;
