@@ -494,6 +494,30 @@ def test_upgrade_at_the_connection_limit_is_answered_503_retry_after_5(
     assert_serves_a_device(node)
 
 
+def test_connections_beyond_max_pending_upgrades_wait_in_the_listen_queue(
+    pushy_node_factory: Callable[..., Node],
+    stats: Callable[[Node], dict[str, Any]],
+) -> None:
+    node = pushy_node_factory(max_pending_upgrades=2)
+    # Two connections that send nothing hold both upgrade places.
+    with RawWebSocket(node.host, node.port) as idle1, RawWebSocket(
+        node.host, node.port
+    ) as idle2:
+        wait_until(lambda: stats(node)["upgrades_in_progress"] == 2)
+        with RawWebSocket(node.host, node.port) as third:
+            # Connected (the kernel's queue), but not accepted: no answer.
+            third.send_request(valid_headers(node, "third"))
+            with pytest.raises(TimeoutError):
+                third.read_response(timeout=scaled(0.5))
+            assert stats(node)["upgrades_in_progress"] == 2
+            idle1.close()
+            # A place is free: the third is accepted and upgraded.
+            assert third.read_response().status == 101
+            assert third.recv_message()["t"] == "hello"
+        assert stats(node)["rejects"]["bad_request"] == 0
+    wait_until(lambda: stats(node)["upgrades_in_progress"] == 0)
+
+
 def test_upgrades_over_the_accept_rate_are_answered_503_retry_after_1(
     pushy_node_factory: Callable[..., Node],
     stats: Callable[[Node], dict[str, Any]],

@@ -107,6 +107,7 @@ pushy::node_config config_from(const py::dict& d) {
         else if (key == "max_header_bytes") size(c.max_header_bytes);
         else if (key == "max_headers") size(c.max_headers);
         else if (key == "max_connections") size(c.max_connections);
+        else if (key == "max_pending_upgrades") size(c.max_pending_upgrades);
         else if (key == "allowed_origins") {
             c.allowed_origins = as<std::vector<std::string>>(
                 key, v, "a list of strings");

@@ -86,6 +86,8 @@ _SERVE_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--max-header-bytes", "max_header_bytes", int, "upgrade headers [8192]"),
     ("--max-headers", "max_headers", int, "number of upgrade headers [64]"),
     ("--max-connections", "max_connections", int, "devices; 0 = open files only [0]"),
+    ("--max-pending-upgrades", "max_pending_upgrades", int,
+     "upgrades in progress at once; 0 = no limit [1024]"),
     ("--allowed-origins", "allowed_origins", str, "comma list; empty = any"),
     ("--push-timeout-s", "push_timeout_s", float, "default ack timeout [5]"),
     ("--d2d-rate", "d2d_rate", float, "d2d messages/s per connection [100]"),

@@ -86,6 +86,11 @@ class NodeConfig:
         max_headers: most HTTP headers in an upgrade.
         max_connections: most devices connected at once; 0 is unlimited
             (limited only by open files).
+        max_pending_upgrades: upgrades (TLS handshakes included) in
+            progress at once; beyond it the node accepts no more until one
+            ends, and new connections wait in the kernel's listen queue. It
+            bounds the memory and CPU a connection storm takes; 0 is
+            unlimited.
         allowed_origins: ``Origin`` values allowed for browsers; empty allows
             any. A string is split on commas.
         deflate: offer permessage-deflate (costs tens of KiB per connection).
@@ -155,6 +160,7 @@ class NodeConfig:
     max_header_bytes: int = 8 * 1024
     max_headers: int = 64
     max_connections: int = 0
+    max_pending_upgrades: int = 1024
     allowed_origins: list[str] = field(default_factory=list)
     deflate: bool = False
     reuse_port: bool = False
@@ -285,6 +291,7 @@ _INT_RANGES: dict[str, tuple[int, int]] = {
     "max_header_bytes": (1, 2**20),
     "max_headers": (1, 1024),
     "max_connections": (0, 2**31 - 1),
+    "max_pending_upgrades": (0, 1_000_000),
     "d2d_burst": (1, 1_000_000),
     "max_d2d_bytes": (1, 8 * 2**20),
     "events_maxlen": (0, 1_000_000_000),

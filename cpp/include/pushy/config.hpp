@@ -75,6 +75,11 @@ struct node_config {
     std::size_t max_header_bytes = 8 * 1024;
     std::size_t max_headers = 64;
     std::size_t max_connections = 0;  // 0: limited only by open files
+    // Upgrades (with their TLS handshakes) in progress at once; beyond it
+    // the node accepts no more until one ends, and new connections wait in
+    // the kernel's listen queue. Bounds the memory and CPU a connection
+    // storm takes. 0: no limit.
+    std::size_t max_pending_upgrades = 1024;
     // Upgrades accepted per second (a token bucket of `accept_burst`,
     // 0: one second's worth); above it HTTP 503 with Retry-After. 0: no
     // limit.

@@ -71,6 +71,8 @@ void node_config::validate() const {
             "max_push_bytes must be between 1 byte and 8 MiB");
     require(max_header_bytes >= 256 && max_header_bytes <= (1u << 20),
             "max_header_bytes must be between 256 and 1 MiB");
+    require(max_pending_upgrades <= 1000000,
+            "max_pending_upgrades must be between 0 and 1000000");
     require(max_headers >= 8 && max_headers <= 10000,
             "max_headers must be between 8 and 10000");
     require(port == 0 || port != push_port || host != push_host,

@@ -260,6 +260,7 @@ void node_impl::start() {
     }
 
     auto pick = [this]() -> net::io_context& { return next_thread().ioc; };
+    devices_->limit(&pending_upgrades, cfg_.max_pending_upgrades);
     devices_->start(pick, [this](net::ip::tcp::socket s) {
         auto& t = thread_of(static_cast<net::io_context&>(
             s.get_executor().context()));
@@ -416,6 +417,8 @@ std::string node_impl::stats_json() const {
                          : 0;
     auto s = pushy::stats_json(node_id_, table_.size(), blocks, up);
     s.pop_back();  // the closing brace
+    s += ",\"upgrades_in_progress\":" +
+         std::to_string(pending_upgrades.load(std::memory_order_relaxed));
     s += ",\"drain\":" + drain_json();
     if (fleet_) s += ",\"fleet\":" + fleet_->stats_json();
     s += '}';

@@ -24,6 +24,7 @@ const std::map<std::string_view, std::string_view> labelled = {
 // Numbers that are a level, not a count.
 bool is_gauge(const std::string& path) {
     return path == "connections" || path == "uptime_s" ||
+           path == "upgrades_in_progress" ||
            path == "fleet_redis_up" || path.starts_with("drain_");
 }
 

@@ -51,6 +51,12 @@ void acceptor::start(std::function<net::io_context&()> pick, on_socket fn) {
     do_accept();
 }
 
+void acceptor::limit(std::atomic<std::size_t>* in_progress,
+                     std::size_t limit) {
+    in_progress_ = in_progress;
+    limit_ = limit;
+}
+
 void acceptor::stop() {
     error_code ec;
     acceptor_.close(ec);
@@ -58,6 +64,15 @@ void acceptor::stop() {
 }
 
 void acceptor::do_accept() {
+    if (in_progress_ && limit_ != 0 &&
+        in_progress_->load(std::memory_order_relaxed) >= limit_) {
+        // Full: look again in a millisecond (the kernel queues meanwhile).
+        backoff_.expires_after(std::chrono::milliseconds(1));
+        backoff_.async_wait([this](error_code e) {
+            if (!e && acceptor_.is_open()) do_accept();
+        });
+        return;
+    }
     auto& target = pick_();
     acceptor_.async_accept(target, [this, &target](error_code ec,
                                                    tcp::socket s) {
@@ -73,6 +88,9 @@ void acceptor::do_accept() {
                 if (!e) do_accept();
             });
             return;
+        }
+        if (in_progress_) {
+            in_progress_->fetch_add(1, std::memory_order_relaxed);
         }
         net::post(target, [this, s = std::move(s)]() mutable {
             fn_(std::move(s));

@@ -8,6 +8,8 @@
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/steady_timer.hpp>
 
+#include <atomic>
+#include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <string>
@@ -32,6 +34,12 @@ public:
     // Accepts into the io_context chosen by `pick` and calls `fn` there.
     void start(std::function<boost::asio::io_context&()> pick, on_socket fn);
 
+    // Counts each accepted socket in `*in_progress` (whose consumer counts
+    // it down when done with it) and accepts no more while it is at
+    // `limit`: new connections wait in the kernel's listen queue, which
+    // costs this process nothing. Call before start().
+    void limit(std::atomic<std::size_t>* in_progress, std::size_t limit);
+
     // Stops accepting. Call on the acceptor's thread.
     void stop();
 
@@ -45,6 +53,8 @@ private:
     std::string what_;
     std::function<boost::asio::io_context&()> pick_;
     on_socket fn_;
+    std::atomic<std::size_t>* in_progress_ = nullptr;
+    std::size_t limit_ = 0;
 };
 
 }  // namespace pushy

@@ -67,7 +67,7 @@ public:
           thread_(thread),
           socket_(std::move(s)),
           buffer_(node.config().max_header_bytes + 4096) {
-        node_.pending_upgrades.fetch_add(1, std::memory_order_relaxed);
+        // Counted up by the acceptor, down here.
         fire = &upgrade::on_timer;
     }
 
