@@ -305,6 +305,24 @@ def test_bad_certificate_files_are_named_when_the_node_starts(
     assert not node.running
 
 
+def test_encrypted_key_is_refused_at_start_without_prompting(
+    pushy_tls: TLSFiles, tmp_path: Path
+) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key(Path(pushy_tls.key).read_bytes(), None)
+    encrypted = tmp_path / "encrypted.pem"
+    encrypted.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"secret"),
+    ))  # fmt: skip
+    node = Node(host="127.0.0.1", port=0, push_port=0, secret="s" * 32,
+                tls_cert=pushy_tls.cert, tls_key=str(encrypted))
+    with pytest.raises(ConfigError, match="is encrypted; the node takes an "
+                       "unencrypted key"):
+        node.start()
+
+
 async def test_pushy_serve_with_tls_prints_a_wss_url_that_devices_reach(
     pushy_tls: TLSFiles,
 ) -> None:

@@ -62,6 +62,14 @@ io status_of(const error_code& ec) {
     return io::failed;
 }
 
+// The pass phrase callback: there is none to give (a node never prompts).
+// Records that one was asked for, so the error can say the key is
+// encrypted.
+int no_pass_phrase(char*, int, int, void* asked) {
+    *static_cast<bool*>(asked) = true;
+    return -1;
+}
+
 [[noreturn]] void fail(const std::string& what) {
     std::string why = take_openssl_error();
     throw config_error(what + (why.empty() ? "" : ": " + why));
@@ -77,8 +85,21 @@ context::context(const std::string& cert_file, const std::string& key_file)
             fail("tls_cert '" + cert_file +
                  "' is not a readable PEM certificate chain");
         }
-        if (SSL_CTX_use_PrivateKey_file(ctx_, key_file.c_str(),
-                                        SSL_FILETYPE_PEM) != 1) {
+        // OpenSSL would prompt on the terminal for an encrypted key.
+        bool asked = false;
+        SSL_CTX_set_default_passwd_cb(ctx_, no_pass_phrase);
+        SSL_CTX_set_default_passwd_cb_userdata(ctx_, &asked);
+        int loaded = SSL_CTX_use_PrivateKey_file(ctx_, key_file.c_str(),
+                                                 SSL_FILETYPE_PEM);
+        SSL_CTX_set_default_passwd_cb_userdata(ctx_, nullptr);
+        if (loaded != 1) {
+            if (asked) {
+                ERR_clear_error();
+                throw config_error(
+                    "tls_key '" + key_file +
+                    "' is encrypted; the node takes an unencrypted key "
+                    "(openssl pkey -in " + key_file + " -out key.pem)");
+            }
             if (ERR_GET_REASON(ERR_peek_last_error()) ==
                 X509_R_KEY_VALUES_MISMATCH) {
                 ERR_clear_error();
