@@ -543,3 +543,80 @@ async def test_devices_of_a_killed_node_are_registered_on_the_others(
         f"({dict(sorted(spread.items()))}, {devices.reconnects} reconnects)"
     )
     assert set(spread) == {"node-1", "node-2"}
+
+
+# The open-file limit.
+
+
+def serve_with_file_limit(limit: int, *args: str) -> tuple[subprocess.Popen[str], str, str]:
+    """``pushy serve`` with an open-file limit of ``limit`` (soft and hard);
+    returns the process and its device and push URLs."""
+    from pushy_cli import cli_env
+
+    cmd = ["prlimit", f"--nofile={limit}:{limit}", sys.executable, "-m", "pushy",
+           "serve", "--host", "127.0.0.1", "--port", "0", "--push-port", "0",
+           "--secret", TEST_SECRET, *args]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=cli_env())
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert "listening" in line, line + proc.stderr.read()
+    words = line.split()
+    url = next(w.rstrip(",") for w in words if w.startswith("ws://"))
+    push_url = next(w.rstrip(",") for w in words if w.startswith("http://"))
+    return proc, url, push_url
+
+
+def run_loadgen(url: str, count: int, tmp: Any) -> dict[str, Any]:
+    from pushy.bench import loadgen_path
+
+    tokens = tmp / "tokens.txt"
+    tokens.write_text("".join(f"{token_for(f'fd{i}')}\n" for i in range(count)))
+    port = url.rsplit(":", 1)[1].split("/")[0]
+    done = subprocess.run(
+        [loadgen_path(), "--port", port, "--connections", str(count), "--rate",
+         "2000", "--hold-s", "0.5", "--handshake-timeout-s", str(scaled(5)),
+         "--tokens", str(tokens), "--json"],
+        capture_output=True, text=True, timeout=scaled(60), check=False,
+    )  # fmt: skip
+    import json
+
+    return dict(json.loads(done.stdout))
+
+
+def test_devices_beyond_what_the_file_limit_leaves_get_503(tmp_path: Any) -> None:
+    # 300 files: the node keeps 64 + 75 (a quarter, for upgrades in
+    # progress) and takes 161 devices; the rest are refused 503, and the
+    # push API still answers.
+    proc, url, push_url = serve_with_file_limit(300)
+    try:
+        report_ = run_loadgen(url, 200, tmp_path)
+        assert report_["connected"] == 161, report_
+        assert report_["failed_by_reason"] == {"http_503": 39}
+        stats = httpx.get(f"{push_url}/v1/stats", timeout=scaled(5)).json()
+        assert stats["rejects"]["too_many_connections"] == 39
+        assert stats["rejects"]["out_of_files"] == 0
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=scaled(30))
+
+
+def test_connections_past_the_file_limit_are_closed_not_left_hanging(
+    tmp_path: Any,
+) -> None:
+    # max_connections above what 300 files allow: the node warns at start;
+    # connections it cannot accept are closed at once (the clients see a
+    # reset, not a silence), counted out_of_files, and the node recovers.
+    proc, url, push_url = serve_with_file_limit(300, "--max-connections", "1000")
+    try:
+        report_ = run_loadgen(url, 400, tmp_path)
+        failed = report_["failed_by_reason"]
+        assert report_["connected"] + sum(failed.values()) == 400
+        assert failed and not any(k.startswith("timeout") for k in failed), failed
+        stats = httpx.get(f"{push_url}/v1/stats", timeout=scaled(5)).json()
+        assert stats["rejects"]["out_of_files"] >= 1
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=scaled(30))
+    assert "is above what the open-file limit (300) leaves" in err
+    assert err.count("out of file descriptors") <= 2

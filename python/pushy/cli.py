@@ -24,6 +24,7 @@ configuration error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -85,7 +86,8 @@ _SERVE_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--max-push-bytes", "max_push_bytes", int, "push body [65536]"),
     ("--max-header-bytes", "max_header_bytes", int, "upgrade headers [8192]"),
     ("--max-headers", "max_headers", int, "number of upgrade headers [64]"),
-    ("--max-connections", "max_connections", int, "devices; 0 = open files only [0]"),
+    ("--max-connections", "max_connections", int,
+     "devices; 0 = what the open-file limit leaves [0]"),
     ("--max-pending-upgrades", "max_pending_upgrades", int,
      "upgrades in progress at once; 0 = no limit [1024]"),
     ("--allowed-origins", "allowed_origins", str, "comma list; empty = any"),
@@ -374,6 +376,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 # Commands.
 
 
+def _raise_file_limit() -> None:
+    """Raise this process's soft open-file limit to its hard limit: every
+    device is a descriptor, and the node takes as many devices as the limit
+    leaves (``max_connections`` 0)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def _serve(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level)
     overrides = {dest: getattr(args, dest) for _, dest, _, _ in _SERVE_OPTIONS}
@@ -383,6 +397,7 @@ def _serve(args: argparse.Namespace) -> int:
         overrides["public_key"] = _read_text(args.public_key_file, "--public-key-file")
     config = NodeConfig.from_sources(args.config, **overrides)
     _warn_short_secret(config.algorithm, config.secret)
+    _raise_file_limit()
     node = Node(config)
 
     # SIGTERM (a deploy) drains the node over drain_s; SIGINT (Ctrl-C), or

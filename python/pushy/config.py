@@ -84,8 +84,9 @@ class NodeConfig:
         max_push_bytes: largest push body a service may send.
         max_header_bytes: largest HTTP header block of an upgrade.
         max_headers: most HTTP headers in an upgrade.
-        max_connections: most devices connected at once; 0 is unlimited
-            (limited only by open files).
+        max_connections: most devices connected at once (HTTP 503 beyond
+            it); 0 takes what the open-file limit leaves once the node's own
+            sockets and the upgrades in progress have theirs.
         max_pending_upgrades: upgrades (TLS handshakes included) in
             progress at once; beyond it the node accepts no more until one
             ends, and new connections wait in the kernel's listen queue. It

@@ -4,6 +4,8 @@
 
 #include <openssl/rand.h>
 
+#include <sys/resource.h>
+
 #include <future>
 
 #include "core/logging.hpp"
@@ -205,6 +207,29 @@ void node_impl::release() noexcept {
     threads_.clear();
 }
 
+// Each device takes a file descriptor, so the open-file limit caps them:
+// the node keeps 64 for its own sockets (listeners, Redis, peer links,
+// epoll) and room for the upgrades in progress, and refuses devices
+// beyond the rest with 503 rather than fail to accept them.
+void node_impl::set_connection_limit() {
+    rlimit rl{};
+    std::size_t files = SIZE_MAX;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY) {
+        files = static_cast<std::size_t>(rl.rlim_cur);
+    }
+    std::size_t upgrades = cfg_.max_pending_upgrades ? cfg_.max_pending_upgrades
+                                                     : 1024;
+    std::size_t keep = 64 + std::min(upgrades, files / 4);
+    std::size_t budget = files > 2 * keep ? files - keep : files / 2;
+    max_connections_ = cfg_.max_connections ? cfg_.max_connections : budget;
+    if (cfg_.max_connections > budget) {
+        PUSHY_WARN("max_connections {} is above what the open-file limit ({}) "
+                   "leaves for devices ({}): raise it (ulimit -n) or devices "
+                   "beyond it are closed unanswered",
+                   cfg_.max_connections, files, budget);
+    }
+}
+
 io_thread& node_impl::next_thread() noexcept {
     auto i = rr_.fetch_add(1, std::memory_order_relaxed);
     return *threads_[i % threads_.size()];
@@ -231,6 +256,7 @@ void node_impl::start() {
     if (!cfg_.tls_cert.empty()) {
         tls_ = std::make_unique<tls::context>(cfg_.tls_cert, cfg_.tls_key);
     }
+    set_connection_limit();
 
     unsigned n = cfg_.threads;
     if (n == 0) n = std::max(1u, std::thread::hardware_concurrency());
@@ -261,6 +287,8 @@ void node_impl::start() {
 
     auto pick = [this]() -> net::io_context& { return next_thread().ioc; };
     devices_->limit(&pending_upgrades, cfg_.max_pending_upgrades);
+    devices_->count_into(&threads_[0]->stats);
+    pushes_->count_into(&threads_[0]->stats);
     devices_->start(pick, [this](net::ip::tcp::socket s) {
         auto& t = thread_of(static_cast<net::io_context&>(
             s.get_executor().context()));

@@ -55,6 +55,10 @@ public:
     pushy::fleet* fleet() noexcept { return fleet_.get(); }
     // The device port's TLS context, or null for plain WebSocket.
     const tls::context* tls() const noexcept { return tls_.get(); }
+    // Devices this node takes: max_connections, or when that is 0, what
+    // the open-file limit leaves once the node's own sockets and the
+    // upgrades in progress have theirs.
+    std::size_t max_connections() const noexcept { return max_connections_; }
 
     // Sends a push to `device` if it is connected to this node; `done` then
     // runs on `home` once the outcome is known. Returns false (and never
@@ -135,6 +139,7 @@ public:
 
 private:
     void release() noexcept;
+    void set_connection_limit();
     // Waits, on its own thread, until the drain is over; then stops.
     void watch_drain();
 
@@ -142,6 +147,7 @@ private:
     std::string node_id_;
     std::unique_ptr<auth::jwt_verifier> verifier_;
     std::unique_ptr<tls::context> tls_;
+    std::size_t max_connections_ = 0;
     connection_table table_;
     std::vector<std::unique_ptr<io_thread>> threads_;
     std::unique_ptr<device_server> devices_;

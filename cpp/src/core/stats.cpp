@@ -24,6 +24,7 @@ constexpr std::string_view reject_names[] = {
     "bad_origin",         "headers_too_large",
     "too_many_headers",   "upgrade_timeout",
     "tls_handshake_failed", "tls_handshake_timeout",
+    "out_of_files",
     "too_many_connections", "accept_rate",
     "draining",           "shutting_down",
     "token_missing",

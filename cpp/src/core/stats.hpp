@@ -48,6 +48,7 @@ enum class reject : std::uint8_t {
     upgrade_timeout,
     tls_handshake_failed,   // bad TLS (plain HTTP on the TLS port, ...)
     tls_handshake_timeout,
+    out_of_files,           // closed unanswered: no file descriptor left
     too_many_connections,
     accept_rate,          // 503: over the accept rate
     draining,             // 503: the node is draining

@@ -2,9 +2,14 @@
 
 #include <boost/asio/post.hpp>
 
+#include <fcntl.h>
 #include <sys/socket.h>
+#include <unistd.h>
+
+#include <cerrno>
 
 #include "core/logging.hpp"
+#include "core/stats.hpp"
 #include "pushy/config.hpp"
 
 namespace pushy {
@@ -37,6 +42,35 @@ acceptor::acceptor(net::io_context& ioc, const std::string& host,
     if (ec) {
         throw config_error("cannot listen on " + what_ + " " + host + ":" +
                            std::to_string(port) + ": " + ec.message());
+    }
+    reserve_fd_ = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+}
+
+acceptor::~acceptor() {
+    if (reserve_fd_ >= 0) ::close(reserve_fd_);
+}
+
+void acceptor::shed() {
+    if (reserve_fd_ >= 0) {
+        ::close(reserve_fd_);
+        reserve_fd_ = -1;
+    }
+    int fd = ::accept4(acceptor_.native_handle(), nullptr, nullptr,
+                       SOCK_CLOEXEC | SOCK_NONBLOCK);
+    if (fd >= 0) {
+        ::close(fd);
+        ++dropped_;
+        if (stats_) stats_->count(reject::out_of_files);
+    }
+    reserve_fd_ = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+    auto now = std::chrono::steady_clock::now();
+    auto dropped = dropped_;
+    if (dropped != dropped_said_ && now - said_at_ >= std::chrono::seconds(10)) {
+        PUSHY_WARN("{}: out of file descriptors (the open-file limit): {} "
+                   "connection{} closed unanswered so far",
+                   what_, dropped, dropped == 1 ? "" : "s");
+        dropped_said_ = dropped;
+        said_at_ = now;
     }
 }
 
@@ -79,9 +113,20 @@ void acceptor::do_accept() {
         if (ec == net::error::operation_aborted || !acceptor_.is_open()) {
             return;
         }
+        if (ec == net::error::no_descriptors ||
+            ec.value() == ENFILE) {
+            // Out of descriptors: close the waiting connections (a client
+            // sees its connection end and retries, maybe on another node)
+            // rather than leave them hanging; look again shortly.
+            shed();
+            backoff_.expires_after(std::chrono::milliseconds(10));
+            backoff_.async_wait([this](error_code e) {
+                if (!e) do_accept();
+            });
+            return;
+        }
         if (ec) {
-            // Out of descriptors (EMFILE/ENFILE) or a transient error: wait
-            // a little rather than spin on a listen queue we cannot drain.
+            // A transient error: wait a little rather than spin.
             PUSHY_WARN("{}: accept failed: {}", what_, ec.message());
             backoff_.expires_after(std::chrono::milliseconds(50));
             backoff_.async_wait([this](error_code e) {

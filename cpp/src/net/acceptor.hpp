@@ -9,6 +9,7 @@
 #include <boost/asio/steady_timer.hpp>
 
 #include <atomic>
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -17,9 +18,13 @@
 namespace pushy {
 
 class node_impl;
+struct counters;
 
-// A listening socket that accepts forever, backing off briefly when the
-// process runs out of file descriptors instead of spinning.
+// A listening socket that accepts forever. When the process runs out of
+// file descriptors it still takes each waiting connection off the listen
+// queue and closes it at once (with a descriptor kept in reserve for
+// that), so clients learn it and try again, instead of hanging in a queue
+// that no longer moves.
 class acceptor {
 public:
     using tcp = boost::asio::ip::tcp;
@@ -40,13 +45,23 @@ public:
     // costs this process nothing. Call before start().
     void limit(std::atomic<std::size_t>* in_progress, std::size_t limit);
 
+    // Counts each connection closed unanswered for want of a descriptor as
+    // reject `out_of_files` in `stats` (the acceptor's io thread's).
+    void count_into(counters* stats) noexcept { stats_ = stats; }
+
     // Stops accepting. Call on the acceptor's thread.
     void stop();
 
+
     std::uint16_t port() const;
+
+    ~acceptor();
 
 private:
     void do_accept();
+    // Out of descriptors: closes the oldest waiting connection with the
+    // reserve descriptor's place, and says so (at most every 10 s).
+    void shed();
 
     tcp::acceptor acceptor_;
     boost::asio::steady_timer backoff_;
@@ -55,6 +70,11 @@ private:
     on_socket fn_;
     std::atomic<std::size_t>* in_progress_ = nullptr;
     std::size_t limit_ = 0;
+    int reserve_fd_ = -1;  // /dev/null, given up to accept-and-close
+    counters* stats_ = nullptr;
+    std::uint64_t dropped_ = 0;
+    std::uint64_t dropped_said_ = 0;
+    std::chrono::steady_clock::time_point said_at_{};
 };
 
 }  // namespace pushy

@@ -284,8 +284,7 @@ private:
             return refuse(http::status::service_unavailable, reject::draining,
                           "node is draining", 1);
         }
-        if (cfg.max_connections != 0 &&
-            node_.table().size() >= cfg.max_connections) {
+        if (node_.table().size() >= node_.max_connections()) {
             return refuse(http::status::service_unavailable,
                           reject::too_many_connections,
                           "node is at its connection limit", 5);
