@@ -124,6 +124,30 @@ def test_bench_idle_refuses_more_connections_than_its_nodes_hold() -> None:
     assert "expected --nodes of at least 3" in proc.stderr
 
 
+def test_bench_push_and_queue_refuse_more_devices_than_their_nodes_hold() -> None:
+    for scenario in ("push", "queue"):
+        proc = run_pushy("bench", scenario, "--devices", "20000", "--nodes", "1")
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert "1 node hold at most 18,900 devices" in proc.stderr
+    proc = run_pushy("bench", "push", "--runs", "0")
+    assert proc.returncode == 1 and "--runs must be >= 1" in proc.stderr
+
+
+def test_bench_on_a_given_redis_leaves_no_key_behind(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    proc = run_pushy(
+        "bench", "idle", "--connections", "300", "--per-process", "300",
+        "--rate", "2000", "--runs", "1", "--settle-s", "0.2",
+        "--registry-ttl-s", "3", "--redis", redis_server.url,
+        "--results", str(tmp_path), timeout=scaled(120),
+    )  # fmt: skip
+
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "fewer than the 18,000 of the benchmark method" in proc.stdout
+    assert redis_server.command("DBSIZE") == 0
+
+
 def test_idle_memory_script_measures_one_node(tmp_path: Path) -> None:
     out = tmp_path / "idle_memory.json"
     proc = subprocess.run(
@@ -343,6 +367,13 @@ def test_bench_peers_measures_pushy_and_nchan_in_the_same_run(tmp_path: Path) ->
     assert ratios["rss_per_conn"] == pytest.approx(
         run["pushy"]["rss_per_conn"] / run["nchan"]["rss_per_conn"]
     )
+    # The floor: a bare sender of as many messages to as many connections.
+    floor = run["floor"]
+    assert (floor["sockets"], floor["messages"]) == (1000, 5000)
+    assert run["floor_over_nchan"] == pytest.approx(
+        run["nchan"]["node_cpu_s_per_1m"] / floor["sender_cpu_s_per_1m"]
+    )
+    assert "floor: bare sender CPU-s per 1M" in proc.stdout
     goals = result["summary"]["goals"]
     assert set(goals) == {"delivered_per_cpu_s", "rss_per_conn", "rss_slab_per_conn"}
     assert all(isinstance(g["met"], bool) for g in goals.values())

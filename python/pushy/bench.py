@@ -80,7 +80,8 @@ def add_parser(commands: Any) -> None:
         description=__doc__.split("\n\n")[1] if __doc__ else None,
     )
     _add_fleet_options(push)
-    push.add_argument("--pushes", type=int, default=200000, metavar="N")
+    push.add_argument("--pushes", type=int, default=200000, metavar="N",
+                      help="pushes per run [200000]")
     push.add_argument("--batch", type=int, default=2000, metavar="N",
                       help="concurrent pushes per batch [2000]")
     _add_run_options(push, run_push)
@@ -207,6 +208,9 @@ def _workspace(args: argparse.Namespace) -> Iterator[tuple[str, Path, int | None
         finally:
             if redis is not None:
                 redis.stop()
+            else:
+                # The user's Redis keeps nothing of the runs.
+                _forget_runs(url)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -263,15 +267,20 @@ def _percentile(values: list[float], p: float) -> float:
 
 def run_push(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
     """Run the push scenario; return the results (also written as JSON)."""
-    if args.devices < 1 or args.nodes < 1 or args.pushes < 1 or args.batch < 1:
-        raise PushyError("--devices, --nodes, --pushes and --batch must be >= 1")
+    if min(args.devices, args.nodes, args.pushes, args.batch, args.runs) < 1:
+        raise PushyError("--devices, --nodes, --pushes, --batch and --runs must "
+                         "be >= 1")
+    _check_capacity(args.devices, args.nodes, "devices")
     loadgen = loadgen_path()
     devices = [f"bench-{i}" for i in range(args.devices)]
     procs: list[subprocess.Popen[bytes]] = []
     with _workspace(args) as (url, tmp, _):
-        cluster = Cluster(args.nodes, url, secret=_SECRET, name="bench").start()
+        prefix = _run_prefix("push")
+        cluster = Cluster(args.nodes, url, secret=_SECRET, name="bench",
+                          redis_prefix=prefix,
+                          max_connections=_NODE_MAX_CONNECTIONS).start()
         try:
-            say(f"cluster of {args.nodes} nodes on {url}; connecting "
+            say(f"cluster of {benchkit.count(args.nodes, 'node')} on {url}; connecting "
                 f"{args.devices:,} devices")
             for start in range(0, args.devices, _PER_PROCESS):
                 chunk = devices[start : start + _PER_PROCESS]
@@ -296,7 +305,7 @@ def run_push(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
                 time.sleep(0.2)
             say(f"{args.devices:,} devices connected")
             runs = [
-                _push_run(cluster, url, devices, args, say)
+                _push_run(cluster, url, prefix, devices, args, say)
                 for _ in range(args.runs)
             ]
         finally:
@@ -327,12 +336,12 @@ def run_push(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
 
 
 def _push_run(
-    cluster: Cluster, url: str, devices: list[str], args: argparse.Namespace,
-    say: Any,
+    cluster: Cluster, url: str, prefix: str, devices: list[str],
+    args: argparse.Namespace, say: Any,
 ) -> dict[str, Any]:
     pids = [n.pid for n in cluster.nodes if n.pid is not None]
     rng = random.Random(1)
-    with PushClient(redis=url, timeout=30) as client:
+    with PushClient(redis=url, prefix=prefix, timeout=30) as client:
         # Warm the route cache and the peer links.
         client.push_many([(d, 0) for d in devices[: min(len(devices), 2000)]])
         cpu0 = sum(cpu_seconds(p) for p in pids)
@@ -621,8 +630,9 @@ def _d2d_run(
     url: str, rate: float, args: argparse.Namespace, tmp: Path, say: Any
 ) -> dict[str, Any]:
     loadgen = loadgen_path()
-    a = Cluster(1, url, secret=_SECRET, name="a").start()
-    b = Cluster(1, url, secret=_SECRET, name="b").start()
+    prefix = _run_prefix("d2d")
+    a = Cluster(1, url, secret=_SECRET, name="a", redis_prefix=prefix).start()
+    b = Cluster(1, url, secret=_SECRET, name="b", redis_prefix=prefix).start()
     procs: list[subprocess.Popen[str]] = []
     try:
         def tokens(prefix: str) -> list[str]:
@@ -739,8 +749,17 @@ def run_d2d(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
     with _workspace(args) as (url, tmp, _):
         for rate in rates:
             say(f"d2d at {rate:,.0f}/s, {args.pairs:,} senders on node a, "
-                f"{args.pairs:,} targets on node b, {args.runs} runs")
-            runs = [_d2d_run(url, rate, args, tmp, say) for _ in range(args.runs)]
+                f"{args.pairs:,} targets on node b, "
+                f"{benchkit.count(args.runs, 'run')}")
+            runs = []
+            for _ in range(args.runs):
+                run = _d2d_run(url, rate, args, tmp, say)
+                # Four hops: sender -> node A -> node B -> node A -> sender.
+                run["floor_us"] = _hops_floor(4, rate, args.seconds)
+                floor = run["floor_us"]["from_due_us"]
+                say(f"  the host's floor (4 bare hops): p50 {floor['p50']:,} us, "
+                    f"p99 {floor['p99']:,} us")
+                runs.append(run)
             phases.append({"rate": rate, "runs": runs, "summary": _d2d_summary(runs)})
     result = {
         "scenario": "d2d",
@@ -758,6 +777,22 @@ def run_d2d(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
     return result
 
 
+def _hops_floor(hops: int, rate: float, seconds: float) -> dict[str, Any]:
+    """The host's floor at ``rate``: ``pushy-hops``, a message relayed by
+    bare processes over ``hops`` loopback TCP hops (2 for a direct push:
+    service -> node -> device; 4 for a d2d message and its status), for at
+    most ``seconds`` (and 50,000 messages)."""
+    count = max(100, min(50_000, int(rate * seconds)))
+    cmd = [tool_path("pushy-hops"), "--hops", str(hops), "--rate", str(rate),
+           "--count", str(count)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                              timeout=60 + count / rate)
+        return dict(json.loads(done.stdout))
+    except (subprocess.TimeoutExpired, ValueError):
+        raise benchkit.BenchError("pushy-hops gave no report") from None
+
+
 def _d2d_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     stat = _spread(runs)
 
@@ -768,6 +803,8 @@ def _d2d_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "node_p50_us": stat(lambda r: r["node_latency_us"]["p50"]),
         "node_p99_us": stat(lambda r: r["node_latency_us"]["p99"]),
         "node_p99.9_us": stat(lambda r: r["node_latency_us"]["p99.9"]),
+        "floor_p50_us": stat(lambda r: r["floor_us"]["from_due_us"]["p50"]),
+        "floor_p99_us": stat(lambda r: r["floor_us"]["from_due_us"]["p99"]),
         "achieved_per_s": stat(lambda r: r["achieved_per_s"]),
         "node_cpu_s_per_1m": stat(lambda r: r["node_cpu_s_per_1m"]),
         "not_200": sum(r["sent"] - int(r["codes"].get("200", 0)) for r in runs),
@@ -795,14 +832,20 @@ def _percentile_bars(
     fig, ax = plt.subplots(figsize=(7, 4))
     labels = ("p50", "p99", "p99.9")
     width = 0.8 / max(len(groups), 1)
+    shown: list[float] = []
     for k, (label, figures, key) in enumerate(groups):
         values = [figures[key.format(q)] for q in labels]
         values = [v["median"] if isinstance(v, dict) else v for v in values]
+        shown += [v for v in values if v > 0]
         ax.bar([i + k * width for i in range(len(labels))], values, width,
                label=label)
     ax.set_xticks([i + width * (len(groups) - 1) / 2 for i in range(len(labels))])
     ax.set_xticklabels(labels)
     ax.set(yscale="log", ylabel=ylabel, title=title)
+    # A log axis starts the bars a decade below the smallest, so that each
+    # bar's height reads as its value.
+    if shown:
+        ax.set_ylim(bottom=max(1.0, min(shown) / 10), top=max(shown) * 3)
     _save(plt, fig, ax, path)
 
 
@@ -825,6 +868,7 @@ def run_queue(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
     if min(args.devices, args.nodes, args.messages, args.runs) < 1 or args.rate < 0:
         raise PushyError("--devices, --nodes, --messages and --runs must be >= 1 "
                          "and --rate >= 0")
+    _check_capacity(args.devices, args.nodes, "devices")
     with _workspace(args) as (url, tmp, _):
         runs = [_queue_run(url, args, tmp, say) for _ in range(args.runs)]
     stat = _spread(runs)
@@ -881,9 +925,10 @@ def _queue_run(
     url: str, args: argparse.Namespace, tmp: Path, say: Any
 ) -> dict[str, Any]:
     loadgen = loadgen_path()
-    prefix = f"bq{os.getpid()}-{time.monotonic_ns() % 10**9}:"
+    prefix = _run_prefix("queue")
     cluster = Cluster(args.nodes, url, secret=_SECRET, name="queue",
-                      redis_prefix=prefix).start()
+                      redis_prefix=prefix,
+                      max_connections=_NODE_MAX_CONNECTIONS).start()
     procs: list[subprocess.Popen[str]] = []
     processor: subprocess.Popen[str] | None = None
     devices = [f"q{i}" for i in range(args.devices)]
@@ -1021,9 +1066,49 @@ RESULTS/connect.json and connect.png."""
 #: A node refuses upgrades (503) beyond this, below the 19,000 sockets a
 #: process may hold here.
 _NODE_MAX_CONNECTIONS = 18_900
-#: Connections per node the scenarios plan for: SO_REUSEPORT spreads them
-#: by a hash, so a node gets a little more or less than its share.
-_NODE_SHARE = 17_000
+#: Connections per node the scenarios plan for when several nodes share
+#: the port: SO_REUSEPORT spreads them by a hash, within about 2% of the
+#: share here, so a node stays below _NODE_MAX_CONNECTIONS; and at least the
+#: 18,000 per process of the benchmark method.
+_NODE_SHARE = 18_300
+#: Below this many connections per node, per-connection memory figures
+#: carry the node's fixed costs (the benchmark method asks for 18,000).
+_METHOD_PER_NODE = 18_000
+
+
+def _capacity(nodes: int) -> int:
+    """Connections ``nodes`` node processes hold here: one takes every
+    connection up to its limit, several a hash's share each."""
+    return _NODE_MAX_CONNECTIONS if nodes == 1 else nodes * _NODE_SHARE
+
+
+def _check_capacity(count: int, nodes: int, what: str = "connections") -> None:
+    """Raise when ``nodes`` cannot hold ``count`` connections.
+
+    Raises:
+        PushyError: they cannot; the message names the nodes needed.
+    """
+    capacity = _capacity(nodes)
+    if count <= capacity:
+        return
+    each = ("below the 19,000 sockets of a process" if nodes == 1
+            else f"{_NODE_SHARE:,} each, below the 19,000 sockets of a "
+            "process, as the port's hash spreads them")
+    raise PushyError(
+        f"{nodes} node{'s' if nodes != 1 else ''} hold at most {capacity:,} "
+        f"{what} here ({each}); expected --nodes of at least "
+        f"{math.ceil(count / _NODE_SHARE)}"
+    )
+
+
+def _say_method_note(args: argparse.Namespace, say: Any) -> None:
+    """Say so when a memory run has fewer connections per node than the
+    benchmark method asks for."""
+    per_node = args.connections / max(args.nodes, 1)
+    if per_node < _METHOD_PER_NODE:
+        say(f"note: {per_node:,.0f} connections per node, fewer than the "
+            f"{_METHOD_PER_NODE:,} of the benchmark method: the per-connection "
+            "figures carry the node's fixed costs")
 
 
 def _add_connection_options(
@@ -1104,18 +1189,7 @@ def _plan(args: argparse.Namespace) -> tuple[list[int], list[str]]:
     if args.nodes == 0:
         args.nodes = (1 if args.connections <= _NODE_MAX_CONNECTIONS
                       else math.ceil(args.connections / _NODE_SHARE))
-    # One node takes every connection; several get a hash's share each.
-    capacity = (_NODE_MAX_CONNECTIONS if args.nodes == 1
-                else args.nodes * _NODE_SHARE)
-    if args.connections > capacity:
-        each = ("below the 19,000 sockets of a process" if args.nodes == 1
-                else f"{_NODE_SHARE:,} each, below the 19,000 sockets of a "
-                "process, as the port's hash spreads them")
-        raise PushyError(
-            f"{args.nodes} nodes hold at most {capacity:,} connections here "
-            f"({each}); expected --nodes of at least "
-            f"{math.ceil(args.connections / _NODE_SHARE)}"
-        )
+    _check_capacity(args.connections, args.nodes)
     addrs = _source_addrs(args.source_addrs)
     ports = _ephemeral_ports()
     if args.connections > len(addrs) * (ports - 1000):
@@ -1144,9 +1218,30 @@ def _token_files(tmp: Path, prefix: str, sizes: list[int]) -> list[list[str]]:
     return paths
 
 
+#: The Redis key prefixes this process's runs used, removed from a Redis
+#: of the user's (--redis) when the scenario ends.
+_prefixes: list[str] = []
+
+
 def _run_prefix(name: str) -> str:
     """A Redis key prefix of one run's own."""
-    return f"b{name}{os.getpid()}-{time.monotonic_ns() % 10**9}:"
+    prefix = f"b{name}{os.getpid()}-{time.monotonic_ns() % 10**9}:"
+    _prefixes.append(prefix)
+    return prefix
+
+
+def _forget_runs(url: str) -> None:
+    """Delete every key of the runs' prefixes from the Redis at ``url``
+    (the registry records, event and queue streams the runs left)."""
+    import redis
+
+    with contextlib.suppress(redis.RedisError, OSError):
+        with redis.Redis.from_url(url, socket_timeout=10) as client:
+            for prefix in _prefixes:
+                keys = list(client.scan_iter(match=prefix + "*", count=1000))
+                for start in range(0, len(keys), 1000):
+                    client.unlink(*keys[start : start + 1000])
+    _prefixes.clear()
 
 
 def _bench_cluster(
@@ -1304,10 +1399,13 @@ def run_idle(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
     runs: list[dict[str, Any]] = []
     with _workspace(args) as (url, tmp, _):
         tokens = _token_files(tmp, "i", sizes)
-        say(f"idle: {args.connections:,} connections on {args.nodes} nodes, "
-            f"{len(sizes)} load generators ({max(sizes):,} at most each), "
+        say(f"idle: {args.connections:,} connections on "
+            f"{benchkit.count(args.nodes, 'node')}, "
+            f"{benchkit.count(len(sizes), 'load generator')} "
+            f"({max(sizes):,} at most each), "
             f"{args.rate:,.0f} connects/s, {len(addrs)} source addresses, "
-            f"Redis {url}, {args.runs} runs")
+            f"Redis {url}, {benchkit.count(args.runs, 'run')}")
+        _say_method_note(args, say)
         for index in range(args.runs):
             runs.append(_idle_run(index, url, args, sizes, tokens, addrs, tmp, say))
     stat = _spread(runs)
@@ -1457,7 +1555,8 @@ def _idle_run(
         "all_closed": closed,
         "run_s": time.monotonic() - started,
     }
-    say(f"run {index}: {held:,}/{args.connections:,} held on {args.nodes} nodes "
+    say(f"run {index}: {held:,}/{args.connections:,} held on "
+        f"{benchkit.count(args.nodes, 'node')} "
         f"({min(per_node):,} to {max(per_node):,} each), node RSS "
         f"{run['rss_per_conn']:,.0f} B/conn ({run['rss_per_conn_connected']:,.0f} "
         f"before the refresh round), RSS + slab "
@@ -1503,8 +1602,9 @@ def run_connect(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
     with _workspace(args) as (url, tmp, redis_pid):
         tokens = _token_files(tmp, "c", sizes)
         say(f"connect: {args.connections:,} upgrades per run at "
-            f"{args.rate:,.0f}/s from {len(sizes)} load generators, "
-            f"{args.nodes} nodes on Redis {url}, {args.runs} runs")
+            f"{args.rate:,.0f}/s from {benchkit.count(len(sizes), 'load generator')}, "
+            f"{benchkit.count(args.nodes, 'node')} on Redis {url}, "
+            f"{benchkit.count(args.runs, 'run')}")
         for index in range(args.runs):
             run = _connect_run(index, url, redis_pid, args, sizes, tokens, addrs,
                                tmp, say)
@@ -1645,7 +1745,11 @@ def _connect_plot(runs: list[dict[str, Any]], target: float, path: Path) -> None
     rate.axhline(target, color="black", linestyle="--", label="offered")
     rate.set(ylabel="authenticated upgrades per second",
              title="pushy bench connect")
-    rate.legend()
+    # Room above the bars for the legend.
+    top = max([target] + [r["floor"]["connections_per_s"] for r in runs]
+              + [r["upgrades_per_s"] for r in runs])
+    rate.set_ylim(top=top * 1.45)
+    rate.legend(loc="upper right", fontsize="small")
     width = 0.8 / 4
     series = (("handshake_latency_us", "p50"), ("handshake_latency_us", "p99"),
               ("hello_latency_us", "p50"), ("hello_latency_us", "p99"))
@@ -1656,8 +1760,12 @@ def _connect_plot(runs: list[dict[str, Any]], target: float, path: Path) -> None
     lat.set_xticks([i + width * 1.5 for i in range(len(runs))])
     lat.set_xticklabels(labels)
     lat.set(yscale="log", ylabel="from connect() (us)", title="latency")
-    lat.set_ylim(bottom=10)
-    _save(plt, fig, lat, path)
+    highest = max(max(r[key][q], 1) for r in runs for key, q in series)
+    lat.set_ylim(bottom=10, top=highest * 30)  # room for the legend
+    lat.legend(loc="upper right", fontsize="small", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 # ------------------------------------------------------------------ storm
@@ -1772,9 +1880,10 @@ def run_storm(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
     with _workspace(args) as (url, tmp, redis_pid):
         tokens = _token_files(tmp, "s", sizes)
         say(f"storm: {args.devices:,} devices on node 0 of {args.nodes}, "
-            f"{len(sizes)} load generators, {args.rate:,.0f} messages/s from "
-            f"{args.before_s:g} s before the kill to {args.after_s:g} s after, "
-            f"Redis {url}, {args.runs} runs")
+            f"{benchkit.count(len(sizes), 'load generator')}, {args.rate:,.0f} "
+            f"messages/s from {args.before_s:g} s before the kill to "
+            f"{args.after_s:g} s after, Redis {url}, "
+            f"{benchkit.count(args.runs, 'run')}")
         for index in range(args.runs):
             runs.append(_storm_run(index, url, redis_pid, args, sizes, tokens,
                                    addrs, tmp, say))
@@ -1887,7 +1996,7 @@ def _storm_run(
     index: int, url: str, redis_pid: int | None, args: argparse.Namespace,
     sizes: list[int], tokens: list[Path], addrs: list[str], tmp: Path, say: Any,
 ) -> dict[str, Any]:
-    prefix = f"bs{index}-{os.getpid()}-{time.monotonic_ns() % 10**9}:"
+    prefix = _run_prefix(f"storm{index}-")
     cluster = Cluster(
         args.nodes, url, secret=_SECRET, name=f"storm{index}", redis_prefix=prefix,
         threads=args.threads, max_connections=_STORM_MAX_CONNECTIONS,

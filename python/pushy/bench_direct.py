@@ -26,7 +26,7 @@ from typing import Any
 from . import bench, benchkit
 from .errors import PushyError
 
-__all__ = ["add_parsers", "run_latency", "run_unicast"]
+__all__ = ["add_parsers", "fanout_floor", "run_latency", "run_unicast"]
 
 UNICAST_DOC = """\
 Direct pushes delivered per second and their CPU cost: --connections
@@ -105,8 +105,10 @@ def run_unicast(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
     with bench._workspace(args) as (url, tmp, _):
         tokens = bench._token_files(tmp, "u", sizes)
         say(f"unicast: {args.pushes:,} pushes per run, {args.window:,} in "
-            f"flight, to {args.connections:,} devices on {args.nodes} nodes "
-            f"({args.threads} io threads each), Redis {url}, {args.runs} runs")
+            f"flight, to {args.connections:,} devices on "
+            f"{benchkit.count(args.nodes, 'node')} "
+            f"({benchkit.count(args.threads, 'io thread')} each), Redis {url}, "
+            f"{benchkit.count(args.runs, 'run')}")
         for index in range(args.runs):
             mode = ["--count", str(args.pushes), "--window", str(args.window)]
             run = _direct_run(index, url, args, sizes, tokens, addrs, tmp, mode, say,
@@ -134,6 +136,8 @@ def run_unicast(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
         "delivered_per_node_cpu_s": stat(lambda r: r["delivered_per_node_cpu_s"]),
         "answer_p50_us": stat(lambda r: r["answer_latency_us"]["p50"]),
         "answer_p99_us": stat(lambda r: r["answer_latency_us"]["p99"]),
+        "device_p50_us": stat(lambda r: r["device_latency_us"]["p50"]),
+        "device_p99_us": stat(lambda r: r["device_latency_us"]["p99"]),
         "floor_sender_cpu_s_per_1m": stat(lambda r: r["floor"]["sender_cpu_s_per_1m"]),
         "floor_receiver_cpu_s_per_1m": stat(
             lambda r: r["floor"]["receiver_cpu_s_per_1m"]),
@@ -181,14 +185,16 @@ def run_latency(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
         tokens = bench._token_files(tmp, "l", sizes)
         for rate in rates:
             say(f"latency at {rate:,.0f}/s for {args.seconds:g} s, "
-                f"{args.connections:,} devices on {args.nodes} nodes, "
-                f"{args.runs} runs")
+                f"{args.connections:,} devices on "
+                f"{benchkit.count(args.nodes, 'node')}, "
+                f"{benchkit.count(args.runs, 'run')}")
             runs = []
             for index in range(args.runs):
                 mode = ["--rate", str(rate), "--seconds", str(args.seconds)]
                 run = _direct_run(index, url, args, sizes, tokens, addrs, tmp,
                                   mode, say, "l", int(rate * args.seconds))
-                run["floor_us"] = _floor(rate, args.seconds)
+                # Two hops: service -> node -> device.
+                run["floor_us"] = bench._hops_floor(2, rate, args.seconds)
                 runs.append(run)
                 dev, ans = run["device_latency_us"], run["answer_latency_us"]
                 say(f"  run {index}: {run['delivered']:,}/{run['sent']:,} "
@@ -312,14 +318,21 @@ def _push_frame_bytes(data_bytes: int) -> int:
 
 
 def _fanout_floor(args: argparse.Namespace) -> dict[str, Any]:
-    """The host's floor for the unicast run of ``args``: ``pushy-fanout``,
-    a bare sender writing as many messages of a push frame's size, one
-    send() each, to as many loopback connections (at most 1,000,000
-    messages)."""
+    """The host's floor for the unicast run of ``args`` (see
+    :func:`fanout_floor`)."""
+    return fanout_floor(args.connections, args.pushes,
+                        _push_frame_bytes(args.data_bytes))
+
+
+def fanout_floor(connections: int, messages: int, size: int) -> dict[str, Any]:
+    """The host's floor for unicast: ``pushy-fanout``, a bare sender
+    writing ``messages`` (at most 1,000,000) of ``size`` bytes, one send()
+    each, to random ones of ``connections`` loopback connections (at most
+    18,000), read by a bare receiver."""
     cmd = [bench.tool_path("pushy-fanout"),
-           "--sockets", str(min(args.connections, 18_000)),
-           "--messages", str(min(args.pushes, 1_000_000)),
-           "--bytes", str(_push_frame_bytes(args.data_bytes))]
+           "--sockets", str(min(connections, 18_000)),
+           "--messages", str(min(messages, 1_000_000)),
+           "--bytes", str(size)]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, check=False,
                               timeout=120)
@@ -328,21 +341,6 @@ def _fanout_floor(args: argparse.Namespace) -> dict[str, Any]:
         raise benchkit.BenchError(
             f"pushy-fanout gave no report: {done.stderr.strip()[:200]}"
         ) from None
-
-
-def _floor(rate: float, seconds: float) -> dict[str, Any]:
-    """The host's floor at ``rate``: ``pushy-hops``, a message relayed by
-    bare processes over two loopback TCP hops (the shape of service ->
-    node -> device), for at most ``seconds`` (and 50,000 messages)."""
-    count = max(100, min(50_000, int(rate * seconds)))
-    cmd = [bench.tool_path("pushy-hops"), "--hops", "2", "--rate", str(rate),
-           "--count", str(count)]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                              timeout=60 + count / rate)
-        return dict(json.loads(done.stdout))
-    except (subprocess.TimeoutExpired, ValueError):
-        raise benchkit.BenchError("pushy-hops gave no report") from None
 
 
 def _pusher(

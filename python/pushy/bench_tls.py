@@ -25,7 +25,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from . import bench
+from . import bench, benchkit
 from .errors import PushyError
 
 __all__ = ["add_parser", "run_tls"]
@@ -77,9 +77,11 @@ def run_tls(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
     with bench._workspace(args) as (url, tmp, _):
         files = tls_files(tmp / "tls")
         tokens = bench._token_files(tmp, "t", sizes)
+        count = benchkit.count
         say(f"tls: {args.connections:,} connections over TLS and plain on "
-            f"{args.nodes} nodes, {len(sizes)} load generators, "
-            f"{args.rate:,.0f} connects/s, Redis {url}, {args.runs} runs")
+            f"{count(args.nodes, 'node')}, {count(len(sizes), 'load generator')}, "
+            f"{args.rate:,.0f} connects/s, Redis {url}, {count(args.runs, 'run')}")
+        bench._say_method_note(args, say)
         for index in range(args.runs):
             # Alternate the order, so that neither always runs on a machine
             # warmed (or tired) by the other.

@@ -34,6 +34,7 @@ __all__ = [
     "BenchError",
     "Loadgen",
     "Progress",
+    "count",
     "figure_table",
     "cpu_seconds",
     "listen_drops",
@@ -128,6 +129,11 @@ def wait_for(
         return wait_until(predicate, timeout, interval, what)  # type: ignore[no-any-return]
     except TimeoutError as exc:
         raise BenchError(str(exc)) from None
+
+
+def count(n: int, word: str) -> str:
+    """``n`` and ``word``, plural unless ``n`` is 1: "1 node", "3 runs"."""
+    return f"{n:,} {word}" if n == 1 else f"{n:,} {word}s"
 
 
 def split(n: int, per_process: int) -> list[int]:

@@ -427,9 +427,10 @@ def run_peers(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
         devices = [f"p{i}" for i in range(args.connections)]
         say(f"peers: {args.connections:,} connections and {args.pushes:,} "
             f"messages per system and run; Pushy: 1 node, 1 io thread, Redis "
-            f"{url}, {args.window:,} in flight; Nchan: {args.nchan_workers} "
-            f"worker(s), {args.publishers} publisher connections x "
-            f"{args.pipeline} in flight; {args.runs} runs")
+            f"{url}, {args.window:,} in flight; Nchan: "
+            f"{benchkit.count(args.nchan_workers, 'worker')}, "
+            f"{benchkit.count(args.publishers, 'publisher connection')} x "
+            f"{args.pipeline} in flight; {benchkit.count(args.runs, 'run')}")
         for index in range(args.runs):
             sides: dict[str, Callable[[], dict[str, Any]]] = {
                 "pushy": lambda: _pushy_side(index, url, args, tokens, devices,
@@ -443,6 +444,17 @@ def run_peers(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
                 say(f"run {index}: {name}")
                 run[name] = sides[name]()
             run["ratios"] = _ratios(run["pushy"], run["nchan"])
+            # The floor: a bare sender, as many sends of a push's size.
+            run["floor"] = bench_direct.fanout_floor(
+                args.connections, args.pushes, bench_direct._push_frame_bytes(0))
+            floor_cpu = run["floor"]["sender_cpu_s_per_1m"]
+            run["floor_over_nchan"] = (
+                run["nchan"]["node_cpu_s_per_1m"] / floor_cpu if floor_cpu else None
+            )
+            say(f"run {index}: the host's floor (a bare sender): {floor_cpu:.2f} "
+                f"CPU-s per 1M, so no server can deliver more than "
+                f"{run['floor_over_nchan'] or 0:.2f} times Nchan's messages per "
+                "CPU-second here")
             runs.append(run)
             say(f"run {index}: Pushy / Nchan: " + ", ".join(
                 f"{k} {v:.3g}" for k, v in run["ratios"].items() if v is not None
@@ -517,9 +529,12 @@ def _pushy_side(
             [args.connections], tokens, _SOURCE_ADDRS, tmp, say,
             handshake_timeout_s=30, extra=["--pushes"],
         )
+        say(f"  connected; measuring after the node's next registry refresh "
+            f"round (every {args.registry_ttl_s / 3:g} s)")
         bench._steady_state(cluster, args.registry_ttl_s, args.settle_s)
         held = bench._connections(cluster)
         after = benchkit.sample_memory(pids)
+        say(f"  unicast: {args.pushes:,} pushes, {args.window:,} in flight")
         unicast = _pushy_unicast(pids, url, prefix, gens[0], devices, args, tmp, say)
     finally:
         bench._close_all(cluster, gens)
@@ -577,7 +592,8 @@ def _nchan_side(
         time.sleep(args.settle_s)
         held = server.subscribers()
         after = benchkit.sample_memory(pids)
-        unicast = _nchan_unicast(server, pids, gens[0], args)
+        say(f"  unicast: {args.pushes:,} messages, one POST each")
+        unicast = _nchan_unicast(server, pids, gens[0], args, say)
     finally:
         try:
             benchkit.stop_loadgens(gens)
@@ -586,42 +602,58 @@ def _nchan_side(
     return _side(held, before, after, unicast, gens, say)
 
 
-def _publish(server: NchanServer, args: argparse.Namespace, messages: int) -> Any:
+def _publish(
+    server: NchanServer, args: argparse.Namespace, messages: int,
+    gen: benchkit.Loadgen, say: Any,
+) -> Any:
     """Run ``pushy-loadgen --publish``: ``messages`` POSTs to random
-    channels; returns its report."""
+    channels, showing how many the devices of ``gen`` received meanwhile;
+    returns its report."""
     cmd = [
         bench.loadgen_path(), "--port", str(server.port),
         "--publish", str(messages), "--publish-to", f"/pub/n:{args.connections}",
         "--publish-conns", str(args.publishers), "--pipeline", str(args.pipeline),
         "--json",
     ]  # fmt: skip
+    # The publisher gives up by itself after 10 s without an answer.
+    deadline = time.monotonic() + 60 + messages / 1000
+    base = gen.pushes()["received"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     try:
-        # The publisher gives up by itself after 10 s without an answer.
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                              timeout=60 + messages / 1000)
-    except subprocess.TimeoutExpired:
-        raise benchkit.BenchError("the publisher did not end") from None
+        with benchkit.Progress("publishing", messages, say,
+                               unit="received") as progress:
+            while proc.poll() is None:
+                if time.monotonic() > deadline:
+                    raise benchkit.BenchError("the publisher did not end")
+                progress.update(gen.pushes()["received"] - base)
+                time.sleep(0.25)
+        out, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
     try:
-        return json.loads(done.stdout.strip().splitlines()[-1])["publish"]
+        return json.loads(out.strip().splitlines()[-1])["publish"]
     except (IndexError, ValueError, KeyError):
         raise benchkit.BenchError(
-            f"the publisher exited with {done.returncode}: {done.stderr[-2000:]}"
+            f"the publisher exited with {proc.returncode}: {err[-2000:]}"
         ) from None
 
 
 def _nchan_unicast(
     server: NchanServer, pids: list[int], gen: benchkit.Loadgen,
-    args: argparse.Namespace,
+    args: argparse.Namespace, say: Any,
 ) -> dict[str, Any]:
     """Publish to every channel once on average (warm-up), then
     ``--pushes`` messages to random channels."""
-    warm = _publish(server, args, args.connections)
+    warm = _publish(server, args, args.connections, gen, say)
     base = _wait_pushes(gen, sum(_accepted(warm["codes"])))
     cpu0 = sum(cpu_seconds(p) for p in pids)
     # The publisher is the only child that ends in the phase.
     child0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic_ns()
-    report = _publish(server, args, args.pushes)
+    report = _publish(server, args, args.pushes, gen, say)
     child1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     accepted = sum(_accepted(report["codes"]))
     seen = _wait_pushes(gen, base["received"] + accepted)
@@ -768,6 +800,10 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         figures["not_delivered"] = sum(s["not_delivered"] for s in sides)
         summary[name] = figures
     summary["ratios"] = {k: stat(r["ratios"][k] for r in runs) for k in _RATIO_KEYS}
+    summary["floor"] = {
+        "sender_cpu_s_per_1m": stat(r["floor"]["sender_cpu_s_per_1m"] for r in runs),
+        "floor_over_nchan": stat(r["floor_over_nchan"] for r in runs),
+    }
     goals = {}
     for key, (op, bound) in _GOALS.items():
         got = summary["ratios"][key]
@@ -798,6 +834,10 @@ def _table(summary: dict[str, Any], say: Any) -> None:
     for key in ("failed_connections", "not_delivered"):
         say(f"  {key.replace('_', ' '):<32} {summary['pushy'][key]:<28,} "
             f"{summary['nchan'][key]:<28,}")
+    floor = summary["floor"]
+    say(f"  {'floor: bare sender CPU-s per 1M':<32} "
+        f"{_cell(floor['sender_cpu_s_per_1m'], '{:,.2f}'):<28} "
+        f"{'':<28} {_cell(floor['floor_over_nchan'], '{:.3g}')}")
     labels = {
         "delivered_per_cpu_s": "messages delivered per server CPU-second",
         "rss_per_conn": "bytes per connection, server RSS",
