@@ -128,7 +128,7 @@ def test_bench_push_and_queue_refuse_more_devices_than_their_nodes_hold() -> Non
     for scenario in ("push", "queue"):
         proc = run_pushy("bench", scenario, "--devices", "20000", "--nodes", "1")
         assert proc.returncode == 1, proc.stdout + proc.stderr
-        assert "1 node hold at most 18,900 devices" in proc.stderr
+        assert "1 node holds at most 18,900 devices" in proc.stderr
     proc = run_pushy("bench", "push", "--runs", "0")
     assert proc.returncode == 1 and "--runs must be >= 1" in proc.stderr
 
@@ -374,6 +374,7 @@ def test_bench_peers_measures_pushy_and_nchan_in_the_same_run(tmp_path: Path) ->
         run["nchan"]["node_cpu_s_per_1m"] / floor["sender_cpu_s_per_1m"]
     )
     assert "floor: bare sender CPU-s per 1M" in proc.stdout
+    assert "the floor allows any server at most" in proc.stdout
     goals = result["summary"]["goals"]
     assert set(goals) == {"delivered_per_cpu_s", "rss_per_conn", "rss_slab_per_conn"}
     assert all(isinstance(g["met"], bool) for g in goals.values())

@@ -62,6 +62,15 @@ __all__ = [
 ]
 
 _SECRET = "pushy-bench-secret-" + "0123456789abcdef" * 3
+
+_PUSH_DOC = """\
+Direct push through the Python push library: a cluster of --nodes node
+processes on one Redis registry, --devices devices held by pushy-loadgen
+processes, and a PushClient(redis=...) pushing --pushes pushes to random
+devices in batches of --batch concurrent pushes. It reports pushes
+delivered per second, the latency of each push from the call to its
+answer (p50/p99/p99.9), and the nodes' CPU-seconds per million pushes, to
+RESULTS/push.json and push.png."""
 _PER_PROCESS = 5000
 
 
@@ -77,7 +86,7 @@ def add_parser(commands: Any) -> None:
     push = scenarios.add_parser(
         "push",
         help="direct push through PushClient(redis=) to devices on a cluster",
-        description=__doc__.split("\n\n")[1] if __doc__ else None,
+        description=_PUSH_DOC,
     )
     _add_fleet_options(push)
     push.add_argument("--pushes", type=int, default=200000, metavar="N",
@@ -589,8 +598,8 @@ process). The senders send {"t":"d2d"} messages open loop at each rate of
 --rates, round robin, to the targets; each message's id is its intended send
 time, so the latency from then to its status at the sender includes every
 wait (no coordinated omission). A warm-up second fills the route cache
-first. Each run starts fresh nodes; it reports the sender-side p50/p99/
-p99.9, the node-side histogram of A (arrival to status sent), codes and
+first. Each run starts fresh nodes; it reports the sender-side
+p50/p99/p99.9, the node-side histogram of A (arrival to status sent), codes and
 node CPU-seconds per million messages, to RESULTS/d2d.json and d2d.png."""
 
 
@@ -1095,7 +1104,8 @@ def _check_capacity(count: int, nodes: int, what: str = "connections") -> None:
             else f"{_NODE_SHARE:,} each, below the 19,000 sockets of a "
             "process, as the port's hash spreads them")
     raise PushyError(
-        f"{nodes} node{'s' if nodes != 1 else ''} hold at most {capacity:,} "
+        f"{benchkit.count(nodes, 'node')} hold{'s' if nodes == 1 else ''} at most "
+        f"{capacity:,} "
         f"{what} here ({each}); expected --nodes of at least "
         f"{math.ceil(count / _NODE_SHARE)}"
     )
@@ -1377,12 +1387,16 @@ def _close_all(cluster: Cluster, gens: list[benchkit.Loadgen]) -> bool:
 def _failures(runs: list[dict[str, Any]], what: str) -> None:
     """Raise when a run did not open every connection (results are written
     before)."""
-    bad = [r for r in runs if r["failed"] or r["connected"] < r["wanted"]]
+    bad = [r for r in runs if r["failed"] or r["connected"] < r["wanted"]
+           or r.get("held", r["wanted"]) < r["wanted"]]
     if bad:
         reasons = benchkit.merge_reasons(bad, "failed_by_reason")
+        dropped = benchkit.merge_reasons(bad, "dropped_by_reason")
+        lost = sum(r["wanted"] - min(r["connected"], r.get("held", r["connected"]))
+                   for r in bad)
         raise PushyError(
-            f"{what}: {sum(r['wanted'] - r['connected'] for r in bad):,} "
-            f"connections failed in {len(bad)} of {len(runs)} runs: {reasons}"
+            f"{what}: {lost:,} connections failed or dropped in {len(bad)} of "
+            f"{len(runs)} runs: failed {reasons or 0}, dropped {dropped or 0}"
         )
 
 

@@ -336,11 +336,18 @@ def fanout_floor(connections: int, messages: int, size: int) -> dict[str, Any]:
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, check=False,
                               timeout=120)
-        return dict(json.loads(done.stdout))
-    except (subprocess.TimeoutExpired, ValueError):
+    except subprocess.TimeoutExpired:
+        raise benchkit.BenchError("pushy-fanout did not end within 120 s") from None
+    try:
+        report = dict(json.loads(done.stdout))
+    except ValueError:
+        report = {}
+    if done.returncode != 0 or not report:
         raise benchkit.BenchError(
-            f"pushy-fanout gave no report: {done.stderr.strip()[:200]}"
-        ) from None
+            f"pushy-fanout failed ({done.returncode}): "
+            f"{(done.stderr or done.stdout).strip()[:200]}"
+        )
+    return report
 
 
 def _pusher(

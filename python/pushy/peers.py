@@ -836,8 +836,10 @@ def _table(summary: dict[str, Any], say: Any) -> None:
             f"{summary['nchan'][key]:<28,}")
     floor = summary["floor"]
     say(f"  {'floor: bare sender CPU-s per 1M':<32} "
-        f"{_cell(floor['sender_cpu_s_per_1m'], '{:,.2f}'):<28} "
-        f"{'':<28} {_cell(floor['floor_over_nchan'], '{:.3g}')}")
+        f"{_cell(floor['sender_cpu_s_per_1m'], '{:,.2f}'):<28}")
+    say(f"  the floor allows any server at most "
+        f"{_cell(floor['floor_over_nchan'], '{:.3g}')} times Nchan's messages "
+        "per CPU-second here")
     labels = {
         "delivered_per_cpu_s": "messages delivered per server CPU-second",
         "rss_per_conn": "bytes per connection, server RSS",
