@@ -31,6 +31,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -402,14 +403,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     # SIGTERM (a deploy) drains the node over drain_s; SIGINT (Ctrl-C), or
     # a second signal during a drain, stops it at once.
-    signals: list[int] = []
-    wake = threading.Event()
-
-    def on_signal(signum: int) -> None:
-        signals.append(signum)
-        wake.set()
-
-    restore = _on_signals(on_signal, with_signum=True)
+    signals = _Signals()
     try:
         node.start()
         peer = f", peer {node.peer_address}" if node.peer_address else ""
@@ -420,9 +414,8 @@ def _serve(args: argparse.Namespace) -> int:
         )
         drained = True  # unless a signal stops the node at once
         while node.running:
-            if wake.wait(0.05):
-                wake.clear()
-                if signals == [signal.SIGTERM]:
+            if signals.wait(0.05):
+                if signals.received == [signal.SIGTERM]:
                     node.drain()
                     print(
                         f"pushy: node {node.node_id} draining over "
@@ -432,13 +425,13 @@ def _serve(args: argparse.Namespace) -> int:
                 else:
                     drained = False
                     break
-        if not signals and not node.draining:
+        if not signals.received and not node.draining:
             return _fail("node stopped unexpectedly", code=1)
     finally:
         # The handlers stay until the node is down: a second SIGTERM during
         # the shutdown is not a reason to skip the rest of it.
         node.stop()
-        restore()
+        signals.restore()
     how = "drained and stopped" if drained and node.draining else "stopped"
     print(f"pushy: node {node.node_id} {how}", flush=True)
     return 0
@@ -552,8 +545,7 @@ def _cluster(args: argparse.Namespace) -> int:
         on_output=echo,
         **options,
     )
-    stop = threading.Event()
-    restore = _on_signals(lambda: stop.set())
+    stop = _Signals()
     try:
         try:
             cluster.start()
@@ -576,7 +568,7 @@ def _cluster(args: argparse.Namespace) -> int:
         gone: set[str] = set()
         while not stop.wait(0.5):
             for node in cluster.nodes:
-                if node.node_id in gone or node.running or stop.is_set():
+                if node.node_id in gone or node.running or stop.received:
                     continue
                 gone.add(node.node_id)
                 code = node.process.returncode if node.process else None
@@ -591,7 +583,7 @@ def _cluster(args: argparse.Namespace) -> int:
                 return _fail("every node has exited", code=1)
     finally:
         cluster.stop()
-        restore()
+        stop.restore()
     print("pushy: cluster stopped", flush=True)
     return 0
 
@@ -611,8 +603,7 @@ def _processor(args: argparse.Namespace) -> int:
         shards=args.shards,
         **options,
     )
-    stop = threading.Event()
-    restore = _on_signals(lambda: stop.set())
+    stop = _Signals()
     try:
         processor.start()
         print(
@@ -624,7 +615,7 @@ def _processor(args: argparse.Namespace) -> int:
             pass
     finally:
         processor.stop()
-        restore()
+        stop.restore()
     stats = processor.stats()
     print(
         f"pushy: processor {processor.consumer} stopped: "
@@ -650,8 +641,7 @@ def _devicelist(args: argparse.Namespace) -> int:
         sweep_s=args.sweep_s,
         claim_s=args.claim_s,
     )
-    stop = threading.Event()
-    restore = _on_signals(lambda: stop.set())
+    stop = _Signals()
     try:
         try:
             service.start_thread()
@@ -670,7 +660,7 @@ def _devicelist(args: argparse.Namespace) -> int:
                 return _fail("the device-list service stopped unexpectedly", code=1)
     finally:
         service.stop_thread()
-        restore()
+        stop.restore()
     print("pushy: devicelist stopped", flush=True)
     return 0
 
@@ -752,24 +742,41 @@ def _read_text(path: str, option: str) -> str:
         raise ConfigError(f"{option}: cannot read {path!r}: {exc.strerror}") from exc
 
 
-def _on_signals(callback: Any, with_signum: bool = False) -> Any:
-    """Call ``callback`` on SIGINT and SIGTERM (with the signal number when
-    ``with_signum``); return a function that undoes it.
+class _Signals:
+    """SIGINT and SIGTERM as they arrive, for a loop on the main thread to
+    poll; ``restore()`` puts the previous handlers back.
 
+    The handler only appends to a list. A handler that took a lock (as
+    ``threading.Event.set`` does) could run while the main thread holds that
+    same lock inside ``Event.wait`` and block the process for good.
     Outside the main thread signals cannot be caught; Ctrl-C then raises
     KeyboardInterrupt as usual.
     """
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-    previous = {}
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        if with_signum:
-            previous[signum] = signal.signal(signum, lambda s, f: callback(s))
-        else:
-            previous[signum] = signal.signal(signum, lambda s, f: callback())
 
-    def restore() -> None:
-        for signum, handler in previous.items():
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self._seen = 0
+        self._previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.received.append(signum)
+
+    def wait(self, timeout: float) -> bool:
+        """Sleep up to ``timeout`` seconds; True as soon as a signal has
+        arrived since the last call that returned True."""
+        deadline = time.monotonic() + timeout
+        while len(self.received) == self._seen:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(left, 0.05))
+        self._seen = len(self.received)
+        return True
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
             signal.signal(signum, handler)
-
-    return restore
+        self._previous.clear()
