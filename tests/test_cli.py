@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import signal
 import socket
@@ -322,6 +323,8 @@ async def test_serve_options_prefer_flag_over_environment_over_file(
         (["--secret", ""], {}, "secret"),
         (["--config", "/nonexistent/pushy.toml"], {}, "config file"),
         (["--algorithm", "none"], {}, "--algorithm"),
+        (["--lifetime-s", "1e12"], {}, "lifetime_s must be at most 31536000 seconds"),
+        (["--upgrade-timeout-s", "1e10"], {}, "upgrade_timeout_s must be at most 3600"),
     ],
     ids=[
         "port-not-a-number",
@@ -333,6 +336,8 @@ async def test_serve_options_prefer_flag_over_environment_over_file(
         "no-secret",
         "missing-config-file",
         "unknown-algorithm",
+        "lifetime-beyond-a-year",
+        "upgrade-timeout-beyond-an-hour",
     ],
 )
 def test_serve_with_a_bad_option_value_exits_2_with_pushy_error(
@@ -347,6 +352,27 @@ def test_serve_with_a_bad_option_value_exits_2_with_pushy_error(
     error = done.stderr[done.stderr.index("pushy: error:") :]
     assert mentions in error, error
     assert "listening" not in done.stdout
+
+
+def test_signals_are_taken_by_a_handler_that_takes_no_lock() -> None:
+    # pushy serve (and cluster, processor, devicelist) poll what the handler
+    # records; the handler itself only appends to a list.
+    from pushy.cli import _Signals
+
+    previous = signal.getsignal(signal.SIGTERM)
+    signals = _Signals()
+    try:
+        assert not signals.wait(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert signals.wait(scaled(5))
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert signals.wait(scaled(5))
+        assert not signals.wait(0.01)
+    finally:
+        signals.restore()
+    assert signals.received == [signal.SIGTERM, signal.SIGINT, signal.SIGTERM]
+    assert signal.getsignal(signal.SIGTERM) is previous
 
 
 def test_serve_with_an_unknown_key_in_the_config_file_exits_2(tmp_path: Path) -> None:
