@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import itertools
 import math
+import socket
 import subprocess
 import sys
 import time
@@ -567,7 +568,7 @@ def serve_with_file_limit(limit: int, *args: str) -> tuple[subprocess.Popen[str]
     return proc, url, push_url
 
 
-def run_loadgen(url: str, count: int, tmp: Any) -> dict[str, Any]:
+def run_loadgen(url: str, count: int, tmp: Any, rate: int = 2000) -> dict[str, Any]:
     from pushy.bench import loadgen_path
 
     tokens = tmp / "tokens.txt"
@@ -575,7 +576,7 @@ def run_loadgen(url: str, count: int, tmp: Any) -> dict[str, Any]:
     port = url.rsplit(":", 1)[1].split("/")[0]
     done = subprocess.run(
         [loadgen_path(), "--port", port, "--connections", str(count), "--rate",
-         "2000", "--hold-s", "0.5", "--handshake-timeout-s", str(scaled(5)),
+         str(rate), "--hold-s", "0.5", "--handshake-timeout-s", str(scaled(5)),
          "--tokens", str(tokens), "--json"],
         capture_output=True, text=True, timeout=scaled(60), check=False,
     )  # fmt: skip
@@ -597,6 +598,32 @@ def test_devices_beyond_what_the_file_limit_leaves_get_503(tmp_path: Any) -> Non
         assert stats["rejects"]["too_many_connections"] == 39
         assert stats["rejects"]["out_of_files"] == 0
     finally:
+        proc.terminate()
+        proc.communicate(timeout=scaled(30))
+
+
+def test_upgrades_in_progress_fit_in_the_room_the_file_limit_keeps(
+    tmp_path: Any,
+) -> None:
+    # 300 files keep 75 for upgrades in progress. 150 connections that send
+    # nothing, then 300 devices: the node holds at most 75 upgrades at once
+    # (not the default 1,024), the rest wait in the listen queue, so every
+    # device past the 161 gets its 503 and none finds the node out of
+    # descriptors.
+    proc, url, push_url = serve_with_file_limit(300, "--upgrade-timeout-s", "1")
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(150)]
+    try:
+        report_ = run_loadgen(url, 300, tmp_path, rate=100_000)
+        assert report_["connected"] == 161, report_
+        assert report_["failed_by_reason"] == {"http_503": 139}, report_
+        stats = httpx.get(f"{push_url}/v1/stats", timeout=scaled(5)).json()
+        assert stats["rejects"]["out_of_files"] == 0
+        assert stats["rejects"]["too_many_connections"] == 139
+        assert stats["rejects"]["upgrade_timeout"] == 150
+    finally:
+        for s in silent:
+            s.close()
         proc.terminate()
         proc.communicate(timeout=scaled(30))
 

@@ -210,16 +210,21 @@ void node_impl::release() noexcept {
 // Each device takes a file descriptor, so the open-file limit caps them:
 // the node keeps 64 for its own sockets (listeners, Redis, peer links,
 // epoll) and room for the upgrades in progress, and refuses devices
-// beyond the rest with 503 rather than fail to accept them.
+// beyond the rest with 503 rather than fail to accept them. A configured
+// max_pending_upgrades is held to a quarter of the limit, so the upgrades
+// in progress (a refused one too, until its 503 is out) fit in that room.
 void node_impl::set_connection_limit() {
     rlimit rl{};
     std::size_t files = SIZE_MAX;
     if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY) {
         files = static_cast<std::size_t>(rl.rlim_cur);
     }
-    std::size_t upgrades = cfg_.max_pending_upgrades ? cfg_.max_pending_upgrades
-                                                     : 1024;
-    std::size_t keep = 64 + std::min(upgrades, files / 4);
+    std::size_t quarter = std::max<std::size_t>(files / 4, 1);
+    pending_limit_ = cfg_.max_pending_upgrades
+                         ? std::min<std::size_t>(cfg_.max_pending_upgrades, quarter)
+                         : 0;
+    std::size_t keep =
+        64 + (pending_limit_ ? pending_limit_ : std::min<std::size_t>(1024, quarter));
     std::size_t budget = files > 2 * keep ? files - keep : files / 2;
     max_connections_ = cfg_.max_connections ? cfg_.max_connections : budget;
     if (cfg_.max_connections > budget) {
@@ -286,7 +291,7 @@ void node_impl::start() {
     }
 
     auto pick = [this]() -> net::io_context& { return next_thread().ioc; };
-    devices_->limit(&pending_upgrades, cfg_.max_pending_upgrades);
+    devices_->limit(&pending_upgrades, pending_limit_);
     devices_->count_into(&threads_[0]->stats);
     pushes_->count_into(&threads_[0]->stats);
     devices_->start(pick, [this](net::ip::tcp::socket s) {

@@ -148,6 +148,8 @@ private:
     std::unique_ptr<auth::jwt_verifier> verifier_;
     std::unique_ptr<tls::context> tls_;
     std::size_t max_connections_ = 0;
+    // Upgrades in progress the acceptor allows (0: no limit).
+    std::size_t pending_limit_ = 0;
     connection_table table_;
     std::vector<std::unique_ptr<io_thread>> threads_;
     std::unique_ptr<device_server> devices_;
