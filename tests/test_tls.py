@@ -274,6 +274,15 @@ async def test_device_that_stops_reading_over_tls_is_closed_4003_on_a_whole_stre
     assert node.stats()["rejects"]["slow_consumer"] == 1
 
 
+def test_tls_paths_may_be_path_objects(pushy_tls: TLSFiles) -> None:
+    config = pushy.NodeConfig(
+        secret="s" * 32, tls_cert=Path(pushy_tls.cert), tls_key=Path(pushy_tls.key)
+    )
+    assert (config.tls_cert, config.tls_key) == (pushy_tls.cert, pushy_tls.key)
+    with pushy.Node(config.replace(host="127.0.0.1", port=0, push_port=0)) as node:
+        assert node.url.startswith("wss://")
+
+
 def test_tls_cert_without_tls_key_is_a_config_error(pushy_tls: TLSFiles) -> None:
     config = pushy.NodeConfig(secret="s" * 32, tls_cert=pushy_tls.cert)
     with pytest.raises(ConfigError, match="tls_cert and tls_key go together"):

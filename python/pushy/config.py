@@ -54,7 +54,8 @@ class NodeConfig:
         public_key: PEM public key for RS256/ES256 tokens.
         algorithm: token signature algorithm, one of :data:`ALGORITHMS`.
         audience: when set, a token's ``aud`` claim must match it.
-        tls_cert: path of a PEM certificate chain (leaf first): the device
+        tls_cert: path (a string or an ``os.PathLike``) of a PEM certificate
+            chain (leaf first), relative to the working directory: the device
             port then speaks TLS only (``wss://``). Needs ``tls_key``.
             Empty (the default): plain WebSocket, for a node behind a TLS
             terminator or on a private network.
@@ -91,7 +92,7 @@ class NodeConfig:
             progress at once; beyond it the node accepts no more until one
             ends, and new connections wait in the kernel's listen queue. It
             bounds the memory and CPU a connection storm takes; 0 is
-            unlimited.
+            unlimited. Held to a quarter of the open-file limit.
         allowed_origins: ``Origin`` values allowed for browsers; empty allows
             any. A string is split on commas.
         deflate: offer permessage-deflate (costs tens of KiB per connection).
@@ -314,6 +315,20 @@ _POSITIVE_FLOATS = (
     "reconnect_grace_s",
 )
 
+#: The longest each timing may be (a deadline further off would overflow
+#: the engine's clock arithmetic; these are far beyond any use).
+_TIMING_LIMITS: dict[str, float] = {
+    "heartbeat_s": 86400.0,
+    "pong_timeout_s": 86400.0,
+    "lifetime_s": 31_536_000.0,
+    "upgrade_timeout_s": 3600.0,
+    "tls_handshake_timeout_s": 3600.0,
+    "close_timeout_s": 3600.0,
+    "push_timeout_s": 3600.0,
+    "route_cache_ttl_s": 3600.0,
+    "reconnect_grace_s": 3600.0,
+}
+
 #: Fields that may be 0, with their largest value.
 _NON_NEGATIVE_FLOATS: dict[str, float] = {
     "accept_rate": 10_000_000.0,
@@ -387,6 +402,9 @@ def _check_field(name: str, value: Any) -> Any:
             raise ConfigError(
                 f"registry_ttl_s must be between 1 and 86400, got {value}"
             )
+        high = _TIMING_LIMITS.get(name)
+        if high is not None and value > high:
+            raise ConfigError(f"{name} must be at most {high:.0f} seconds, got {value:g}")
         return value
     if name in _NON_NEGATIVE_FLOATS:
         high = _NON_NEGATIVE_FLOATS[name]
@@ -396,6 +414,8 @@ def _check_field(name: str, value: Any) -> Any:
         if not (math.isfinite(value) and 0 <= value <= high):
             raise ConfigError(f"{name} must be between 0 and {high:g}, got {value}")
         return value
+    if name in ("tls_cert", "tls_key") and isinstance(value, os.PathLike):
+        value = os.fspath(value)
     if name in _STRINGS:
         if not isinstance(value, str):
             raise ConfigError(f"{name} must be a string, got {value!r}")

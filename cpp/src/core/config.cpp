@@ -35,17 +35,23 @@ void node_config::validate() const {
     require(!deflate,
             "deflate (permessage-deflate) is not supported by this version");
     require(threads <= 256, "threads must be between 0 and 256");
-    require(heartbeat_s > 0, "heartbeat_s must be positive");
-    require(pong_timeout_s > 0, "pong_timeout_s must be positive");
-    require(lifetime_s > 0, "lifetime_s must be positive");
-    require(upgrade_timeout_s > 0, "upgrade_timeout_s must be positive");
-    require(tls_handshake_timeout_s > 0,
-            "tls_handshake_timeout_s must be positive");
+    require(heartbeat_s > 0 && heartbeat_s <= 86400,
+            "heartbeat_s must be above 0 and at most 86400");
+    require(pong_timeout_s > 0 && pong_timeout_s <= 86400,
+            "pong_timeout_s must be above 0 and at most 86400");
+    require(lifetime_s > 0 && lifetime_s <= 31536000,
+            "lifetime_s must be above 0 and at most 31536000 (365 days)");
+    require(upgrade_timeout_s > 0 && upgrade_timeout_s <= 3600,
+            "upgrade_timeout_s must be above 0 and at most 3600");
+    require(tls_handshake_timeout_s > 0 && tls_handshake_timeout_s <= 3600,
+            "tls_handshake_timeout_s must be above 0 and at most 3600");
     require(tls_cert.empty() == tls_key.empty(),
             "tls_cert and tls_key go together: set both for TLS, or "
             "neither");
-    require(close_timeout_s > 0, "close_timeout_s must be positive");
-    require(push_timeout_s > 0, "push_timeout_s must be positive");
+    require(close_timeout_s > 0 && close_timeout_s <= 3600,
+            "close_timeout_s must be above 0 and at most 3600");
+    require(push_timeout_s > 0 && push_timeout_s <= 3600,
+            "push_timeout_s must be above 0 and at most 3600");
     require(d2d_rate > 0, "d2d_rate must be positive");
     require(route_cache_ttl_s > 0 && route_cache_ttl_s <= 3600,
             "route_cache_ttl_s must be above 0 and at most 3600");
