@@ -1713,8 +1713,9 @@ class load_generator {
             return head + std::size_t(len);
         }
 
-        if (!control && opt_.pushes && fin && len <= 4096) {
-            // A push (or another small message): read it whole.
+        if (!control && opt_.pushes && fin && len <= scratch_size - 16) {
+            // A push (or another message that fits the scratch buffer
+            // with its head): read it whole.
             if (data.size() < head + len) return 0;
             on_push(c, data.substr(head, std::size_t(len)));
             return c.fd < 0 ? 0 : head + std::size_t(len);

@@ -133,6 +133,30 @@ def test_bench_push_and_queue_refuse_more_devices_than_their_nodes_hold() -> Non
     assert proc.returncode == 1 and "--runs must be >= 1" in proc.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "code", "says"),
+    [
+        (["latency", "--rates", "nan"], 1, "--rates must be finite numbers"),
+        (["storm", "--rate", "nan"], 2, "argument --rate: expected a finite number"),
+        (["queue", "--rate", "inf"], 2, "argument --rate: expected a finite number"),
+        (["d2d", "--rates", "1e9"], 1, "--rates must be at most 200000"),
+        (["d2d", "--seconds", "1e9"], 1, "--seconds must be at most 3,600 s"),
+        (["idle", "--settle-s", "1e12"], 1, "--settle-s must be at most 3,600 s"),
+        (["idle", "--rate", "0.001"], 1, "would take over an hour"),
+        (["idle", "--registry-ttl-s", "0.5"], 1, "--registry-ttl-s must be 1-86400"),
+        (["unicast", "--pushes", "100000000"], 1, "--pushes must be at most"),
+    ],
+)
+def test_bench_refuses_numbers_out_of_range_before_anything_starts(
+    args: list[str], code: int, says: str, tmp_path: Path
+) -> None:
+    proc = run_pushy("bench", *args, "--results", str(tmp_path / "r"), timeout=scaled(30))
+
+    assert proc.returncode == code, proc.stdout + proc.stderr
+    assert says in proc.stderr
+    assert "redis" not in proc.stdout  # nothing started
+
+
 def test_bench_on_a_given_redis_leaves_no_key_behind(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
@@ -214,7 +238,7 @@ def test_bench_latency_paces_open_loop_and_measures_at_the_devices(
 ) -> None:
     proc = run_pushy(
         "bench", "latency", *DIRECT, "--rates", "500,2000", "--seconds", "1",
-        "--results", str(tmp_path), timeout=scaled(180),
+        "--data-bytes", "8000", "--results", str(tmp_path), timeout=scaled(180),
     )  # fmt: skip
 
     assert proc.returncode == 0, proc.stdout + proc.stderr
