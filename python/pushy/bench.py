@@ -6,7 +6,7 @@ one Redis registry, devices held by the ``pushy-loadgen`` load generator
 :class:`pushy.PushClient` (``redis=``) pushing to random devices in
 batches. It reports pushes delivered per second, the latency of each push
 from the call to its answer (p50/p99/p99.9), and the node processes'
-CPU-seconds per million pushes; results go to ``RESULTS/push.json`` with a
+CPU-seconds per million pushes; results go to ``DIR/push.json`` with a
 latency plot next to it.
 
 ``pushy bench d2d``, ``queue``, ``idle`` and ``connect`` measure
@@ -70,7 +70,7 @@ processes, and a PushClient(redis=...) pushing --pushes pushes to random
 devices in batches of --batch concurrent pushes. It reports pushes
 delivered per second, the latency of each push from the call to its
 answer (p50/p99/p99.9), and the nodes' CPU-seconds per million pushes, to
-RESULTS/push.json and push.png."""
+DIR/push.json and push.png."""
 _PER_PROCESS = 5000
 
 
@@ -102,7 +102,7 @@ def add_parser(commands: Any) -> None:
     )
     d2d.add_argument("--rates", default="1000,20000", metavar="R,R",
                      help="messages/s to send, one phase each [1000,20000]")
-    d2d.add_argument("--seconds", type=float, default=10, metavar="S",
+    d2d.add_argument("--seconds", type=benchkit.number, default=10, metavar="S",
                      help="seconds of sending per run [10]")
     d2d.add_argument("--pairs", type=int, default=1000, metavar="N",
                      help="sender and target devices [1000]")
@@ -116,7 +116,7 @@ def add_parser(commands: Any) -> None:
     _add_fleet_options(queue)
     queue.add_argument("--messages", type=int, default=100000, metavar="N",
                        help="messages enqueued per run [100000]")
-    queue.add_argument("--rate", type=float, default=0, metavar="R",
+    queue.add_argument("--rate", type=benchkit.number, default=0, metavar="R",
                        help="messages/s to enqueue, open loop; 0 = as fast "
                        "as one client can [0]")
     queue.add_argument("--ack", choices=("written", "client"), default="written",
@@ -156,11 +156,11 @@ def add_parser(commands: Any) -> None:
 def _add_idle_options(parser: argparse.ArgumentParser, registry_ttl_s: float) -> None:
     """The options of the scenarios that measure idle connections (idle,
     tls): the nodes' heartbeat and registry TTL, and the settling time."""
-    parser.add_argument("--heartbeat-s", type=float, default=60, metavar="S",
+    parser.add_argument("--heartbeat-s", type=benchkit.number, default=60, metavar="S",
                         help="the nodes' ping interval [60]")
-    parser.add_argument("--settle-s", type=float, default=3, metavar="S",
+    parser.add_argument("--settle-s", type=benchkit.number, default=3, metavar="S",
                         help="wait after the count settles, before measuring [3]")
-    parser.add_argument("--registry-ttl-s", type=float, default=registry_ttl_s,
+    parser.add_argument("--registry-ttl-s", type=benchkit.number, default=registry_ttl_s,
                         metavar="S", help="the nodes' registry TTL; each node "
                         f"refreshes its records every third of it [{registry_ttl_s:g}]")
 
@@ -301,7 +301,7 @@ def run_push(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
                 procs.append(subprocess.Popen(
                     [loadgen, "--port", str(cluster.port), "--connections",
                      str(len(chunk)), "--tokens", str(tokens), "--rate", "5000",
-                     "--hold-s", "86400"],
+                     "--hold-s", "86400", "--source-addrs", _DEVICE_SOURCES],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 ))
             deadline = time.monotonic() + 120
@@ -437,8 +437,13 @@ def _write_results(
     result["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(out / f"{name}.png")
-    return f"results written to {out / (name + '.json')} and {out / (name + '.png')}"
+    png = out / f"{name}.png"
+    png.unlink(missing_ok=True)  # an earlier run's plot is not this one's
+    plot(png)
+    if not png.exists():
+        return (f"results written to {out / (name + '.json')}; no plot: "
+                "matplotlib is not installed (pip install 'pushy[bench]')")
+    return f"results written to {out / (name + '.json')} and {png}"
 
 
 def _publish(
@@ -554,13 +559,24 @@ def _check_common(args: argparse.Namespace) -> None:
     if not 1 <= threads <= 64:
         raise PushyError(f"--threads must be 1-64, got {threads}")
     ttl = getattr(args, "registry_ttl_s", 30)
-    if not ttl > 0:
-        raise PushyError(f"--registry-ttl-s must be above 0, got {ttl:g}")
+    if not 1 <= ttl <= 86400:
+        raise PushyError(f"--registry-ttl-s must be 1-86400, got {ttl:g}")
+    for name, high in _LONGEST_S.items():
+        value = getattr(args, name, None)
+        if value is not None and value > high:
+            option = "--" + name.replace("_", "-")
+            raise PushyError(f"{option} must be at most {high:,} s, got {value:g}")
     nodes = getattr(args, "nodes", 1)
     if nodes > _MAX_NODES:
         raise PushyError(f"--nodes must be at most {_MAX_NODES} on one host, "
                          f"got {nodes}")
 
+
+#: The longest each duration option may be: a run is bounded in time.
+_LONGEST_S = {
+    "seconds": 3600, "settle_s": 3600, "before_s": 3600, "after_s": 3600,
+    "timeout_s": 3600, "drain_timeout_s": 3600, "heartbeat_s": 86400,
+}
 
 #: Node processes one scenario starts at most: 64 hold over a million
 #: connections, more than this host has memory for.
@@ -592,15 +608,15 @@ def _cli(run: Any) -> Any:
 
 
 _D2D_DOC = """\
-Device-to-device latency across two nodes: node A holds N sender devices,
-node B N targets (both on one Redis registry, each held by a pushy-loadgen
+Device-to-device latency across two nodes: node A holds --pairs sender devices,
+node B as many targets (both on one Redis registry, each held by a pushy-loadgen
 process). The senders send {"t":"d2d"} messages open loop at each rate of
 --rates, round robin, to the targets; each message's id is its intended send
 time, so the latency from then to its status at the sender includes every
 wait (no coordinated omission). A warm-up second fills the route cache
 first. Each run starts fresh nodes; it reports the sender-side
 p50/p99/p99.9, the node-side histogram of A (arrival to status sent), codes and
-node CPU-seconds per million messages, to RESULTS/d2d.json and d2d.png."""
+node CPU-seconds per million messages, to DIR/d2d.json and d2d.png."""
 
 
 def _start_loadgen(
@@ -611,9 +627,16 @@ def _start_loadgen(
     path.write_text("".join(t + "\n" for t in tokens))
     return subprocess.Popen(
         [loadgen, "--port", str(port), "--connections", str(len(tokens)),
-         "--tokens", str(path), "--rate", "5000", "--json", *extra],
+         "--tokens", str(path), "--rate", "5000", "--json",
+         "--source-addrs", _DEVICE_SOURCES, *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
+
+
+#: Source addresses of the devices of push, queue and d2d: one address
+#: gives the shared device port some 28,000 ephemeral ports, too few for
+#: two nodes' worth of devices.
+_DEVICE_SOURCES = "127.0.0.2,127.0.0.3,127.0.0.4,127.0.0.5"
 
 
 def _wait_ready(proc: subprocess.Popen[str], what: str) -> None:
@@ -640,8 +663,16 @@ def _d2d_run(
 ) -> dict[str, Any]:
     loadgen = loadgen_path()
     prefix = _run_prefix("d2d")
-    a = Cluster(1, url, secret=_SECRET, name="a", redis_prefix=prefix).start()
-    b = Cluster(1, url, secret=_SECRET, name="b", redis_prefix=prefix).start()
+    # The nodes' per-connection rate limit (100/s by default) stays out of
+    # the way: each sender sends rate / pairs a second, as does each
+    # warm-up device at the warm-up's rate.
+    warm_rate = max(2000, args.pairs * 2)
+    most = max(rate, warm_rate) / args.pairs
+    limit = {"d2d_rate": max(100.0, 4 * most), "d2d_burst": max(100, math.ceil(most))}
+    a = Cluster(1, url, secret=_SECRET, name="a", redis_prefix=prefix,
+                **limit).start()
+    b = Cluster(1, url, secret=_SECRET, name="b", redis_prefix=prefix,
+                **limit).start()
     procs: list[subprocess.Popen[str]] = []
     try:
         def tokens(prefix: str) -> list[str]:
@@ -655,7 +686,7 @@ def _d2d_run(
         to = ["--d2d-to", f"t:{args.pairs}"]
         warm = _start_loadgen(
             loadgen, a.port, tokens("w"), tmp, "warm", "--hold-s", "0",
-            "--d2d-rate", str(max(2000, args.pairs * 2)), "--d2d-s", "1", *to,
+            "--d2d-rate", str(warm_rate), "--d2d-s", "1", *to,
         )
         procs.append(warm)
         _finish(warm, 60)
@@ -713,9 +744,17 @@ def _d2d_run(
     lat = run["latency_us"]
     node_lat = run["node_latency_us"]
     say(f"  {rate:>8,.0f}/s: {ok:,}/{run['sent']:,} answered 200, p50 "
-        f"{lat['p50']} us, p99 {lat['p99']} us, p99.9 {lat['p99.9']} us; node "
-        f"p50 {node_lat['p50']:.0f} us, p99 {node_lat['p99']:.0f} us; node CPU "
-        f"{run['node_cpu_s_per_1m']:.2f} s per 1M")
+        f"{lat['p50']:,} us, p99 {lat['p99']:,} us, p99.9 {lat['p99.9']:,} us; "
+        f"node p50 {node_lat['p50']:,.0f} us, p99 {node_lat['p99']:,.0f} us; "
+        f"node CPU {run['node_cpu_s_per_1m']:.2f} s per 1M")
+    if ok < run["sent"] or run["dropped_by_sender"]:
+        other = ", ".join(f"{n:,} answered {code}" for code, n in sorted(codes.items())
+                          if code != "200")
+        raise benchkit.BenchError(
+            f"d2d at {rate:,.0f}/s: {run['sent'] - ok:,} of {run['sent']:,} "
+            f"messages not answered 200 ({other or 'no answer'}), "
+            f"{run['dropped_by_sender']:,} dropped by the senders"
+        )
     return run
 
 
@@ -746,12 +785,12 @@ def _interval_percentiles(
 
 def run_d2d(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
     """Run the d2d scenario; return the results (also written as JSON)."""
-    try:
-        rates = [float(r) for r in str(args.rates).split(",") if r.strip()]
-    except ValueError:
-        raise PushyError(f"--rates must be numbers, got {args.rates!r}") from None
+    rates = benchkit.numbers(args.rates, "--rates")
     if not rates or min(rates) <= 0 or args.seconds <= 0 or args.runs < 1:
         raise PushyError("--rates, --seconds and --runs must be above 0")
+    if max(rates) > 200_000 or max(rates) * args.seconds > 10_000_000:
+        raise PushyError("--rates must be at most 200000 messages/s, and at "
+                         "most 10,000,000 messages per run (--rates x --seconds)")
     if not 1 <= args.pairs <= 18000:
         raise PushyError("--pairs must be between 1 and 18000")
     phases: list[dict[str, Any]] = []
@@ -869,7 +908,7 @@ is measured where it arrives. A warm-up round (one message per device)
 fills the processor's route cache first. It reports messages delivered per
 second (first enqueue to last delivery), the latency p50/p99/p99.9, and the
 CPU-seconds per million messages of the nodes and of the processor, to
-RESULTS/queue.json and queue.png."""
+DIR/queue.json and queue.png."""
 
 
 def run_queue(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
@@ -1057,7 +1096,7 @@ node RSS growth, the slab growth (both socket ends: the load generator is
 on the same kernel), their sum,
 and Redis's growth; the connect phase's upgrade rate; and the connections
 that failed or dropped, by reason. Each run starts fresh nodes; results go
-to RESULTS/idle.json and idle.png."""
+to DIR/idle.json and idle.png."""
 
 _CONNECT_DOC = """\
 Connection setup rate on this host: a cluster of --nodes node processes on
@@ -1070,7 +1109,7 @@ connect phase, the handshake (to 101) and hello latencies, the failures by
 reason, the registry writes the nodes counted, and the CPU-seconds per
 million upgrades of the nodes, of the load generators and of Redis (when
 this command started it). Each run starts fresh nodes; results go to
-RESULTS/connect.json and connect.png."""
+DIR/connect.json and connect.png."""
 
 #: A node refuses upgrades (503) beyond this, below the 19,000 sockets a
 #: process may hold here.
@@ -1135,7 +1174,7 @@ def _add_connection_options(
     parser.add_argument("--per-process", type=int, default=per_process,
                         metavar="P", help="connections per load generator, "
                         f"below 19000 [{per_process}]")
-    parser.add_argument("--rate", type=float, default=rate, metavar="R",
+    parser.add_argument("--rate", type=benchkit.number, default=rate, metavar="R",
                         help=f"{rate_help} [{rate:g}]")
     parser.add_argument("--source-addrs", default="127.0.0.2-17",
                         metavar="A,B|A-N", help="load generator source "
@@ -1170,7 +1209,7 @@ def _source_addrs(text: str) -> list[str]:
             raise PushyError(f"--source-addrs must be in 127.0.0.0/8, got {a!r}")
     if not addrs:
         raise PushyError("--source-addrs is empty")
-    return addrs
+    return list(dict.fromkeys(addrs))  # each address once
 
 
 def _ephemeral_ports() -> int:
@@ -1196,6 +1235,9 @@ def _plan(args: argparse.Namespace) -> tuple[list[int], list[str]]:
                          "--nodes at least 0")
     if not 1 <= args.per_process < benchkit.MAX_PER_PROCESS:
         raise PushyError(f"--per-process must be 1-{benchkit.MAX_PER_PROCESS - 1}")
+    if args.connections / args.rate > 3600:
+        raise PushyError(f"--rate {args.rate:g} would take over an hour to open "
+                         f"{args.connections:,} connections")
     if args.nodes == 0:
         args.nodes = (1 if args.connections <= _NODE_MAX_CONNECTIONS
                       else math.ceil(args.connections / _NODE_SHARE))
@@ -1576,7 +1618,7 @@ def _idle_run(
         f"before the refresh round), RSS + slab "
         f"{run['rss_slab_per_conn']:,.0f} B/conn, Redis "
         f"{run['redis_per_conn']:,.0f} B/conn; {run['upgrades_per_s']:,.0f} "
-        f"upgrades/s, {drops} listen drops; failed "
+        f"upgrades/s, {drops:,} listen drops; failed "
         f"{run['failed_by_reason'] or 0}, dropped {run['dropped_by_reason'] or 0}")
     return run
 
@@ -1720,7 +1762,7 @@ def _connect_run(
         f"{registered:,} registry writes ({errors} errors); hello p50 "
         f"{lat['p50']:,.0f} us, p99 {lat['p99']:,.0f} us; CPU-s per 1M: nodes "
         f"{run['node_cpu_s_per_1m']:.1f}, load generators "
-        f"{run['loadgen_cpu_s_per_1m']:.1f}; {drops} listen drops; failed "
+        f"{run['loadgen_cpu_s_per_1m']:.1f}; {drops:,} listen drops; failed "
         f"{figures['failed_by_reason'] or 0}")
     return run
 
@@ -1804,7 +1846,7 @@ drops in the storm, and, once the queue has drained (within
 --drain-timeout-s), the messages enqueued, delivered (distinct, counted at
 the devices by a sequence number), duplicated, dead-lettered and still
 queued: lost = enqueued - delivered - dead letters - still queued. Each run
-starts fresh nodes; results go to RESULTS/storm.json and storm.png."""
+starts fresh nodes; results go to DIR/storm.json and storm.png."""
 
 #: Queue shards of the processor and the client (both default to 4).
 _QUEUE_SHARDS = 4
@@ -1824,28 +1866,28 @@ def _add_storm_parser(scenarios: Any) -> None:
         help="devices, all on the node that is killed; at most 19000 [19000]")
     add("--nodes", type=int, default=4, metavar="N",
         help="node processes, the killed one included; at least 2 [4]")
-    add("--rate", type=float, default=2000, metavar="R",
+    add("--rate", type=benchkit.number, default=2000, metavar="R",
         help="messages/s enqueued, open loop [2000]")
-    add("--before-s", type=float, default=3, metavar="S",
+    add("--before-s", type=benchkit.number, default=3, metavar="S",
         help="seconds of enqueueing before the kill [3]")
-    add("--after-s", type=float, default=7, metavar="S",
+    add("--after-s", type=benchkit.number, default=7, metavar="S",
         help="seconds of enqueueing after the kill [7]")
     add("--ack", choices=("written", "client"), default="written",
         help="when a message counts as delivered [written]")
     add("--per-process", type=int, default=10_000, metavar="P",
         help="devices per load generator, below 19000 [10000]")
-    add("--connect-rate", type=float, default=5000, metavar="R",
+    add("--connect-rate", type=benchkit.number, default=5000, metavar="R",
         help="connects/s of the devices before the kill, in all [5000]")
     add("--source-addrs", default="127.0.0.2-5", metavar="A,B|A-N",
         help="load generator source addresses in 127.0.0.0/8 [127.0.0.2-5]")
-    add("--reconnect-min-ms", type=float, default=100, metavar="MS",
+    add("--reconnect-min-ms", type=benchkit.number, default=100, metavar="MS",
         help="first backoff step of a dropped device [100]")
-    add("--reconnect-max-ms", type=float, default=5000, metavar="MS",
+    add("--reconnect-max-ms", type=benchkit.number, default=5000, metavar="MS",
         help="largest backoff step [5000]")
     add("--threads", type=int, default=1, metavar="N", help="io threads per node [1]")
-    add("--timeout-s", type=float, default=60, metavar="S",
+    add("--timeout-s", type=benchkit.number, default=60, metavar="S",
         help="the devices must be registered again within this [60]")
-    add("--drain-timeout-s", type=float, default=120, metavar="S",
+    add("--drain-timeout-s", type=benchkit.number, default=120, metavar="S",
         help="the queue must drain within this after the last enqueue [120]")
     _add_run_options(storm, run_storm)
 
@@ -1984,10 +2026,11 @@ class _Enqueuer:
     def _run(self) -> None:
         try:
             self._enqueue()
-        except (PushyError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure fails the run
             # Part of a batch may be queued: the count would be wrong from
             # here on, so the run stops enqueueing and reports the error.
-            self.errors[str(exc)[:200]] = self.errors.get(str(exc)[:200], 0) + 1
+            what = f"{type(exc).__name__}: {exc}"[:200]
+            self.errors[what] = self.errors.get(what, 0) + 1
 
     def _enqueue(self) -> None:
         rng = random.Random(7)

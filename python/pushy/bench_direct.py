@@ -37,7 +37,7 @@ run starts fresh nodes and devices and pushes once to every device first
 (untimed), so the route cache and the peer links are warm. It reports the
 pushes delivered per second (counted by the devices), the CPU-seconds per
 million delivered of the nodes, the devices and the service, and the
-latency from send to answer, to RESULTS/unicast.json and unicast.png."""
+latency from send to answer, to DIR/unicast.json and unicast.png."""
 
 LATENCY_DOC = """\
 Direct push latency, service to device, open loop: a service
@@ -48,7 +48,7 @@ devices measure due time to arrival; the service measures due time to the
 node's answer. Each run of each rate starts fresh nodes, devices and
 service, warmed by one untimed push per device. It reports p50/p99/p99.9
 at the device and at the service, sent, delivered and failed pushes, and
-node CPU-seconds per million, to RESULTS/latency.json and latency.png."""
+node CPU-seconds per million, to DIR/latency.json and latency.png."""
 
 
 def add_parsers(scenarios: Any) -> None:
@@ -71,7 +71,7 @@ def add_parsers(scenarios: Any) -> None:
     _add_direct_options(latency)
     latency.add_argument("--rates", default="1000,10000", metavar="R,R",
                          help="pushes/s, one phase each [1000,10000]")
-    latency.add_argument("--seconds", type=float, default=10, metavar="S",
+    latency.add_argument("--seconds", type=benchkit.number, default=10, metavar="S",
                          help="seconds of pushing per run [10]")
     bench._add_run_options(latency, run_latency)
 
@@ -100,6 +100,8 @@ def run_unicast(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
     """
     if args.pushes < 1 or args.window < 1:
         raise PushyError("--pushes and --window must be at least 1")
+    if args.pushes > 10_000_000:
+        raise PushyError(f"--pushes must be at most 10,000,000, got {args.pushes:,}")
     sizes, addrs = _check(args)
     runs: list[dict[str, Any]] = []
     with bench._workspace(args) as (url, tmp, _):
@@ -170,10 +172,7 @@ def run_latency(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
         PushyError: bad options, a process failed, or pushes failed (the
             results are written first).
     """
-    try:
-        rates = [float(r) for r in str(args.rates).split(",") if r.strip()]
-    except ValueError:
-        raise PushyError(f"--rates must be numbers, got {args.rates!r}") from None
+    rates = benchkit.numbers(args.rates, "--rates")
     if not rates or min(rates) <= 0 or args.seconds <= 0:
         raise PushyError("--rates and --seconds must be above 0")
     if max(rates) > 200_000 or max(rates) * args.seconds > 10_000_000:

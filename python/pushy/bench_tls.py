@@ -37,11 +37,11 @@ alternating: --connections connections on --nodes node processes sharing
 the port (one Redis), opened by pushy-loadgen processes at --rate
 connects/s (a full TLS handshake each, ECDSA P-256 certificate), measured
 once steady after a registry refresh round. It reports per connection the
-node RSS (the plan's bytes per idle TLS connection) and RSS + kernel slab;
+node RSS (the goal's bytes per idle TLS connection) and RSS + kernel slab;
 the nodes' CPU per upgrade, TLS and plain, and the difference: the CPU of
-a TLS handshake, whose inverse is the plan's TLS handshakes per second per
+a TLS handshake, whose inverse is the goal's TLS handshakes per second per
 core; whole TLS upgrades per node CPU-second; the load generators' CPU per
-upgrade; and the TLS / plain ratios, to RESULTS/tls.json and tls.png."""
+upgrade; and the TLS / plain ratios, to DIR/tls.json and tls.png."""
 
 #: Goals of the benchmark plan.
 GOALS = {

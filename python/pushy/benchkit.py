@@ -131,6 +131,39 @@ def wait_for(
         raise BenchError(str(exc)) from None
 
 
+def number(text: str) -> float:
+    """An option's number (``type=`` of an ``argparse`` option): finite,
+    so that NaN or infinity is refused with the option's name.
+
+    Raises:
+        argparse.ArgumentTypeError: not a finite number.
+    """
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def numbers(text: str, option: str) -> list[float]:
+    """A comma list of finite numbers (``--rates``).
+
+    Raises:
+        PushyError: an item is not a finite number.
+    """
+    try:
+        values = [float(r) for r in str(text).split(",") if r.strip()]
+    except ValueError:
+        raise PushyError(f"{option} must be numbers, got {text!r}") from None
+    if not all(math.isfinite(v) for v in values):
+        raise PushyError(f"{option} must be finite numbers, got {text!r}")
+    return values
+
+
 def count(n: int, word: str) -> str:
     """``n`` and ``word``, plural unless ``n`` is 1: "1 node", "3 runs"."""
     return f"{n:,} {word}" if n == 1 else f"{n:,} {word}s"

@@ -28,9 +28,9 @@ from run to run), on the same number of connections held by one
    messages delivered per CPU-second.
 
 It prints a table of both systems and their ratio (median [min, max] over
-the runs) with the plan's goals (Pushy delivers at least 5 times as many
+the runs) with the benchmark goals (Pushy delivers at least 5 times as many
 messages per CPU-second, with at most a third of Nchan's bytes per
-connection), and writes ``RESULTS/peers.json`` and ``RESULTS/peers.png``.
+connection), and writes ``DIR/peers.json`` and ``DIR/peers.png``.
 
 Limitations:
     One host, loopback: the load generator, the publisher or push client,
@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import re
 import resource
@@ -87,7 +88,7 @@ Pushy figure to Nchan's, with the goals (>= 5x messages per CPU-second,
 <= 1/3 of the bytes per connection). Nchan runs from a temporary folder,
 never as the system's nginx service; the packages are installed with
 apt-get when missing and this runs as root. Results go to
-RESULTS/peers.json and peers.png."""
+DIR/peers.json and peers.png."""
 
 #: Goals of the benchmark plan: the ratio Pushy / Nchan of each figure.
 _GOALS = {
@@ -120,14 +121,14 @@ def add_parser(scenarios: Any) -> None:
     peers.add_argument("--pipeline", type=int, default=32, metavar="D",
                        help="Nchan: requests in flight per publisher "
                        "connection [32]")
-    peers.add_argument("--rate", type=float, default=5000, metavar="R",
+    peers.add_argument("--rate", type=benchkit.number, default=5000, metavar="R",
                        help="connects per second [5000]")
-    peers.add_argument("--registry-ttl-s", type=float, default=30, metavar="S",
+    peers.add_argument("--registry-ttl-s", type=benchkit.number, default=30, metavar="S",
                        help="Pushy's registry TTL; the idle figures are taken "
                        "after a refresh round, every third of it [30]")
-    peers.add_argument("--settle-s", type=float, default=3, metavar="S",
+    peers.add_argument("--settle-s", type=benchkit.number, default=3, metavar="S",
                        help="wait after the counts settle, before measuring [3]")
-    # One node process with one io thread, as the plan compares.
+    # One node process with one io thread against one nginx worker.
     peers.set_defaults(nodes=1, threads=1)
     bench._add_run_options(peers, run_peers)
 
@@ -285,7 +286,12 @@ class NchanServer:
             # read this folder.
             user="user root;\n" if os.geteuid() == 0 else "",
             dir=self.workdir,
-            worker_connections=min(self.max_connections + 100, nofile - 50),
+            # nginx closes idle ("reusable") connections, a WebSocket
+            # subscriber among them, once fewer than a sixteenth of its
+            # connection slots are free: the slots are sized so that
+            # max_connections leave more than that free. A slot costs no
+            # descriptor until it is used.
+            worker_connections=math.ceil(self.max_connections * 16 / 15) + 100,
             port=self.port,
         )
 
