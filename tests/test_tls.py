@@ -8,6 +8,7 @@ Real nodes with a test certificate (``pushy_tls``), real TLS clients:
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import ssl
 import time
@@ -272,6 +273,12 @@ async def test_device_that_stops_reading_over_tls_is_closed_4003_on_a_whole_stre
             await device.receive(timeout=scaled(10))
     assert device.close_code == 4003
     assert node.stats()["rejects"]["slow_consumer"] == 1
+
+
+def test_tls_files_key_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    files = tls_files(tmp_path / "tls")
+    assert os.stat(files.key).st_mode & 0o777 == 0o600
+    assert "PRIVATE KEY" in Path(files.key).read_text()
 
 
 def test_tls_paths_may_be_path_objects(pushy_tls: TLSFiles) -> None:

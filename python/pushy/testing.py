@@ -498,8 +498,11 @@ def tls_files(
         ca=str(folder / "ca.pem"),
     )
     Path(files.cert).write_bytes(b"".join(b.bytes() for b in issued.cert_chain_pems))
-    issued.private_key_pem.write_to_path(files.key)
-    os.chmod(files.key, 0o600)
+    # Readable by its owner only, from the moment it exists.
+    fd = os.open(files.key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as key:
+        os.fchmod(key.fileno(), 0o600)  # a file already there keeps its mode
+        key.write(issued.private_key_pem.bytes())
     authority.cert_pem.write_to_path(files.ca)
     return files
 
