@@ -363,6 +363,31 @@ async def test_pushy_serve_with_tls_prints_a_wss_url_that_devices_reach(
         served.close()
 
 
+def test_pushy_serve_warns_of_an_expired_certificate(tmp_path: Path) -> None:
+    import datetime
+
+    import trustme
+
+    ca = trustme.CA()
+    now = datetime.datetime.now(datetime.timezone.utc)
+    leaf = ca.issue_cert("127.0.0.1", not_before=now - datetime.timedelta(days=30),
+                         not_after=now - datetime.timedelta(days=1))
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_bytes(b"".join(b.bytes() for b in leaf.cert_chain_pems))
+    key.write_bytes(leaf.private_key_pem.bytes())
+    served = PushyProcess(
+        "serve", "--host", "127.0.0.1", "--port", "0", "--push-port", "0",
+        "--secret", "s" * 32, "--tls-cert", str(cert), "--tls-key", str(key),
+    )
+    try:
+        served.wait_line(r"devices wss://", scaled(30))
+        wait_until(lambda: any("has expired" in line for line in served.stderr),
+                   scaled(5))
+    finally:
+        served.close()
+    assert any(f"tls_cert '{cert}' has expired" in line for line in served.stderr)
+
+
 def tls_cluster_options(tls: TLSFiles) -> dict[str, Any]:
     return {"tls_cert": tls.cert, "tls_key": tls.key}
 

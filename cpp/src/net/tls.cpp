@@ -8,6 +8,7 @@
 #include <cstring>
 #include <utility>
 
+#include "core/logging.hpp"
 #include "pushy/config.hpp"
 
 namespace pushy::tls {
@@ -113,6 +114,17 @@ context::context(const std::string& cert_file, const std::string& key_file)
         if (SSL_CTX_check_private_key(ctx_) != 1) {
             fail("tls_key '" + key_file +
                  "' does not match the certificate of tls_cert");
+        }
+        // Served all the same (a renewed file is read at the next start),
+        // but devices that check certificates will refuse it.
+        if (X509* leaf = SSL_CTX_get0_certificate(ctx_)) {
+            if (X509_cmp_current_time(X509_get0_notAfter(leaf)) <= 0) {
+                PUSHY_WARN("tls_cert '{}' has expired: devices that check "
+                           "certificates will refuse it", cert_file);
+            } else if (X509_cmp_current_time(X509_get0_notBefore(leaf)) > 0) {
+                PUSHY_WARN("tls_cert '{}' is not valid yet: devices that "
+                           "check certificates will refuse it", cert_file);
+            }
         }
     } catch (...) {
         SSL_CTX_free(ctx_);
