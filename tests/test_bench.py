@@ -231,6 +231,8 @@ def test_bench_unicast_counts_pushes_at_the_devices_and_their_cost(
     assert (tmp_path / "unicast.png").stat().st_size > 0
     assert "delivered_per_node_cpu_s" in proc.stdout
     assert "floor_sender_cpu_s_per_1m" in proc.stdout
+    assert "goal delivered_per_s >= 300,000: " in proc.stdout
+    assert "goal node_cpu_s_per_1m <= 2: " in proc.stdout
 
 
 def test_bench_latency_paces_open_loop_and_measures_at_the_devices(

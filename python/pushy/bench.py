@@ -449,14 +449,25 @@ def _write_results(
 def _publish(
     result: dict[str, Any], args: argparse.Namespace, plot: Any, say: Any,
     heading: str = "over the runs (median [min, max]):",
+    footer: Sequence[str] = (),
 ) -> None:
     """Write ``result`` and its plot (see :func:`_write_results`, named
-    after its scenario), then print the heading, its summary and where it
-    was written."""
+    after its scenario), then print the heading, its summary, the lines of
+    ``footer`` (the goals) and where it was written."""
     written = _write_results(result, Path(args.results), result["scenario"], plot)
     say(heading)
     _say_summary(result["summary"], say)
+    for line in footer:
+        say(line)
     say(written)
+
+
+def _verdict(value: float, op: str, goal: float) -> str:
+    """``met (VALUE)`` or ``missed (VALUE)`` against a goal ``op goal``."""
+    met = value <= goal if op == "<=" else value >= goal
+    whole = abs(value) >= 100 or float(value).is_integer()
+    shown = f"{value:,.0f}" if whole else f"{value:,.2f}"
+    return f"{'met' if met else 'missed'} ({shown})"
 
 
 def _save(plt: Any, fig: Any, ax: Any, path: Path) -> None:

@@ -160,7 +160,17 @@ def run_unicast(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
         "summary": summary,
         "goals": {"delivered_per_s": 300_000, "node_cpu_s_per_1m": 2},
     }
-    bench._publish(result, args, lambda path: _unicast_plot(runs, path), say)
+    floor = summary["floor_sender_cpu_s_per_1m"]["median"]
+    footer = [
+        "goal delivered_per_s >= 300,000: "
+        + bench._verdict(summary["delivered_per_s"]["median"], ">=", 300_000)
+        + f"; the floor sends {summary['floor_messages_per_s']['median']:,.0f}/s",
+        "goal node_cpu_s_per_1m <= 2: "
+        + bench._verdict(summary["node_cpu_s_per_1m"]["median"], "<=", 2)
+        + f"; a bare sender pays {floor:.2f}",
+    ]
+    bench._publish(result, args, lambda path: _unicast_plot(runs, path), say,
+                   footer=footer)
     _check_delivered(runs, "unicast")
     return result
 
@@ -183,7 +193,7 @@ def run_latency(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
     with bench._workspace(args) as (url, tmp, _):
         tokens = bench._token_files(tmp, "l", sizes)
         for rate in rates:
-            say(f"latency at {rate:,.0f}/s for {args.seconds:g} s, "
+            say(f"latency at {rate:,g}/s for {args.seconds:g} s, "
                 f"{args.connections:,} devices on "
                 f"{benchkit.count(args.nodes, 'node')}, "
                 f"{benchkit.count(args.runs, 'run')}")
@@ -234,8 +244,16 @@ def run_latency(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
                                    lambda path: _latency_plot(phases, path))
     say("over the runs (median [min, max]):")
     for phase in phases:
-        say(f"  at {phase['rate']:,.0f}/s:")
+        say(f"  at {phase['rate']:,g}/s:")
         bench._say_summary(phase["summary"], say, "    ")
+    for phase in phases:
+        if phase["rate"] != 10_000:
+            continue
+        figures = phase["summary"]
+        for q, goal in (("p50", 50), ("p99", 300)):
+            say(f"goal at 10,000/s device_{q}_us <= {goal}: "
+                + bench._verdict(figures[f"device_{q}_us"]["median"], "<=", goal)
+                + f"; two bare hops take {figures[f'floor_{q}_us']['median']:,.0f}")
     say(written)
     _check_delivered([r for p in phases for r in p["runs"]], "latency")
     return result

@@ -113,7 +113,7 @@ def run_tls(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
     summary: dict[str, Any] = {k: stat(lambda p, k=k: p[k]) for k in keys}
     summary["failed"] = sum(p[k]["failed"] for p in pairs for k in ("tls", "plain"))
     verdicts = {
-        name: _verdict(summary[name]["median"], op, goal)
+        name: bench._verdict(summary[name]["median"], op, goal)
         for name, (op, goal) in GOALS.items()
     }
     result = {
@@ -134,10 +134,11 @@ def run_tls(args: argparse.Namespace, say: Any = print) -> dict[str, Any]:
         "runs": pairs,
         "summary": summary,
     }
-    bench._publish(result, args, lambda path: _plot(pairs, path), say,
-                   "over the runs (median [min, max]):")
-    for name, verdict in verdicts.items():
-        say(f"goal {name} {GOALS[name][0]} {GOALS[name][1]:,g}: {verdict}")
+    bench._publish(
+        result, args, lambda path: _plot(pairs, path), say,
+        footer=[f"goal {name} {GOALS[name][0]} {GOALS[name][1]:,g}: {verdict}"
+                for name, verdict in verdicts.items()],
+    )
     failed = [p[k] for p in pairs for k in ("tls", "plain")]
     bench._failures(failed, "tls")
     return result
@@ -170,11 +171,6 @@ def _derived(tls: dict[str, Any], plain: dict[str, Any]) -> dict[str, Any]:
     out["tls_handshake_p50_us"] = lat["p50"]
     out["tls_handshake_p99_us"] = lat["p99"]
     return out
-
-
-def _verdict(value: float, op: str, goal: float) -> str:
-    met = value <= goal if op == "<=" else value >= goal
-    return f"{'met' if met else 'missed'} ({value:,.0f})"
 
 
 def _plot(pairs: list[dict[str, Any]], path: Path) -> None:
