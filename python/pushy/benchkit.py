@@ -14,6 +14,7 @@ Limitations:
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -138,8 +139,6 @@ def number(text: str) -> float:
     Raises:
         argparse.ArgumentTypeError: not a finite number.
     """
-    import argparse
-
     try:
         value = float(text)
     except ValueError:
@@ -150,18 +149,15 @@ def number(text: str) -> float:
 
 
 def numbers(text: str, option: str) -> list[float]:
-    """A comma list of finite numbers (``--rates``).
+    """A comma list of finite numbers (``--rates``), each as :func:`number`.
 
     Raises:
         PushyError: an item is not a finite number.
     """
     try:
-        values = [float(r) for r in str(text).split(",") if r.strip()]
-    except ValueError:
-        raise PushyError(f"{option} must be numbers, got {text!r}") from None
-    if not all(math.isfinite(v) for v in values):
-        raise PushyError(f"{option} must be finite numbers, got {text!r}")
-    return values
+        return [number(r) for r in str(text).split(",") if r.strip()]
+    except argparse.ArgumentTypeError:
+        raise PushyError(f"{option} must be finite numbers, got {text!r}") from None
 
 
 def count(n: int, word: str) -> str:
